@@ -1,0 +1,514 @@
+"""`LaCTSWIGLULayer`: sliding-window attention + chunked SwiGLU fast weights, with stacked MLPs.
+
+Reproduces `LaCTSWIGLULayer` and `LowRankFastWeight` of the official LaCT code (a1600012888/LaCT,
+`lact_llm/lact_model/layer_lact_swiglu.py`), in plain torch (no fla, flash-attn optional):
+
+    q, k, v = qkv(x)                                   (optional RMSNorm of q, k)
+    o_attn  = causal window attention(RoPE(q), RoPE(k), v)          window: keys t-W+1..t
+    fast_q, fast_k = q * qk_scale[:, 0] + qk_offset[:, 0],  k * qk_scale[:, 1] + qk_offset[:, 1]
+    per fast-weight head: SiLU (q, k and v unless no_v_silu; none if not qkv_silu), then
+        q, k <- q / (|q| + 1e-5)  (L2 norm), then RoPE over the attention heads (unless ttt_nope)
+    lr0, lr1, lr2 = softplus(lr_proj(x) + inv_softplus(1e-3))   per token and head, float32
+    momentum  = sigmoid(momentum_proj(x))                         per token and head
+    fw_x    = lact_swiglu(fast weights, fast_q, fast_k, fast_v, lrs, chunk_size, ...)
+    o       = o_proj(o_attn + silu(ttt_scale_proj(x)) * RMSNorm_head(fw_x))
+
+Fast weights. Each MLP of the stack is f_i(x) = w1 (silu(w0 x) * (w2 x)) per head, with
+w0, w2 [H_fw, d_h, d_in], w1 [H_fw, d_out, d_h]; with `w0_w2_low_rank > 0` the initial w0, w2 are
+`w_left @ w_right + 0.5 I`. The learned initial weights are repeated over the batch, so every
+sequence starts from the same state; the chunk operation updates them sequence by sequence.
+
+Stack (`r` MLPs; r = 1 is the official layer, same parameter names `w0`, `w1`, `w2` or
+`w0.w_left`, `w0.w_right`, ... and the same numbers). For r > 1 the MLPs live in
+`fast_mlps.<i>.{w0,w1,w2}` (same shapes and init as the r = 1 weights). With h_0 = x:
+    plain stack     h_{i+1} = f_i(h_i)
+    residual_ttt    h_{i+1} = h_i + f_i(h_i)
+and the fast-weight function is F(x) = h_r.
+    end-to-end (default): the inner loss of a chunk is -sum_t lr-weighted <F(k_t), v_t>; every MLP's
+        update is the gradient of that loss through the whole stack (each weight with its own lr:
+        lr0 for every w0, lr1 for every w1, lr2 for every w2).
+    greedy_ttt: MLP i is updated on its own local loss -<f_i(h_i(k_t)), v_t> with its input
+        h_i(k_t) detached from the MLPs below (no inner gradient flows between MLPs); the apply pass
+        still composes the stack.
+Momentum, Muon, the per-row renormalisation to the initial row norms and pre/post norm apply to
+every weight of every MLP exactly as to the single MLP. The chunk mechanics (apply then update,
+last partial chunk applied without update) are those of `lact.ops.lact_swiglu`.
+
+Differences from the reference, none changing values: flash-attn is used only when importable on
+CUDA (else `scaled_dot_product_attention` with a boolean window mask); fla's Triton kernels are
+replaced by `lact.modules`; no KV/state cache (the reference model disables its cache as well);
+`use_fused_kernel` is accepted but `lact.ops` has no fused Triton kernel, so the torch chunk
+operation always runs (a warning says so). The reference's op runs under CUDA bfloat16 autocast;
+this port computes in the model's dtype (autocast is used only for fp32_states + half activations).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lact import ops as lact_ops
+from lact.modules import RMSNorm, RotaryEmbedding
+
+try:  # optional: only used on CUDA with half precision; never required
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - flash-attn cannot be installed on CPU machines
+    flash_attn_func = None
+
+BASE_LR = 1e-3  # the reference's base inner learning rate (softplus(0 + inv_softplus(BASE_LR)) = BASE_LR)
+
+
+def inv_softplus(x: float) -> float:
+    """Inverse of softplus: y such that log(1 + exp(y)) = x (x > 0)."""
+    return x + math.log(-math.expm1(-x))
+
+
+def l2_norm(x: torch.Tensor) -> torch.Tensor:
+    """Row L2 normalisation as the reference: x / (|x| + 1e-5) over the last axis, in x's dtype."""
+    return (x / (x.norm(dim=-1, keepdim=True) + 1e-5)).type(x.dtype)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 if it already is (the reference's `.float()` for half inputs)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window_size: int | None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal sliding-window softmax attention, scale 1/sqrt(D).
+
+    Query t attends to keys max(0, t - window_size + 1)..t (flash-attn's window (window_size - 1, 0)).
+
+    Args:
+        q, k, v: [B, T, H, D].
+        window_size: window W in tokens, None for full causal attention.
+        attention_mask: optional [B, T] 0/1 padding mask; padded keys are never attended and padded
+            query rows return zeros (as flash-attn's unpad/pad does).
+
+    Returns:
+        [B, T, H, D].
+    """
+    B, T = q.shape[:2]
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    use_flash = (
+        flash_attn_func is not None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and attention_mask is None
+    )
+    if use_flash:
+        window = (-1, -1) if window_size is None else (window_size - 1, 0)
+        return flash_attn_func(q, k, v, causal=True, window_size=window)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    if attention_mask is None and (window_size is None or window_size >= T):
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        return o.transpose(1, 2)
+    pos = torch.arange(T, device=q.device)
+    delta = pos[:, None] - pos[None, :]  # query index - key index
+    allowed = delta >= 0
+    if window_size is not None:
+        allowed = allowed & (delta < window_size)
+    mask = allowed[None, None]  # [1, 1, T, T]
+    if attention_mask is not None:
+        key_ok = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+        mask = mask & key_ok
+        # a padded query may see no key at all: let it see itself (no NaN), its row is zeroed below
+        mask = mask | (~mask.any(-1, keepdim=True) & torch.eye(T, dtype=torch.bool, device=q.device))
+    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
+    if attention_mask is not None:
+        o = o * attention_mask.to(o.dtype)[:, :, None, None]
+    return o
+
+
+class LowRankFastWeight(nn.Module):
+    """Low-rank initial fast weight W = w_left @ w_right (+ 0.5 I), one per head.
+
+    Args:
+        num_heads: fast-weight heads H_fw.
+        out_features, in_features: W is [H_fw, out_features, in_features].
+        rank: inner rank of the factors w_left [H_fw, out, rank], w_right [H_fw, rank, in].
+        init_gain: std gain of the factors.
+        add_identity: add 0.5 * eye(out, in) (the reference always does for w0, w2).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        out_features: int,
+        in_features: int,
+        rank: int = 32,
+        init_gain: float = 0.5,
+        add_identity: bool = False,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.out_features = out_features
+        self.in_features = in_features
+        self.rank = rank
+        self.init_gain = init_gain
+        self.add_identity = add_identity
+        self.w_left = nn.Parameter(torch.empty(num_heads, out_features, rank))
+        self.w_right = nn.Parameter(torch.empty(num_heads, rank, in_features))
+        self.reset_parameters()
+
+    def init_stds(self) -> tuple[float, float]:
+        """(std of w_left, std of w_right) of the reference init."""
+        return self.init_gain / math.sqrt(self.rank), self.init_gain / math.sqrt(self.in_features)
+
+    def reset_parameters(self) -> None:
+        std_left, std_right = self.init_stds()
+        nn.init.normal_(self.w_left, std=std_left)
+        nn.init.normal_(self.w_right, std=std_right)
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, out={self.out_features}, in={self.in_features}, rank={self.rank}, "
+                f"add_identity={self.add_identity}")
+
+    def forward(self) -> torch.Tensor:
+        """Returns W [H_fw, out_features, in_features]."""
+        W = self.w_left @ self.w_right
+        if self.add_identity:
+            eye = torch.eye(self.out_features, self.in_features, device=W.device, dtype=W.dtype)
+            W = W + 0.5 * eye.unsqueeze(0)
+        return W
+
+
+def _make_fast_weights(
+    owner: nn.Module, num_heads: int, d_in: int, d_h: int, d_out: int, low_rank: int, init_gain: float
+) -> None:
+    """Register w0, w2 ([H, d_h, d_in], low-rank modules when low_rank > 0) and w1 [H, d_out, d_h]."""
+    if low_rank > 0:
+        owner.w0 = LowRankFastWeight(num_heads, d_h, d_in, low_rank, init_gain=init_gain, add_identity=True)
+        owner.w2 = LowRankFastWeight(num_heads, d_h, d_in, low_rank, init_gain=init_gain, add_identity=True)
+    else:
+        owner.w0 = nn.Parameter(torch.randn(num_heads, d_h, d_in) / math.sqrt(d_in))
+        owner.w2 = nn.Parameter(torch.randn(num_heads, d_h, d_in) / math.sqrt(d_in))
+    owner.w1 = nn.Parameter(torch.randn(num_heads, d_out, d_h) / math.sqrt(d_h))
+
+
+class SwiGLUFastWeights(nn.Module):
+    """Initial fast weights of one MLP of a stack (r > 1): `w0`, `w1`, `w2` as in the r = 1 layer."""
+
+    def __init__(self, num_heads: int, d_in: int, d_h: int, d_out: int, low_rank: int, init_gain: float):
+        super().__init__()
+        _make_fast_weights(self, num_heads, d_in, d_h, d_out, low_rank, init_gain)
+
+
+class LaCTSWIGLULayer(nn.Module):
+    """LaCT layer: window attention plus chunked SwiGLU fast-weight MLP(s), output-mixed.
+
+    Constructor arguments and defaults are the reference layer's (note they differ from the config
+    defaults; `LaCTBlock` passes every one from the config), plus:
+        r: stacked fast-weight MLPs (1 = reference).
+        residual_ttt, greedy_ttt: stack variants (see the module docstring).
+        ttt_backprop: "autograd", "manual" or "auto" (manual whenever gradients are needed).
+        attn_norm_eps: eps of q_norm/k_norm and ttt_norm (fla RMSNorm default 1e-5, as the reference).
+
+    forward(hidden_states [B, T, hidden], attention_mask [B, T] or None) -> (o [B, T, hidden], None, None)
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_attn_heads: int,
+        num_lact_heads: int,
+        inter_multi: float,
+        window_size: int | None,
+        lact_chunk_size: int,
+        qkv_bias: bool = False,
+        attn_qk_norm: bool = True,
+        qkv_silu: bool = True,
+        no_v_silu: bool = False,
+        lr_dim: int = 1,
+        use_muon: bool = False,
+        lr_parameterization: str = "mamba",
+        learnable_ttt_scale: bool = False,
+        ttt_prenorm: bool = False,
+        ttt_nope: bool = False,
+        rope_theta: float = 500000.0,
+        layer_idx: int | None = None,
+        max_position_embeddings: int = 2048,
+        w0_w2_low_rank: int = -1,
+        use_momentum: bool = False,
+        ttt_loss_type: str = "dot_product",
+        fw_init_gain: float = 0.5,
+        use_fused_kernel: bool = False,
+        fp32_states: bool = False,
+        r: int = 1,
+        residual_ttt: bool = False,
+        greedy_ttt: bool = False,
+        ttt_backprop: str = "auto",
+        attn_norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        if hidden_size % num_attn_heads or hidden_size % num_lact_heads:
+            raise ValueError(
+                f"hidden_size={hidden_size} must be divisible by num_attn_heads={num_attn_heads} and "
+                f"num_lact_heads={num_lact_heads}"
+            )
+        if lr_dim != 1:
+            raise ValueError(f"lr_dim={lr_dim} is not supported (one learning rate per token, head, weight)")
+        if lr_parameterization.lower() != "mamba":
+            raise ValueError(f"lr_parameterization={lr_parameterization!r} is not implemented; use 'mamba'")
+        if ttt_loss_type != "dot_product":
+            raise ValueError(f"ttt_loss_type={ttt_loss_type!r} is not supported; use 'dot_product'")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r={r!r} must be an int >= 1 (number of stacked fast-weight MLPs)")
+        if ttt_backprop not in ("auto", "autograd", "manual"):
+            raise ValueError(f"ttt_backprop={ttt_backprop!r} must be 'auto', 'autograd' or 'manual'")
+        if greedy_ttt and residual_ttt:
+            warnings.warn("greedy_ttt=True with residual_ttt=True: setting residual_ttt=False", UserWarning,
+                          stacklevel=2)
+            residual_ttt = False
+
+        self.hidden_size = hidden_size
+        self.num_heads = num_attn_heads
+        self.head_dim = hidden_size // num_attn_heads
+        self.inter_multi = inter_multi
+        self.window_size = window_size
+        self.layer_idx = layer_idx
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=qkv_bias)
+        self.attn_qk_norm = attn_qk_norm
+        if attn_qk_norm:
+            self.q_norm = RMSNorm(hidden_size, eps=attn_norm_eps)
+            self.k_norm = RMSNorm(hidden_size, eps=attn_norm_eps)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.rotary = RotaryEmbedding(self.head_dim, base=rope_theta)
+
+        # fast weights
+        self.use_muon = use_muon
+        self.lact_chunk_size = lact_chunk_size
+        self.num_fw_heads = num_lact_heads
+        self.fw_head_dim = hidden_size // num_lact_heads
+        self.qkv_silu = qkv_silu
+        self.no_v_silu = no_v_silu
+        self.ttt_prenorm = ttt_prenorm
+        self.ttt_nope = ttt_nope
+        self.d_in = self.d_out = self.fw_head_dim
+        self.d_h = int(self.d_in * inter_multi)
+        self.w0_w2_low_rank = w0_w2_low_rank
+        self.fw_init_gain = fw_init_gain
+        self.r = r
+        self.residual_ttt = residual_ttt
+        self.greedy_ttt = greedy_ttt
+        self.ttt_backprop = ttt_backprop
+        fw_shape = (self.num_fw_heads, self.d_in, self.d_h, self.d_out, w0_w2_low_rank, fw_init_gain)
+        if r == 1:
+            # the reference's names: `w0`, `w1`, `w2` directly on the layer
+            _make_fast_weights(self, *fw_shape)
+        else:
+            self.fast_mlps = nn.ModuleList(SwiGLUFastWeights(*fw_shape) for _ in range(r))
+
+        # per-token learning rates: 3 per fast-weight head (for w0, w1, w2)
+        self.lr_dim = lr_dim * 3 * self.num_fw_heads
+        self.lr_proj = nn.Linear(hidden_size, self.lr_dim)
+        self.lr_parameterization = lr_parameterization
+        self.base_lr_inv = inv_softplus(BASE_LR)
+
+        self.qk_scale = nn.Parameter(torch.ones(hidden_size, 2))
+        self.qk_offset = nn.Parameter(torch.zeros(hidden_size, 2))
+        self.learnable_ttt_scale = learnable_ttt_scale
+        if learnable_ttt_scale:
+            self.ttt_scale_proj = nn.Linear(hidden_size, self.num_fw_heads)
+        self.ttt_norm = RMSNorm(self.fw_head_dim, elementwise_affine=True, eps=attn_norm_eps)
+
+        self.use_momentum = use_momentum
+        if use_momentum:
+            self.momentum_proj = nn.Sequential(nn.Linear(hidden_size, self.num_fw_heads), nn.Sigmoid())
+        self.ttt_loss_type = ttt_loss_type
+        self.use_fused_kernel = use_fused_kernel
+        if use_fused_kernel:
+            # accepted so the official "fused_kernel" config loads; values are the same either way
+            warnings.warn("use_fused_kernel=True: lact.ops has no fused Triton kernel yet; the torch chunk "
+                          "operation is used (same values)", UserWarning, stacklevel=2)
+        self.fp32_states = fp32_states
+
+    @classmethod
+    def from_config(cls, config, layer_idx: int | None = None) -> LaCTSWIGLULayer:
+        """Build the layer from a `LaCTSWIGLUConfig` (what `LaCTBlock` does)."""
+        return cls(
+            hidden_size=config.hidden_size,
+            num_attn_heads=config.num_attn_heads,
+            num_lact_heads=config.num_lact_heads,
+            inter_multi=config.inter_multi,
+            window_size=config.window_size,
+            lact_chunk_size=config.lact_chunk_size,
+            qkv_bias=config.qkv_bias,
+            attn_qk_norm=config.attn_qk_norm,
+            qkv_silu=config.qkv_silu,
+            no_v_silu=config.no_v_silu,
+            lr_dim=config.lr_dim,
+            use_muon=config.use_muon,
+            lr_parameterization=config.lr_parameterization,
+            learnable_ttt_scale=config.learnable_ttt_scale,
+            ttt_prenorm=config.ttt_prenorm,
+            ttt_nope=config.ttt_nope,
+            rope_theta=config.rope_theta,
+            layer_idx=layer_idx,
+            max_position_embeddings=config.max_position_embeddings,
+            w0_w2_low_rank=config.w0_w2_low_rank,
+            use_momentum=config.use_momentum,
+            ttt_loss_type=config.ttt_loss_type,
+            fw_init_gain=config.fw_init_gain,
+            use_fused_kernel=config.use_fused_kernel,
+            fp32_states=config.fp32_states,
+            r=config.r,
+            residual_ttt=config.residual_ttt,
+            greedy_ttt=config.greedy_ttt,
+            ttt_backprop=config.ttt_backprop,
+        )
+
+    # -- helpers -------------------------------------------------------------------------------
+    def fast_weight_owners(self) -> list[nn.Module]:
+        """The modules holding each MLP's `w0`, `w1`, `w2` ([self] for r = 1)."""
+        return [self] if self.r == 1 else list(self.fast_mlps)
+
+    def initial_fast_weights(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Materialise the initial fast weights, repeated over the batch.
+
+        Returns:
+            r tuples (w0 [B*H_fw, d_h, d_in], w1 [B*H_fw, d_out, d_h], w2 [B*H_fw, d_h, d_in]), row
+            b*H_fw + h holding head h (the "(b h)" order of the fast q, k, v).
+        """
+        weights = []
+        for owner in self.fast_weight_owners():
+            w0 = owner.w0() if isinstance(owner.w0, LowRankFastWeight) else owner.w0
+            w2 = owner.w2() if isinstance(owner.w2, LowRankFastWeight) else owner.w2
+            w = [w.repeat(batch_size, 1, 1) for w in (w0, owner.w1, w2)]
+            if self.fp32_states:
+                # the reference keeps the states (and their updates) in float32 (float64 stays)
+                w = [_upcast(x) for x in w]
+            weights.append(tuple(w))
+        return weights
+
+    def resolve_backprop(self, *tensors: torch.Tensor) -> str:
+        """The backprop mode used now: "auto" -> "manual" iff an outer gradient will be needed."""
+        if self.ttt_backprop != "auto":
+            return self.ttt_backprop
+        needs_grad = torch.is_grad_enabled() and (
+            any(t.requires_grad for t in tensors) or any(p.requires_grad for p in self.parameters())
+        )
+        return "manual" if needs_grad else "autograd"
+
+    def _rescale_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel scale and offset of q, k ([B, T, hidden]) for the fast-weight path."""
+        return (q * self.qk_scale[:, 0] + self.qk_offset[:, 0],
+                k * self.qk_scale[:, 1] + self.qk_offset[:, 1])
+
+    def _to_fw_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H_fw * d] -> [B * H_fw, T, d]."""
+        B, T, _ = x.shape
+        return x.reshape(B, T, self.num_fw_heads, -1).transpose(1, 2).reshape(B * self.num_fw_heads, T, -1)
+
+    def _from_fw_heads(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """[B * H_fw, T, d] -> [B, T, H_fw * d]."""
+        _, T, d = x.shape
+        return x.reshape(batch_size, self.num_fw_heads, T, d).transpose(1, 2).reshape(batch_size, T, -1)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        output_attentions: bool = False,
+        use_cache: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None, None]:
+        """Args:
+            hidden_states: [B, T, hidden].
+            attention_mask: optional [B, T] 0/1 padding mask (attention only; the fast-weight path
+                ignores it, as the reference does).
+            past_key_values: must be None (this port keeps no cache).
+
+        Returns:
+            (o [B, T, hidden], None, None).
+        """
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states has shape {tuple(hidden_states.shape)}; expected [B, T, {self.hidden_size}]"
+            )
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected a [B, T] 0/1 padding mask"
+            )
+        if past_key_values is not None:
+            raise ValueError("LaCTSWIGLULayer keeps no KV/state cache: pass past_key_values=None and the "
+                             "full sequence")
+        B, T, _ = hidden_states.shape
+
+        q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)
+        if self.attn_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        fast_q, fast_k = self._rescale_qk(q, k)
+        fast_v = v
+
+        # attention branch: [B, T, H, D]
+        qh = q.reshape(B, T, self.num_heads, self.head_dim)
+        kh = k.reshape(B, T, self.num_heads, self.head_dim)
+        vh = v.reshape(B, T, self.num_heads, self.head_dim)
+        qh, kh = self.rotary(qh, kh)
+        o = window_attention(qh, kh, vh, self.window_size, attention_mask).reshape(B, T, self.hidden_size)
+
+        # fast-weight branch
+        if self.qkv_silu:
+            fast_q, fast_k = F.silu(fast_q), F.silu(fast_k)
+            if not self.no_v_silu:
+                fast_v = F.silu(fast_v)
+        # L2 norm per fast-weight head: [B, T, H_fw, d]
+        fast_q = l2_norm(fast_q.reshape(B, T, self.num_fw_heads, -1))
+        fast_k = l2_norm(fast_k.reshape(B, T, self.num_fw_heads, -1))
+        if not self.ttt_nope:
+            # the reference rotates the fast q, k with the attention's RoPE, over the attention heads
+            fq, fk = self.rotary(fast_q.reshape(B, T, self.num_heads, self.head_dim),
+                                 fast_k.reshape(B, T, self.num_heads, self.head_dim))
+            fast_q, fast_k = fq, fk
+        fast_q = self._to_fw_heads(fast_q.reshape(B, T, self.hidden_size))
+        fast_k = self._to_fw_heads(fast_k.reshape(B, T, self.hidden_size))
+        fast_v = self._to_fw_heads(fast_v)
+
+        # learning rates and momentum in (at least) float32, as the reference's `.float()`; float64
+        # models keep float64 so that the whole op can run in double precision
+        lr = F.softplus(_upcast(self.lr_proj(hidden_states)) + self.base_lr_inv)  # [B, T, 3 * H_fw]
+        lr0, lr1, lr2 = self._to_fw_heads(lr).chunk(3, dim=-1)  # each [B*H_fw, T, 1]
+        momentum = None
+        if self.use_momentum:
+            momentum = self._to_fw_heads(_upcast(self.momentum_proj(hidden_states)))  # [B*H_fw, T, 1]
+
+        fast_weights = self.initial_fast_weights(B)
+        backprop = self.resolve_backprop(hidden_states)
+        mixed = fast_weights[0][0].dtype != fast_q.dtype
+        # fp32 states with half-precision activations: like the reference (whose op runs under
+        # autocast), the matmuls run in the activation dtype while the states accumulate in float32
+        with torch.autocast(fast_q.device.type, dtype=fast_q.dtype, enabled=mixed):
+            fw_x = lact_ops.lact_swiglu(
+                fast_weights, fast_q, fast_k, fast_v, lr0, lr1, lr2,
+                chunk_size=self.lact_chunk_size,
+                momentum=momentum,
+                use_muon=self.use_muon,
+                prenorm=self.ttt_prenorm,
+                residual=self.residual_ttt,
+                greedy=self.greedy_ttt,
+                backprop=backprop,
+            )
+
+        ttt_x = self.ttt_norm(fw_x)
+        if self.learnable_ttt_scale:
+            scale = F.silu(self.ttt_scale_proj(hidden_states))  # [B, T, H_fw]
+            ttt_x = ttt_x * self._to_fw_heads(scale)
+        ttt_x = self._from_fw_heads(ttt_x, B)
+        o = self.o_proj(o + ttt_x.to(o.dtype))
+        return o, None, None
