@@ -1,0 +1,153 @@
+"""Training metrics: stdout lines and a tqdm progress bar on rank 0, a JSONL file, an end-of-run loss plot.
+
+Like torchtitan's `torchtitan/components/metrics.py` (one `log(metrics, step)` feeding every backend,
+tokens/s and peak memory measured by the logger), reduced to the backends this project needs. Only
+rank 0 writes; the other ranks' loggers are inert, so callers need no `if rank == 0`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process in GiB: CUDA max allocated on a GPU, else the peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # Linux reports ru_maxrss in KiB, macOS in bytes
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """All records of a JSONL file (a torn last line, from a crash mid-write, is skipped)."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+class MetricsLogger:
+    """Log per-step metrics to stdout, a progress bar and `<out>/metrics.jsonl` (rank 0 only).
+
+    Args:
+        out: run folder (created); None disables the file and the plot.
+        total_steps: length of the progress bar.
+        start_step: steps already done (a resumed run); records with a larger step are dropped
+            from an existing metrics.jsonl so the file reads like one uninterrupted run.
+        enabled: False on ranks other than 0.
+        log_every: print a stdout line every this many steps (the JSONL gets every step).
+        progress: show a tqdm bar (on stderr).
+    """
+
+    def __init__(self, out: str | os.PathLike | None, total_steps: int, start_step: int = 0,
+                 enabled: bool = True, log_every: int = 1, progress: bool = True):
+        self.enabled = enabled
+        self.log_every = max(1, log_every)
+        self.out = Path(out) if out is not None else None
+        self.jsonl = None
+        self._file = None
+        self._bar = None
+        if not enabled:
+            return
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.jsonl = self.out / "metrics.jsonl"
+            if self.jsonl.exists():
+                keep = [r for r in read_jsonl(self.jsonl) if r.get("step", 0) <= start_step]
+                tmp = self.jsonl.with_name(".metrics.jsonl.tmp")
+                with open(tmp, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in keep)
+                os.replace(tmp, self.jsonl)
+            self._file = open(self.jsonl, "a")
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                             file=sys.stderr, disable=None)
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Record one step's metrics (floats, ints); `step` is the 1-based optimizer step."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
+                                  tok_s=f"{metrics.get('tokens_per_s', 0):.0f}")
+        if step % self.log_every == 0:
+            parts = [f"step {step}"]
+            for key, fmt in (("loss", ".4f"), ("grad_norm", ".3f"), ("lr", ".3e"), ("tokens_per_s", ".0f"),
+                             ("peak_mem_gib", ".2f"), ("skipped_steps", "d")):
+                if key in metrics:
+                    parts.append(f"{key} {format(metrics[key], fmt)}")
+            self.write(" | ".join(parts))
+
+    def write(self, message: str) -> None:
+        """Print a line on rank 0 without breaking the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stdout)
+        else:
+            print(message, flush=True)
+        sys.stdout.flush()
+
+    def close(self, plot: bool = True) -> Path | None:
+        """Close the file and bar; write `<out>/loss.png` from the whole JSONL. Returns the PNG path."""
+        if not self.enabled:
+            return None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if plot and self.jsonl is not None and self.jsonl.exists():
+            return plot_loss(self.jsonl, self.out / "loss.png")
+        return None
+
+
+def plot_loss(jsonl: str | os.PathLike, png: str | os.PathLike) -> Path | None:
+    """Plot loss (and lr on a second axis) against step from a metrics JSONL; None when it has no loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_jsonl(jsonl) if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+    if not records:
+        return None
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in records], color="tab:blue", lw=1.2, label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    if all("lr" in r for r in records):
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r["lr"] for r in records], color="tab:orange", lw=0.8, alpha=0.7, label="lr")
+        ax2.set_ylabel("learning rate")
+    ax.set_title(Path(jsonl).parent.name or "training")
+    fig.tight_layout()
+    png = Path(png)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

@@ -1,0 +1,151 @@
+"""Tokenise documents and pack them into fixed-length training sequences, with a resumable position.
+
+The usual LM pre-training packing (as in nanoGPT's `data/*/prepare.py` and torchtitan's
+`HuggingFaceDataset`): every document is tokenised, followed by the end-of-text token, all documents
+are concatenated, and the stream is cut into sequences of `seq_len` tokens (the tail that does not
+fill a sequence is dropped). Sequences are visited in a seeded random order, a new permutation each
+epoch; the loader's whole state is `(epoch, position)`, so a resumed run reads exactly the batches
+the interrupted one would have read.
+
+Sharding for data parallelism is by index: optimizer step `s`, micro-batch `m` and rank `r` read
+global sequences `[base + (m * world + r) * B, ... + B)` with `base = s * accum * world * B`. A run
+on one process with batch `world * B` therefore reads the same global batch as `world` ranks with
+batch `B` each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def tokenize_and_pack(texts: list[str], tokenizer, seq_len: int, cache_dir: str | os.PathLike | None = None,
+                      batch_docs: int = 256) -> np.ndarray:
+    """Tokenise `texts`, join them with the tokenizer's EOS token and cut into `seq_len`-token rows.
+
+    Args:
+        texts: documents.
+        tokenizer: a Hugging Face tokenizer with `eos_token_id`.
+        seq_len: tokens per sequence (the model shifts labels itself, so `seq_len - 1` targets per row).
+        cache_dir: when given, the packed array is cached there as `.npy`, keyed by a hash of the
+            texts, the tokenizer's vocabulary size and name, and `seq_len`.
+        batch_docs: documents per tokenizer call.
+
+    Returns:
+        int32 array `[N, seq_len]`, N >= 1.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len} must be >= 2 (a sequence needs at least one next-token target)")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id; documents cannot be "
+                         "separated when packing; use a tokenizer with an end-of-text token")
+    cache_file = None
+    if cache_dir is not None:
+        h = hashlib.sha256()
+        h.update(f"{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|{eos}|{seq_len}|{len(texts)}".encode())
+        for t in texts:
+            h.update(hashlib.sha256(t.encode("utf-8", errors="replace")).digest())
+        cache_file = Path(cache_dir) / f"packed-{h.hexdigest()[:20]}.npy"
+        if cache_file.exists():
+            try:
+                # memory-mapped: ranks share the page cache instead of each holding a copy
+                arr = np.load(cache_file, mmap_mode="r")
+                if arr.ndim == 2 and arr.shape[1] == seq_len:
+                    return arr
+            except (OSError, ValueError):
+                pass  # a damaged cache entry is rebuilt below
+    ids: list[np.ndarray] = []
+    for i in range(0, len(texts), batch_docs):
+        enc = tokenizer(texts[i:i + batch_docs], add_special_tokens=False)["input_ids"]
+        for doc in enc:
+            ids.append(np.asarray(doc + [eos], dtype=np.int32))
+    stream = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
+    n = len(stream) // seq_len
+    if n < 1:
+        raise ValueError(f"the data hold {len(stream)} tokens, fewer than one sequence of seq_len={seq_len}; "
+                         "give more documents or a shorter --seq-len")
+    arr = np.ascontiguousarray(stream[: n * seq_len].reshape(n, seq_len))
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:  # file object: np.save would otherwise append ".npy" to the tmp name
+            np.save(f, arr)
+        os.replace(tmp, cache_file)  # atomic: concurrent ranks never read half a file
+    return arr
+
+
+class PackedLoader:
+    """Deterministic, resumable, rank-sharded batches over a packed `[N, seq_len]` array.
+
+    Args:
+        data: int array `[N, seq_len]` (from `tokenize_and_pack`).
+        batch_size: sequences per micro-batch per rank (B).
+        rank, world_size: this process's data-parallel rank and the number of ranks.
+        seed: seed of the per-epoch permutations.
+        shuffle: visit sequences in a seeded random order (else in order).
+
+    State: `epoch` and `position` (global sequence index within the epoch's order); `state_dict()`
+    / `load_state_dict()` save and restore both.
+    """
+
+    def __init__(self, data: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True):
+        if data.ndim != 2:
+            raise ValueError(f"data must be [N, seq_len], got shape {tuple(data.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        global_batch = batch_size * world_size
+        if data.shape[0] < global_batch:
+            raise ValueError(f"the data hold {data.shape[0]} sequences, fewer than one global micro-batch of "
+                             f"batch_size {batch_size} x world size {world_size}; give more data or a smaller "
+                             "--batch-size / --seq-len")
+        self.data = data
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        n = self.data.shape[0]
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def next_batch(self) -> torch.Tensor:
+        """The next micro-batch of this rank: int64 `[B, seq_len]`. All ranks must call it in lockstep."""
+        global_batch = self.batch_size * self.world_size
+        if self.position + global_batch > self.data.shape[0]:
+            # the tail smaller than one global batch is skipped so that every rank starts the new epoch together
+            self.epoch += 1
+            self.position = 0
+            self._order = self._permutation(self.epoch)
+        start = self.position + self.rank * self.batch_size
+        idx = self._order[start:start + self.batch_size]
+        self.position += global_batch
+        return torch.from_numpy(self.data[idx].astype(np.int64))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "num_sequences": int(self.data.shape[0]), "seq_len": int(self.data.shape[1])}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("num_sequences", "seq_len"):
+            if key in state and int(state[key]) != int(self.state_dict()[key]):
+                raise ValueError(f"data loader state was saved with {key}={state[key]} but the current data have "
+                                 f"{key}={self.state_dict()[key]}; resume with the same --dataset, --max-docs, "
+                                 "--tokenizer and --seq-len")
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self.seed = int(state.get("seed", self.seed))
+        self._order = self._permutation(self.epoch)

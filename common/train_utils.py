@@ -1,0 +1,87 @@
+"""Small pieces of the training loop that are worth testing on their own.
+
+The learning-rate schedule is the usual linear warmup then cosine decay to a floor (nanoGPT's
+`train.py:get_lr`, torchtitan's `components/lr_scheduler.py` warmup + cosine), written as a pure
+function of the step so that a resumed run needs no scheduler state. RNG capture/restore makes a
+resumed run draw the same random numbers (dropout, sampling) as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from torch import nn
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> float:
+    """Learning rate of optimizer step `step` (0-based).
+
+    Linear warmup over `warmup_steps` steps from `lr / warmup_steps` to `lr`, then cosine decay reaching
+    `lr * min_lr_ratio` at step `total_steps`; constant `lr * min_lr_ratio` afterwards.
+
+    Args:
+        step: 0-based optimizer step.
+        lr: peak learning rate.
+        warmup_steps: >= 0.
+        total_steps: schedule length (>= 1), the step where the cosine reaches its floor.
+        min_lr_ratio: floor as a fraction of `lr`, in [0, 1].
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return lr * min_lr_ratio
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices (ndim >= 2: linear and embedding weights) decay, vectors (norms, biases) do not."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def grad_norm_and_clip(model: nn.Module, max_norm: float) -> float:
+    """Total L2 norm of all gradients (across FSDP shards), clipping them to `max_norm` when > 0.
+
+    Returns the norm before clipping as a Python float (may be inf / nan: the caller skips such steps).
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm if max_norm > 0 else float("inf"),
+                                          error_if_nonfinite=False, foreach=True)
+    if hasattr(norm, "full_tensor"):  # DTensor with FSDP2: the norm is reduced across ranks here
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states (torch CPU, CUDA device, Python) as a weights_only-loadable dict."""
+    state = {"torch_cpu": torch.get_rng_state(), "python": list(_py_state_to_list(random.getstate()))}
+    if device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch_cpu"])
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"], device)
+
+
+def _py_state_to_list(state):
+    version, internal, gauss = state
+    return version, list(internal), gauss
