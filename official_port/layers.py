@@ -1,0 +1,415 @@
+"""The official TTT layers in PyTorch: `TTTLinear`, `TTTMLP`, `TTTLinearBase`, `TTTMLPBase`.
+
+Reproduces test-time-training/ttt-lm-jax `ttt/models/ttt_layer.py` (`TTTBase` and subclasses):
+Q/K/V projections (a shared `wq` followed by two causal depthwise convolutions for the non-Base
+variants), interleaved-pair RoPE at positions modulo the mini-batch size, the per-head learnable
+inner learning rate, the dual-form inner loop (`official_port.ops`), `post_norm`, the GELU gate
+and `wo`, plus the four TTT statistics in the official order.
+
+Beyond the reference: any sequence length, a carried `TTTState` (split processing == whole,
+token-by-token decoding), `inner_steps > 1`, remat of mini-batch groups and an fp32 inner loop
+under CUDA autocast. Parameter names keep the flax layout (see `flax_layer_params_to_torch`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from official_port.configuration_ttt import TTTConfig
+from official_port.ops import InnerState, dual_ttt, naive_ttt
+
+LN_EPS = 1e-6
+
+
+@dataclass
+class TTTState:
+    """Everything a TTT layer needs to continue a sequence.
+
+    Attributes:
+        inner: `InnerState`: inner params at the last mini-batch boundary (`[B, H, ...]`) and the
+            keys/values/gates of the current partial mini-batch (its length = `seen_tokens % m`).
+        conv_cache: `[B, conv_width - 1, D]` the last inputs of `conv_q`/`conv_k` (both convolve
+            the same `wq` projection, so one cache serves both); None for the Base variants.
+        seen_tokens: tokens of the sequence processed so far (mini-batch boundaries and default
+            positions follow it).
+    """
+
+    inner: InnerState
+    conv_cache: Tensor | None
+    seen_tokens: int
+
+    def detach(self) -> TTTState:
+        """The same state cut from the autograd graph (e.g. truncated backprop through time)."""
+        cache = self.conv_cache.detach() if self.conv_cache is not None else None
+        return TTTState(self.inner.detach(), cache, self.seen_tokens)
+
+
+def rope_interleaved(x: Tensor, positions: Tensor, theta: float, num_positions: int | None = None) -> Tensor:
+    """Rotate interleaved pairs `(x[2i], x[2i+1])` by `positions * theta^(-2i/d)`.
+
+    Like the official `apply_rotary_emb`, each pair is a complex number multiplied by
+    `exp(i * angle)`; the angle table is built in float32 like the official `precompute_freqs_cis`.
+
+    Args:
+        x: `[B, T, H, d]`; positions: `[B, T]` integers in `[0, num_positions)` (the TTT layer passes
+            `position_ids % m`; the table then has only m rows).
+        num_positions: table size (default `positions.max() + 1`).
+    Returns:
+        `[B, T, H, d]` in x's dtype (computed in float32, or float64 for float64 inputs).
+    """
+    d = x.shape[-1]
+    n = int(num_positions) if num_positions is not None else int(positions.max()) + 1
+    freqs = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    angles = torch.arange(n, device=x.device, dtype=torch.float32)[:, None] * freqs  # [n, d/2]
+    real = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cis = torch.polar(torch.ones_like(angles, dtype=torch.float64), angles.double())  # exact cos/sin
+    cis = cis.to(torch.complex128 if real == torch.float64 else torch.complex64)[positions]  # [B, T, d/2]
+    xc = torch.view_as_complex(x.to(real).reshape(*x.shape[:-1], d // 2, 2).contiguous())
+    return torch.view_as_real(xc * cis[:, :, None, :]).flatten(-2).to(x.dtype)
+
+
+class TTTBase(nn.Module):
+    """Common part of the four official TTT layers (do not instantiate directly).
+
+    Args:
+        config: `TTTConfig`; uses hidden_size, num_attention_heads, mini_batch_size, rope_theta,
+            ttt_base_lr, conv_width, initializer_range, remat_mini_batch_group_size.
+
+    Attributes:
+        remat: when True (and gradients are needed), groups of `remat_mini_batch_group_size`
+            mini-batches run under `torch.utils.checkpoint` (the official code always remats;
+            here it is opt-in because recomputation costs time; values are identical).
+        use_naive: run the per-token primal twin instead of the dual form (tests, benchmarks).
+    """
+
+    inner_kind = "linear"
+    has_conv = False  # TTTLinear/TTTMLP: wq -> conv_q / conv_k; Base: wq, wk
+    has_gate = False
+
+    def __init__(self, config: TTTConfig):
+        super().__init__()
+        self.config = config
+        D, H = config.hidden_size, config.num_attention_heads
+        self.width, self.num_heads, self.head_dim = D, H, config.head_dim
+        self.mini_batch_size = int(config.mini_batch_size)
+        d = self.head_dim
+        hidden = d if self.inner_kind == "linear" else 4 * d
+        self.wq = nn.Linear(D, D, bias=False)
+        if self.has_conv:
+            w = int(config.conv_width)
+            self.conv_q = nn.Conv1d(D, D, w, groups=D, bias=True)
+            self.conv_k = nn.Conv1d(D, D, w, groups=D, bias=True)
+        else:
+            self.wk = nn.Linear(D, D, bias=False)
+        self.wv = nn.Linear(D, D, bias=False)
+        self.wo = nn.Linear(D, D, bias=False)
+        if self.has_gate:
+            self.wg = nn.Linear(D, D, bias=False)
+        self.learnable_ttt_lr_weight = nn.Parameter(torch.empty(H, D))
+        self.learnable_ttt_lr_bias = nn.Parameter(torch.empty(H))
+        self.learnable_token_idx = nn.Parameter(torch.empty(self.mini_batch_size))
+        self.ttt_norm_weight = nn.Parameter(torch.empty(H, d))
+        self.ttt_norm_bias = nn.Parameter(torch.empty(H, d))
+        self.post_norm = nn.LayerNorm(D, eps=LN_EPS)
+        self.W1 = nn.Parameter(torch.empty(H, d, hidden))
+        self.b1 = nn.Parameter(torch.empty(H, 1, hidden))
+        if self.inner_kind == "mlp":
+            self.W2 = nn.Parameter(torch.empty(H, hidden, d))
+            self.b2 = nn.Parameter(torch.empty(H, 1, d))
+        self.remat = False
+        self.use_naive = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official init: normal(initializer_range) for dense kernels, the lr gate kernel and the
+        initial inner weights; flax's default conv init (lecun-normal kernel, zero bias); LayerNorm
+        scales 1 and biases 0; zeros for `learnable_token_idx`, the lr gate bias and inner biases."""
+        std = self.config.initializer_range
+        for name in ("wq", "wk", "wv", "wo", "wg"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name).weight, std=std)
+        if self.has_conv:
+            # flax lecun_normal: truncated normal (+-2 std) with variance 1/fan_in, fan_in = width
+            # (one input channel per group); 0.87962566 is the std of a unit normal truncated there.
+            fan_in = self.conv_q.weight.shape[-1]
+            for conv in (self.conv_q, self.conv_k):
+                nn.init.trunc_normal_(conv.weight, std=1.0, a=-2.0, b=2.0)
+                with torch.no_grad():
+                    conv.weight.mul_(math.sqrt(1.0 / fan_in) / 0.87962566103423978)
+                nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.learnable_ttt_lr_weight, std=std)
+        nn.init.zeros_(self.learnable_ttt_lr_bias)
+        nn.init.zeros_(self.learnable_token_idx)
+        nn.init.ones_(self.ttt_norm_weight)
+        nn.init.zeros_(self.ttt_norm_bias)
+        self.post_norm.reset_parameters()
+        nn.init.normal_(self.W1, std=std)
+        nn.init.zeros_(self.b1)
+        if self.inner_kind == "mlp":
+            nn.init.normal_(self.W2, std=std)
+            nn.init.zeros_(self.b2)
+
+    # ------------------------------------------------------------------ pieces
+    def inner_params(self) -> tuple[Tensor, ...]:
+        """The learned initial inner parameters, each `[H, ...]`."""
+        if self.inner_kind == "linear":
+            return (self.W1, self.b1)
+        return (self.W1, self.b1, self.W2, self.b2)
+
+    def initial_state(self, batch_size: int) -> TTTState:
+        """The state at the start of a sequence: learned inner params, empty caches."""
+        cache = None
+        if self.has_conv:
+            cache = self.wq.weight.new_zeros(batch_size, self.conv_q.weight.shape[-1] - 1, self.width)
+        return TTTState(InnerState.initial(self.inner_params(), batch_size), cache, 0)
+
+    def token_eta(self) -> Tensor:
+        """`[m]`: `max(0, 1/(i+1) + learnable_token_idx[i])`."""
+        idx = torch.arange(1, self.mini_batch_size + 1, device=self.learnable_token_idx.device,
+                           dtype=self.learnable_token_idx.dtype)
+        return torch.clamp(1.0 / idx + self.learnable_token_idx, min=0.0)
+
+    def ttt_gate(self, x: Tensor, ttt_lr_mult: float) -> Tensor:
+        """`[B, H, T]`: `ttt_lr_mult * ttt_base_lr * sigmoid(x . w_h + b_h) / head_dim`."""
+        logits = torch.einsum("btc,hc->bht", x, self.learnable_ttt_lr_weight.to(x.dtype)) + self.learnable_ttt_lr_bias.to(x.dtype)[:, None]
+        return torch.sigmoid(logits) * (ttt_lr_mult * self.config.ttt_base_lr / self.head_dim)
+
+    def _causal_conv(self, conv: nn.Conv1d, a_ext: Tensor) -> Tensor:
+        """Depthwise conv over `[B, w-1+T, D]` (already left-extended) -> `[B, T, D]`."""
+        return F.conv1d(a_ext.transpose(1, 2), conv.weight, conv.bias, groups=self.width).transpose(1, 2)
+
+    def qkv(self, x: Tensor, conv_cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Projections `[B, T, D]` (before RoPE and head split) and the new conv cache."""
+        if not self.has_conv:
+            return self.wq(x), self.wk(x), self.wv(x), None
+        a = self.wq(x)
+        if conv_cache is None:
+            conv_cache = a.new_zeros(a.shape[0], self.conv_q.weight.shape[-1] - 1, self.width)
+        a_ext = torch.cat([conv_cache.to(a.dtype), a], dim=1)  # causal: w-1 earlier inputs on the left
+        new_cache = a_ext[:, a_ext.shape[1] - conv_cache.shape[1]:]
+        return self._causal_conv(self.conv_q, a_ext), self._causal_conv(self.conv_k, a_ext), self.wv(x), new_cache
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_ids: Tensor | None = None,
+        state: TTTState | None = None,
+        ttt_lr_mult: float = 1.0,
+        output_ttt_stats: bool = False,
+        inner_steps: int = 1,
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None, TTTState]:
+        """Run the layer on `T >= 1` new tokens of each sequence.
+
+        Args:
+            hidden_states: `[B, T, D]`.
+            position_ids: `[B, T]` integer positions (only `position_ids % m` matters: RoPE);
+                default `arange(seen_tokens, seen_tokens + T)`.
+            state: `TTTState` from a previous call, or None to start a sequence.
+            ttt_lr_mult: multiplies every inner learning rate.
+            output_ttt_stats: also return the official statistics.
+            inner_steps: k >= 1 gradient steps per completed mini-batch (1 = official).
+
+        Returns:
+            out: `[B, T, D]`.
+            stats: None or `(ssl_tgt_last_in_mini_batch_from_mean_mse, ttt_loss_mse_init,
+                ttt_loss_mse_step_0, ttt_loss_mse_step_1)`: the first `[n_start]` (one per
+                mini-batch starting in this call), the others `[n_done]` (one per mini-batch
+                completed in this call), averaged over batch rows and heads.
+            state: the `TTTState` after these tokens.
+        """
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.width:
+            raise ValueError(f"hidden_states must be [B, T, hidden_size={self.width}], got "
+                             f"{tuple(hidden_states.shape)}")
+        B, T, D = hidden_states.shape
+        if T < 1:
+            raise ValueError("hidden_states has T=0 tokens; pass at least one token")
+        if not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(f"inner_steps={inner_steps!r} must be an int >= 1 (1 = the official update)")
+        m, H, d = self.mini_batch_size, self.num_heads, self.head_dim
+        if state is None:
+            state = self.initial_state(B)
+        elif state.inner.params[0].shape[0] != B:
+            raise ValueError(f"state is for batch size {state.inner.params[0].shape[0]}, "
+                             f"hidden_states has batch size {B}; pass the state of these sequences")
+        seen = int(state.seen_tokens)
+        if position_ids is None:
+            position_ids = torch.arange(seen, seen + T, device=hidden_states.device).expand(B, T)
+        elif position_ids.shape != (B, T):
+            raise ValueError(f"position_ids must be [B, T] = {(B, T)}, got {tuple(position_ids.shape)}")
+
+        XQ, XK, XV, new_cache = self.qkv(hidden_states, state.conv_cache)
+        stat0 = None
+        if output_ttt_stats:
+            # official ssl_tgt_last_in_mini_batch_from_mean_mse: rows at the *start* of each
+            # mini-batch (despite the name), minus the mean of V - K over the call's positions
+            dlt = (XV - XK).to(torch.float64 if XV.dtype == torch.float64 else torch.float32)
+            starts = torch.arange((-seen) % m, T, m, device=dlt.device)
+            stat0 = ((dlt[:, starts] - dlt.mean(dim=1, keepdim=True)) ** 2).mean(dim=(0, 2))
+
+        pos = position_ids.long() % m
+        XQ = rope_interleaved(XQ.reshape(B, T, H, d), pos, self.config.rope_theta, m).transpose(1, 2)
+        XK = rope_interleaved(XK.reshape(B, T, H, d), pos, self.config.rope_theta, m).transpose(1, 2)
+        XV = XV.reshape(B, T, H, d).transpose(1, 2)
+
+        # The inner loop always runs in float32 (or float64): under bf16 autocast the carried
+        # state and its updates would lose the small per-token steps.
+        compute = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            gate = self.ttt_gate(hidden_states.to(compute), ttt_lr_mult)
+            op_args = [t.to(compute) for t in (XQ, XK, XV, gate, self.token_eta(), self.ttt_norm_weight,
+                                               self.ttt_norm_bias)]
+            kwargs = dict(inner_steps=inner_steps, output_stats=output_ttt_stats,
+                          init_params=tuple(p.to(compute) for p in self.inner_params()))
+            if self.use_naive:
+                Z, inner, stats = naive_ttt(self.inner_kind, *op_args, state.inner.to(compute), **kwargs)
+            else:
+                group = int(self.config.remat_mini_batch_group_size) if self.remat else 0
+                Z, inner, stats = dual_ttt(self.inner_kind, *op_args, state.inner.to(compute),
+                                           remat_group_size=group, **kwargs)
+        # back to the activation dtype: under FSDP bf16 parameters post_norm's weight is bf16
+        Z = Z.transpose(1, 2).reshape(B, T, D).to(hidden_states.dtype)
+        Z = self.post_norm(Z)
+        if self.has_gate:
+            Z = F.gelu(self.wg(hidden_states), approximate="tanh") * Z
+        out = self.wo(Z)
+        if output_ttt_stats:
+            stats = (stat0, *(s.mean(dim=(0, 1)) for s in stats))
+        return out, stats, TTTState(inner, new_cache, seen + T)
+
+
+class TTTLinearBase(TTTBase):
+    """TTT-Linear without the conv/gate: `XQ, XK, XV = x Wq, x Wk, x Wv`; inner model `x W + b`."""
+
+    inner_kind = "linear"
+
+
+class TTTMLPBase(TTTBase):
+    """TTT-MLP without the conv/gate: inner model `gelu(x W1 + b1) W2 + b2` (width 4d)."""
+
+    inner_kind = "mlp"
+
+
+class TTTLinear(TTTBase):
+    """TTT-Linear: `wq` -> causal depthwise `conv_q`/`conv_k`, and the output gate `gelu(x Wg)`."""
+
+    inner_kind = "linear"
+    has_conv = True
+    has_gate = True
+
+
+class TTTMLP(TTTBase):
+    """TTT-MLP: `wq` -> causal depthwise `conv_q`/`conv_k`, and the output gate `gelu(x Wg)`."""
+
+    inner_kind = "mlp"
+    has_conv = True
+    has_gate = True
+
+
+TTT_LAYERS: dict[str, type[TTTBase]] = {
+    "ttt_linear": TTTLinear,
+    "ttt_mlp": TTTMLP,
+    "ttt_linear_base": TTTLinearBase,
+    "ttt_mlp_base": TTTMLPBase,
+}
+
+
+# flax layer-param name -> (torch name, how to convert). Names follow `param_paths` joined with "/"
+# (the four official names that contain a slash are single flax keys; joining is still unique).
+_DENSE = ("wq", "wk", "wv", "wo", "wg")
+
+
+def _layer_param_rule(name: str):
+    if name.endswith("/kernel") and name.split("/")[0] in _DENSE:
+        return f"{name.split('/')[0]}.weight", lambda a: a.T  # flax [in, out] -> torch [out, in]
+    table = {
+        "conv_q/kernel": ("conv_q.weight", lambda a: np.transpose(a, (2, 1, 0))),  # [w,1,D] -> [D,1,w]
+        "conv_k/kernel": ("conv_k.weight", lambda a: np.transpose(a, (2, 1, 0))),
+        "conv_q/bias": ("conv_q.bias", None),
+        "conv_k/bias": ("conv_k.bias", None),
+        "learnable_ttt_lr/kernel": ("learnable_ttt_lr_weight", lambda a: a[..., 0]),  # [H, D, 1]
+        "learnable_ttt_lr/bias": ("learnable_ttt_lr_bias", lambda a: a[..., 0]),  # [H, 1]
+        "learnable_token_idx": ("learnable_token_idx", None),
+        "ttt_norm/scale": ("ttt_norm_weight", None),
+        "ttt_norm/bias": ("ttt_norm_bias", None),
+        "post_norm/scale": ("post_norm.weight", None),
+        "post_norm/bias": ("post_norm.bias", None),
+        "ttt_dense_0": ("W1", None),
+        "ttt_bias_0": ("b1", None),
+        "ttt_dense_1": ("W2", None),
+        "ttt_bias_1": ("b2", None),
+    }
+    return table.get(name, (None, None))
+
+
+def flax_layer_params_to_torch(params: dict[str, np.ndarray], cls_name: str) -> dict[str, Tensor]:
+    """Map a flat dict of official flax TTT-layer params to this port's `state_dict` names.
+
+    Args:
+        params: `{"wq/kernel": array, "ttt_norm/scale": array, ...}`: paths relative to the layer
+            scope joined with "/" (the fixture format without its `param/` prefix; a checkpoint
+            loader strips its own prefix first). Arrays in flax layout (section 3.2 of the parity
+            README); any float dtype.
+        cls_name: the layer class, `"TTTLinear"`, `"TTTMLP"`, `"TTTLinearBase"`, `"TTTMLPBase"`
+            (a dotted path such as `"ttt.models.ttt_layer.TTTMLP"` or a `TTT_LAYERS` key also works).
+
+    Returns:
+        `{torch_name: float32 tensor}` ready for `layer.load_state_dict(..., strict=True)`.
+
+    Raises:
+        ValueError naming every unexpected key and every key the class needs but is missing.
+    """
+    short = cls_name.rsplit(".", 1)[-1]
+    by_name = {cls.__name__: cls for cls in TTT_LAYERS.values()}
+    cls = TTT_LAYERS.get(short) or by_name.get(short)
+    if cls is None:
+        raise ValueError(f"cls_name={cls_name!r} is not a TTT layer; choose one of {sorted(by_name)}")
+    out, unexpected = {}, []
+    for name, arr in params.items():
+        torch_name, conv = _layer_param_rule(name)
+        if torch_name is None:
+            unexpected.append(name)
+            continue
+        a = np.asarray(arr, dtype=np.float32)
+        out[torch_name] = torch.from_numpy(np.ascontiguousarray(conv(a) if conv is not None else a))
+    expected = _expected_names(cls)
+    missing = sorted(expected - set(out))
+    unexpected += sorted(set(out) - expected)
+    if missing or unexpected:
+        raise ValueError(f"flax params do not match {cls.__name__}: missing {missing}, unexpected {unexpected}")
+    return out
+
+
+def _expected_names(cls: type[TTTBase]) -> set[str]:
+    names = {"wq.weight", "wv.weight", "wo.weight", "learnable_ttt_lr_weight", "learnable_ttt_lr_bias",
+             "learnable_token_idx", "ttt_norm_weight", "ttt_norm_bias", "post_norm.weight", "post_norm.bias",
+             "W1", "b1"}
+    if cls.has_conv:
+        names |= {"conv_q.weight", "conv_q.bias", "conv_k.weight", "conv_k.bias"}
+    else:
+        names.add("wk.weight")
+    if cls.has_gate:
+        names.add("wg.weight")
+    if cls.inner_kind == "mlp":
+        names |= {"W2", "b2"}
+    return names
+
+
+def torch_layer_name_to_flax(cls_name: str) -> dict[str, str]:
+    """Inverse name map (torch name -> flax path) for a class, e.g. to map gradients back."""
+    short = cls_name.rsplit(".", 1)[-1]
+    cls = {c.__name__: c for c in TTT_LAYERS.values()}.get(short) or TTT_LAYERS.get(short)
+    if cls is None:
+        raise ValueError(f"cls_name={cls_name!r} is not a TTT layer")
+    flax_names = ["wq/kernel", "wk/kernel", "wv/kernel", "wo/kernel", "wg/kernel", "conv_q/kernel",
+                  "conv_k/kernel", "conv_q/bias", "conv_k/bias", "learnable_ttt_lr/kernel",
+                  "learnable_ttt_lr/bias", "learnable_token_idx", "ttt_norm/scale", "ttt_norm/bias",
+                  "post_norm/scale", "post_norm/bias", "ttt_dense_0", "ttt_bias_0", "ttt_dense_1", "ttt_bias_1"]
+    expected = _expected_names(cls)
+    return {_layer_param_rule(f)[0]: f for f in flax_names if _layer_param_rule(f)[0] in expected}
