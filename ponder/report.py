@@ -1,0 +1,447 @@
+"""Reports of a PonderTTT run: Oracle Recovery, summary.json, a Markdown table and PNG plots.
+
+Reproduces the evaluation of PonderTTT's paper "When to Ponder: Adaptive Compute Allocation for
+Code Generation via Test-Time Training" (deveworld/ponderTTT, later history): loss against compute
+for every fixed mode and gate, and Oracle Recovery,
+
+    OR = (L_skip - L_gate) / (L_skip - L_oracle(u_gate)),
+
+the share of the loss reduction that the label-using budgeted oracle achieves at the SAME update
+rate u_gate which the gate achieves without labels (paper: 82-89% on GPT-2).
+
+Definitions used here (also printed under the table):
+* loss: mean next-token cross-entropy over all scored tokens of the evaluation chunks (token
+  weighted), nats/token; ppl = exp(loss).
+* cost: mean theoretical FLOPs multiplier per chunk (SKIP 1, UPDATE_k 1 + 2k); wall vs SKIP:
+  measured seconds per chunk relative to the fixed SKIP run on the same chunks.
+* update rate u: fraction of chunks whose action is not SKIP.
+* L_oracle(u): the budgeted oracle's loss at rate u for the gate's update action (UPDATE_1 unless
+  the gate's name ends in `:UPDATE_k`), read from the measured points (0, L_skip), every
+  budgeted-oracle run (u_bo, L_bo) and (1, L of fixed:UPDATE_k), linearly interpolated in u. At the
+  target rate, where both the gates and the budgeted oracle are run, no interpolation is involved.
+* Lookahead gates (which read chunk c's own statistics before scoring chunk c) and label-using
+  oracles are listed in separate sections; a lookahead gate's Oracle Recovery is not comparable to
+  a causal gate's, and the report prints the difference between each gate and its causal twin.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from ponder.types import ACTIONS
+
+SKIP_NAMES = ("fixed:SKIP", "SKIP")
+
+
+def oracle_recovery(l_skip: float, l_policy: float, l_oracle: float) -> float:
+    """(l_skip - l_policy) / (l_skip - l_oracle); NaN when the oracle gains nothing (denominator <= 1e-6 l_skip).
+
+    Args:
+        l_skip: loss without any test-time training.
+        l_policy: loss of the gate being scored.
+        l_oracle: loss of the budgeted oracle at the gate's update rate.
+    Returns:
+        the fraction (1.0 = the oracle's whole gain; negative = worse than SKIP).
+    """
+    denom = float(l_skip) - float(l_oracle)
+    # below ~1e-6 relative, a difference of float32 mean losses is rounding noise, not a gain
+    if not math.isfinite(denom) or denom <= max(1e-12, 1e-6 * abs(float(l_skip))):
+        return float("nan")
+    return (float(l_skip) - float(l_policy)) / denom
+
+
+def _gate_of(record: dict) -> str:
+    for key in ("gate", "mode", "name"):
+        if record.get(key) is not None:
+            return str(record[key])
+    raise ValueError(f"record {record!r} has no 'gate' key naming the gate/mode that produced it")
+
+
+def aggregate(records: list[dict]) -> dict[str, dict]:
+    """Per gate: loss (token weighted), ppl, cost, update_rate, wall_s_per_chunk, n_chunks, n_tokens, actions."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[_gate_of(r)].append(r)
+    out = {}
+    for name, rows in groups.items():
+        n_tok = sum(int(r["n_tokens"]) for r in rows)
+        if n_tok <= 0:
+            raise ValueError(f"gate {name!r}: its {len(rows)} records score no tokens (n_tokens sums to {n_tok})")
+        loss = sum(float(r["loss"]) * int(r["n_tokens"]) for r in rows) / n_tok
+        out[name] = {
+            "loss": loss, "ppl": math.exp(loss), "n_chunks": len(rows), "n_tokens": n_tok,
+            "cost": sum(float(r["cost"]) for r in rows) / len(rows),
+            "update_rate": sum(r["action"] != "SKIP" for r in rows) / len(rows),
+            "wall_s_per_chunk": sum(float(r.get("wall_s") or 0.0) for r in rows) / len(rows),
+            "actions": {a: sum(r["action"] == a for r in rows) for a in ACTIONS},
+            "lookahead": any(bool(r.get("lookahead")) for r in rows) or name.startswith("recon-lookahead"),
+            "uses_labels": any(bool(r.get("uses_labels")) for r in rows) or "oracle" in name,
+        }
+    return out
+
+
+def update_action_of(name: str) -> str:
+    """The update action a gate's budget is expressed in: its `:UPDATE_k` suffix, else UPDATE_1."""
+    suffix = name.rpartition(":")[2]
+    return suffix if suffix in ACTIONS[1:] else "UPDATE_1"
+
+
+def oracle_curve(stats: dict[str, dict], update_action: str = "UPDATE_1") -> list[tuple[float, float]]:
+    """Measured (update rate, loss) points of the budgeted oracle for `update_action`, sorted by rate.
+
+    (0, L_skip) and (1, L of fixed:update_action) are included when those runs exist; points at the
+    same rate keep the lowest loss.
+    """
+    pts: dict[float, float] = {}
+
+    def add(u: float, loss: float) -> None:
+        pts[u] = min(loss, pts.get(u, float("inf")))
+
+    for name in SKIP_NAMES:
+        if name in stats:
+            add(0.0, stats[name]["loss"])
+    for fixed in (f"fixed:{update_action}", update_action):
+        if fixed in stats:
+            add(1.0, stats[fixed]["loss"])
+    for name, s in stats.items():
+        if name.startswith("budgeted-oracle") and update_action_of(name) == update_action:
+            add(float(s["update_rate"]), s["loss"])
+    return sorted(pts.items())
+
+
+def interpolate(curve: list[tuple[float, float]], u: float) -> float:
+    """Piecewise-linear value of `curve` at `u` (NaN outside its range or with < 1 point)."""
+    if not curve:
+        return float("nan")
+    for (u0, l0), (u1, l1) in zip(curve, curve[1:]):
+        if u0 <= u <= u1:
+            return l0 if u1 == u0 else l0 + (l1 - l0) * (u - u0) / (u1 - u0)
+    if len(curve) == 1 and abs(curve[0][0] - u) < 1e-12:
+        return curve[0][1]
+    return float("nan")
+
+
+def add_oracle_recovery(stats: dict[str, dict]) -> None:
+    """Fill `oracle_loss`, `oracle_recovery` (and `wall_vs_skip`) into every gate's stats, in place."""
+    skip = next((stats[n] for n in SKIP_NAMES if n in stats), None)
+    for name, s in stats.items():
+        if skip is not None and skip.get("wall_s_per_chunk"):
+            s.setdefault("wall_vs_skip", s["wall_s_per_chunk"] / skip["wall_s_per_chunk"])
+        if skip is None:
+            s["oracle_loss"], s["oracle_recovery"] = float("nan"), float("nan")
+            continue
+        action = update_action_of(name)
+        curve = oracle_curve(stats, action)
+        has_bo = any(n.startswith("budgeted-oracle") and update_action_of(n) == action for n in stats)
+        l_or = interpolate(curve, float(s["update_rate"])) if has_bo else float("nan")
+        s["oracle_ref"] = f"budgeted-oracle[{action}]"
+        s["oracle_loss"] = l_or
+        s["oracle_recovery"] = oracle_recovery(skip["loss"], s["loss"], l_or) if s["update_rate"] > 0 else float("nan")
+
+
+def _chunk_map(records: list[dict], gate: str, field: str = "loss") -> dict[tuple[str, int], float]:
+    return {(r["doc_id"], int(r["chunk_idx"])): r.get(field) for r in records if _gate_of(r) == gate}
+
+
+def per_chunk_gains(records: list[dict], update_action: str = "UPDATE_1") -> dict[tuple[str, int], float]:
+    """Gain of every chunk under fixed:update_action: its SKIP loss minus its loss (nats/token)."""
+    upd = _chunk_map(records, f"fixed:{update_action}")
+    skip = _chunk_map(records, "fixed:SKIP")
+    if not skip:  # the runner also stores each chunk's SKIP loss on every record
+        skip = {(r["doc_id"], int(r["chunk_idx"])): r["skip_loss"] for r in records if r.get("skip_loss") is not None}
+    return {k: skip[k] - v for k, v in upd.items() if k in skip and v is not None}
+
+
+def _pearson(xs: list[float], ys: list[float]) -> float:
+    n = len(xs)
+    if n < 3:
+        return float("nan")
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    # a constant signal (e.g. fixed or random gates) has no correlation: guard against rounding residue
+    tiny = 1e-12 * n
+    return sxy / math.sqrt(sxx * syy) if sxx > tiny * (1 + mx * mx) and syy > tiny * (1 + my * my) else float("nan")
+
+
+def signal_correlations(records: list[dict], stats: dict[str, dict]) -> dict[str, dict]:
+    """Per gate with a numeric `gate_signal`: Pearson correlation of its signal with the chunk's
+    UPDATE gain (under fixed:UPDATE_k), and the mean gain of the chunks it updated vs skipped."""
+    out = {}
+    for name in stats:
+        if name.startswith("fixed:"):
+            continue
+        gains = per_chunk_gains(records, update_action_of(name))
+        rows = [r for r in records if _gate_of(r) == name and (r["doc_id"], int(r["chunk_idx"])) in gains]
+        pairs = [(float(r["gate_signal"]), gains[(r["doc_id"], int(r["chunk_idx"]))]) for r in rows
+                 if r.get("gate_signal") is not None and math.isfinite(float(r["gate_signal"]))]
+        upd = [gains[(r["doc_id"], int(r["chunk_idx"]))] for r in rows if r["action"] != "SKIP"]
+        skp = [gains[(r["doc_id"], int(r["chunk_idx"]))] for r in rows if r["action"] == "SKIP"]
+        out[name] = {
+            "signal_gain_corr": _pearson([p[0] for p in pairs], [p[1] for p in pairs]),
+            "n_signal": len(pairs),
+            "mean_gain_updated": sum(upd) / len(upd) if upd else float("nan"),
+            "mean_gain_skipped": sum(skp) / len(skp) if skp else float("nan"),
+        }
+    return out
+
+
+# -- Markdown --------------------------------------------------------------------------------------
+def _fmt(x, spec: str) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return format(x, spec)
+
+
+def _pct(x) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
+
+
+def _sections(stats: dict[str, dict]) -> list[tuple[str, list[str]]]:
+    def order(n: str) -> tuple:
+        return (0 if n.startswith("fixed:") else 1, ACTIONS.index(n[6:]) if n.startswith("fixed:") and n[6:] in ACTIONS else 0, n)
+
+    names = sorted(stats, key=order)
+    causal = [n for n in names if not stats[n]["lookahead"] and not stats[n]["uses_labels"]]
+    look = [n for n in names if stats[n]["lookahead"] and not stats[n]["uses_labels"]]
+    labels = [n for n in names if stats[n]["uses_labels"]]
+    return [("Fixed modes and causal gates (decide chunk c from tokens before c only)", causal),
+            ("Lookahead gates: read chunk c's own statistics before scoring chunk c (NOT causal, reported apart)", look),
+            ("Upper bounds that read the labels (not deployable)", labels)]
+
+
+def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict] | None = None) -> str:
+    """The results.md text: one table per section, the causal-vs-lookahead difference, definitions."""
+    lines = [f"# PonderTTT results: {summary.get('run', '')}".rstrip(), ""]
+    meta = [(k, summary.get(k)) for k in ("base", "ttt_layer", "target_rate") if summary.get(k) is not None]
+    data = summary.get("data") or {}
+    if meta or data:
+        lines.append(" · ".join([f"{k}: `{v}`" for k, v in meta] + [f"{k}: {v}" for k, v in data.items()]))
+        lines.append("")
+    header = ("| gate / mode | loss (nats/tok) | ppl | avg cost (x) | wall vs SKIP | update rate | "
+              "L_oracle at rate | oracle recovery |")
+    sep = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for title, names in _sections(stats):
+        if not names:
+            continue
+        lines += [f"## {title}", "", header, sep]
+        for n in names:
+            s = stats[n]
+            label = f"{n} (lookahead)" if s["lookahead"] else n
+            lines.append(
+                f"| {label} | {_fmt(s['loss'], '.4f')} | {_fmt(s['ppl'], '.3f')} | {_fmt(s['cost'], '.2f')} | "
+                f"{_fmt(s.get('wall_vs_skip'), '.2f')} | {_fmt(s['update_rate'], '.2f')} | "
+                f"{_fmt(s.get('oracle_loss'), '.4f')} | {_pct(s.get('oracle_recovery'))} |")
+        lines.append("")
+    pairs = [(n, n.replace("-lookahead", "")) for n in stats if "-lookahead" in n and n.replace("-lookahead", "") in stats]
+    if pairs:
+        lines += ["## Causal vs lookahead", "",
+                  "| causal gate | lookahead twin | loss (causal) | loss (lookahead) | Δ loss | OR (causal) | OR (lookahead) |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for look, causal in pairs:
+            a, b = stats[causal], stats[look]
+            lines.append(f"| {causal} | {look} | {a['loss']:.4f} | {b['loss']:.4f} | {b['loss'] - a['loss']:+.4f} | "
+                         f"{_pct(a.get('oracle_recovery'))} | {_pct(b.get('oracle_recovery'))} |")
+        lines += ["", "The lookahead twin reads chunk c's own reconstruction loss before chunk c is scored, so "
+                  "tokens late in chunk c influence how its early tokens are predicted; the causal gate uses "
+                  "chunk c-1's. The difference above is the price of causality.", ""]
+    if corr:
+        rows = [(n, c) for n, c in corr.items() if n in stats]
+        if rows:
+            lines += ["## Does the gate pick the chunks that gain?", "",
+                      "Per-chunk gain = SKIP loss - loss under fixed:UPDATE_k on the same chunk.", "",
+                      "| gate | corr(signal, gain) | mean gain of updated chunks | mean gain of skipped chunks |",
+                      "| --- | ---: | ---: | ---: |"]
+            for n, c in rows:
+                lines.append(f"| {n} | {_fmt(c['signal_gain_corr'], '+.3f')} | {_fmt(c['mean_gain_updated'], '+.4f')} | "
+                             f"{_fmt(c['mean_gain_skipped'], '+.4f')} |")
+            lines.append("")
+    lines += ["## Definitions", "",
+              "* loss: token-weighted mean next-token cross-entropy on the held-out chunks; ppl = exp(loss).",
+              "* avg cost: PonderTTT's theoretical FLOPs multiplier per chunk (SKIP 1, UPDATE_k 1 + 2k); wall vs SKIP: "
+              "measured seconds per chunk / those of fixed:SKIP.",
+              "* update rate u: fraction of chunks not SKIPped.",
+              "* L_oracle at rate: the budgeted oracle (labels; UPDATEs the fraction u of chunks with the largest gain) "
+              "at the gate's own u, interpolated linearly in u between its measured runs, (0, L_SKIP) and "
+              "(1, L_fixed:UPDATE_k) for the gate's update action (UPDATE_1 unless named `:UPDATE_k`).",
+              "* oracle recovery = (L_SKIP - L_gate) / (L_SKIP - L_oracle(u_gate)); 100% = the oracle's whole gain at equal "
+              "update rate; — when the oracle gains nothing or u = 0.", ""]
+    return "\n".join(lines)
+
+
+# -- plots -----------------------------------------------------------------------------------------
+def _style(name: str, s: dict) -> dict:
+    if s["uses_labels"]:
+        return {"marker": "*", "color": "0.45", "s": 140}
+    if s["lookahead"]:
+        return {"marker": "D", "facecolors": "none", "edgecolors": "tab:red", "s": 70, "linewidths": 1.6}
+    if name.startswith("fixed:"):
+        return {"marker": "o", "color": "tab:blue", "s": 50}
+    return {"marker": "s", "color": "tab:green", "s": 60}
+
+
+def plot_pareto(stats: dict[str, dict], path: Path) -> None:
+    """Loss vs theoretical cost (left) and vs measured wall-clock relative to SKIP (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_wall = all(s.get("wall_vs_skip") is not None and math.isfinite(s["wall_vs_skip"]) for s in stats.values())
+    axes_keys = [("cost", "avg FLOPs multiplier per chunk (SKIP = 1)")]
+    if has_wall:
+        axes_keys.append(("wall_vs_skip", "measured wall-clock per chunk / SKIP"))
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(6.4 * len(axes_keys), 4.8), squeeze=False)
+    for ax, (key, xlabel) in zip(axes[0], axes_keys):
+        fixed = [f"fixed:{a}" for a in ACTIONS if f"fixed:{a}" in stats]
+        if len(fixed) > 1:
+            ax.plot([stats[n][key] for n in fixed], [stats[n]["loss"] for n in fixed], "-", color="tab:blue",
+                    alpha=0.5, lw=1, label="fixed modes")
+        if key == "cost":
+            curve = oracle_curve(stats, "UPDATE_1")
+            if len(curve) > 1 and any(n.startswith("budgeted-oracle") for n in stats):
+                ax.plot([1 + 2 * u for u, _ in curve], [lo for _, lo in curve], "--", color="0.45", lw=1,
+                        label="budgeted oracle (labels), interpolated")
+        xs = [s[key] for s in stats.values()]
+        ys = [s["loss"] for s in stats.values()]
+        dx = (max(xs) - min(xs)) or 1.0
+        dy = (max(ys) - min(ys)) or 1.0
+        placed: list[tuple[float, float]] = []
+        for name, s in stats.items():
+            label = f"{name} (lookahead)" if s["lookahead"] and not s["uses_labels"] else name
+            ax.scatter([s[key]], [s["loss"]], zorder=3, **_style(name, s))
+            # stack the labels of (nearly) coinciding points instead of printing them on top of each other
+            near = sum(abs(s[key] - px) < 0.03 * dx and abs(s["loss"] - py) < 0.03 * dy for px, py in placed)
+            placed.append((s[key], s["loss"]))
+            ax.annotate(label, (s[key], s["loss"]), textcoords="offset points", xytext=(6, 4 - 11 * near), fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out loss (nats/token)")
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.grid(alpha=0.3)
+    handles = [
+        plt.Line2D([], [], marker="o", color="tab:blue", ls="", label="fixed mode"),
+        plt.Line2D([], [], marker="s", color="tab:green", ls="", label="causal gate"),
+        plt.Line2D([], [], marker="D", color="tab:red", mfc="none", ls="", label="lookahead gate (not causal)"),
+        plt.Line2D([], [], marker="*", color="0.45", ls="", ms=12, label="oracle (uses labels)"),
+    ]
+    axes[0][0].legend(handles=handles + axes[0][0].get_legend_handles_labels()[0], fontsize=8, loc="best")
+    fig.suptitle("Loss vs compute: every mode and gate (lower left is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_gains(records: list[dict], stats: dict[str, dict], path: Path) -> bool:
+    """Per-chunk gains of UPDATE_1 over SKIP: their histogram (top) and, per gate, which chunks it
+    updated (filled) or skipped (hollow) along the same gain axis (bottom)."""
+    gains = per_chunk_gains(records, "UPDATE_1")
+    if not gains:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = list(gains.values())
+    gates = [n for n in stats if not n.startswith("fixed:") and update_action_of(n) == "UPDATE_1"]
+    fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(7.6, 2.6 + 0.45 * max(len(gates), 2) + 2.4), sharex=True,
+                                   gridspec_kw={"height_ratios": [2.4, 0.45 * max(len(gates), 2) + 0.6]})
+    ax0.hist(values, bins=20, color="0.7")
+    ax0.axvline(0.0, color="k", lw=0.8)
+    ax0.set_ylabel("chunks")
+    ax0.set_title(f"Per-chunk gain of UPDATE_1 over SKIP (all {len(values)} held-out chunks, fixed:UPDATE_1 run)",
+                  fontsize=10)
+    for row, name in enumerate(gates):
+        upd, skp = [], []
+        for r in records:
+            key = (r["doc_id"], int(r["chunk_idx"]))
+            if _gate_of(r) == name and key in gains:
+                (skp if r["action"] == "SKIP" else upd).append(gains[key])
+        color = "0.45" if stats[name]["uses_labels"] else ("tab:red" if stats[name]["lookahead"] else "tab:green")
+        # a small deterministic vertical jitter keeps chunks with equal gains apart
+        jit = [0.28 * (((i * 7919) % 13) / 12 - 0.5) for i in range(len(skp) + len(upd))]
+        ax1.scatter(skp, [row + j for j in jit[:len(skp)]], marker="o", facecolors="none", edgecolors=color,
+                    alpha=0.6, s=28)
+        ax1.scatter(upd, [row + j for j in jit[len(skp):]], marker="o", color=color, alpha=0.8, s=28)
+        if upd:
+            m = sum(upd) / len(upd)
+            ax1.plot([m, m], [row - 0.35, row + 0.35], color="k", lw=1.5)
+    ax1.set_yticks(range(len(gates)))
+    ax1.set_yticklabels([f"{n} (lookahead)" if stats[n]["lookahead"] and not stats[n]["uses_labels"] else n
+                         for n in gates], fontsize=8)
+    ax1.set_ylim(-0.6, max(len(gates), 1) - 0.4)
+    ax1.invert_yaxis()
+    ax1.axvline(0.0, color="k", lw=0.8)
+    ax1.set_xlabel("gain (nats/token); filled: chunk UPDATEd by the gate, hollow: SKIPped, bar: mean gain of its updates")
+    ax1.xaxis.label.set_size(8)
+    ax1.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# -- entry point -----------------------------------------------------------------------------------
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(run_dir: str | Path, records: list[dict], summary: dict) -> None:
+    """Write `summary.json`, `results.md`, `pareto.png` and `gains.png` (when fixed SKIP/UPDATE_1 ran).
+
+    Args:
+        run_dir: output folder (created).
+        records: one dict per (gate, chunk): `ChunkRecord` fields plus `gate` (the gate's name),
+            optionally `lookahead`, `uses_labels`, `skip_loss`.
+        summary: the runner's summary; its `gates` entries are completed (never overwritten) with
+            the statistics computed here from `records`, including `oracle_recovery`.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not records:
+        raise ValueError("write_report got no records: evaluate at least one gate or mode first")
+    stats = aggregate(records)
+    for name, given in (summary.get("gates") or {}).items():
+        if name in stats:
+            for k in ("lookahead", "uses_labels"):
+                if k in given:
+                    stats[name][k] = bool(given[k])
+            if given.get("wall_vs_skip") is not None:
+                stats[name]["wall_vs_skip"] = given["wall_vs_skip"]
+    add_oracle_recovery(stats)
+    corr = signal_correlations(records, stats)
+    out = dict(summary)
+    gates = {k: dict(v) for k, v in (summary.get("gates") or {}).items()}
+    for name, s in stats.items():
+        entry = gates.setdefault(name, {})
+        for k, v in s.items():
+            entry.setdefault(k, v)
+        entry["oracle_recovery"], entry["oracle_loss"] = s["oracle_recovery"], s["oracle_loss"]
+        entry["oracle_ref"] = s.get("oracle_ref")
+        if name in corr:
+            entry["signal"] = corr[name]
+    out["gates"] = gates
+    out["report"] = {"oracle_recovery": "(L_SKIP - L_gate) / (L_SKIP - L_budgeted_oracle(u_gate)), see results.md",
+                     "files": ["summary.json", "results.md", "pareto.png", "gains.png"]}
+    _write_atomic(run_dir / "results.md", results_markdown(stats, summary, corr))
+    plot_pareto(stats, run_dir / "pareto.png")
+    if not plot_gains(records, stats, run_dir / "gains.png"):
+        out["report"]["files"].remove("gains.png")
+    _write_atomic(run_dir / "summary.json", json.dumps(_jsonable(out), indent=1))

@@ -1,0 +1,225 @@
+"""Tests of ponder/report.py: Oracle Recovery by hand, aggregation, and the files write_report produces."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ponder.report import (
+    add_oracle_recovery,
+    aggregate,
+    interpolate,
+    oracle_curve,
+    oracle_recovery,
+    per_chunk_gains,
+    write_report,
+)
+from ponder.types import flops_multiplier
+
+# per chunk (doc d0/d1, chunks 0..3): SKIP loss and UPDATE_1 loss; n_tokens 10 everywhere
+SKIP = [3.0, 3.0, 3.0, 3.0, 2.0, 2.0, 2.0, 2.0]
+UPD = [2.6, 2.9, 3.1, 2.8, 1.9, 2.0, 1.5, 2.1]
+KEYS = [(f"d{i // 4}", i % 4) for i in range(8)]
+GAINS = [s - u for s, u in zip(SKIP, UPD)]  # 0.4 0.1 -0.1 0.2 0.1 0.0 0.5 -0.1
+
+
+def _records(gate, actions, lookahead=False, uses_labels=False, signals=None):
+    rows = []
+    for i, ((doc, c), a) in enumerate(zip(KEYS, actions)):
+        loss = SKIP[i] if a == "SKIP" else UPD[i]
+        rows.append({"gate": gate, "doc_id": doc, "chunk_idx": c, "action": a, "loss": loss, "n_tokens": 10,
+                     "cost": flops_multiplier(a), "wall_s": 0.1 if a == "SKIP" else 0.3,
+                     "gate_signal": None if signals is None else signals[i], "recon_loss": 1.0,
+                     "lookahead": lookahead, "uses_labels": uses_labels, "skip_loss": SKIP[i]})
+    return rows
+
+
+def _all_records():
+    S, U = "SKIP", "UPDATE_1"
+    recs = _records("fixed:SKIP", [S] * 8)
+    recs += _records("fixed:UPDATE_1", [U] * 8)
+    # budgeted oracle at rate 0.5: the 4 largest gains are chunks 6 (0.5), 0 (0.4), 3 (0.2), and 1 or 4 (0.1)
+    recs += _records("budgeted-oracle", [U, U, S, U, S, S, U, S], uses_labels=True)
+    # a causal gate at rate 0.5 that picks chunks 0, 2, 4, 5: gains 0.4 - 0.1 + 0.1 + 0.0
+    recs += _records("recon", [U, S, U, S, U, U, S, S], signals=[2.0, 0.0, 1.5, 0.1, 1.0, 1.2, 0.2, 0.3])
+    # its lookahead twin picks 0, 3, 6, 4: gains 0.4 + 0.2 + 0.5 + 0.1
+    recs += _records("recon-lookahead", [U, S, S, U, U, S, U, S], lookahead=True,
+                     signals=[2.0, 0.0, 0.1, 1.5, 1.0, 0.2, 2.5, 0.3])
+    # a gate at rate 0.25 (2 of 8): chunks 0 and 7 -> needs interpolation of the oracle curve
+    recs += _records("random", [U, S, S, S, S, S, S, U], signals=[0.1] * 8)
+    return recs
+
+
+def test_oracle_recovery_formula_by_hand():
+    assert oracle_recovery(3.0, 2.8, 2.6) == pytest.approx(0.5)
+    assert oracle_recovery(3.0, 2.6, 2.6) == pytest.approx(1.0)
+    assert oracle_recovery(3.0, 3.1, 2.8) == pytest.approx(-0.5)
+    assert math.isnan(oracle_recovery(3.0, 2.9, 3.0))  # the oracle gains nothing: undefined
+    assert math.isnan(oracle_recovery(3.0, 2.9, 3.2))
+
+
+def test_aggregate_is_token_weighted():
+    rows = [{"gate": "g", "doc_id": "a", "chunk_idx": 0, "action": "SKIP", "loss": 1.0, "n_tokens": 30, "cost": 1.0,
+             "wall_s": 1.0},
+            {"gate": "g", "doc_id": "a", "chunk_idx": 1, "action": "UPDATE_2", "loss": 3.0, "n_tokens": 10, "cost": 5.0,
+             "wall_s": 3.0}]
+    s = aggregate(rows)["g"]
+    assert s["loss"] == pytest.approx((30 * 1.0 + 10 * 3.0) / 40)
+    assert s["ppl"] == pytest.approx(math.exp(1.5))
+    assert s["cost"] == pytest.approx(3.0) and s["update_rate"] == pytest.approx(0.5)
+    assert s["actions"]["UPDATE_2"] == 1
+    with pytest.raises(ValueError, match="gate"):
+        aggregate([{"doc_id": "a"}])
+
+
+def test_oracle_recovery_at_equal_rate_by_hand():
+    stats = aggregate(_all_records())
+    add_oracle_recovery(stats)
+    l_skip = sum(SKIP) / 8
+    l_bo = l_skip - (0.5 + 0.4 + 0.2 + 0.1) / 8  # the budgeted run updates 0, 1, 3, 6
+    assert stats["budgeted-oracle"]["loss"] == pytest.approx(l_bo)
+    assert stats["budgeted-oracle"]["oracle_recovery"] == pytest.approx(1.0)
+    l_recon = l_skip - (0.4 - 0.1 + 0.1 + 0.0) / 8
+    assert stats["recon"]["oracle_loss"] == pytest.approx(l_bo)  # same rate 0.5: no interpolation
+    assert stats["recon"]["oracle_recovery"] == pytest.approx((l_skip - l_recon) / (l_skip - l_bo))
+    assert stats["recon"]["oracle_recovery"] == pytest.approx(0.4 / 1.2)
+    assert stats["recon-lookahead"]["oracle_recovery"] == pytest.approx(1.2 / 1.2)
+    # rate 0.25: halfway between (0, L_skip) and (0.5, L_bo)
+    l_or = 0.5 * (l_skip + l_bo)
+    assert stats["random"]["oracle_loss"] == pytest.approx(l_or)
+    l_rand = l_skip - (0.4 - 0.1) / 8
+    assert stats["random"]["oracle_recovery"] == pytest.approx((l_skip - l_rand) / (l_skip - l_or))
+    assert math.isnan(stats["fixed:SKIP"]["oracle_recovery"])  # rate 0
+    assert stats["fixed:UPDATE_1"]["wall_vs_skip"] == pytest.approx(3.0)
+
+
+def test_oracle_curve_and_interpolation():
+    stats = aggregate(_all_records())
+    curve = oracle_curve(stats)
+    assert [u for u, _ in curve] == [0.0, 0.5, 1.0]
+    assert interpolate([(0.0, 3.0), (0.5, 2.6), (1.0, 2.5)], 0.25) == pytest.approx(2.8)
+    assert interpolate([(0.0, 3.0), (0.5, 2.6), (1.0, 2.5)], 0.75) == pytest.approx(2.55)
+    assert math.isnan(interpolate([(0.0, 3.0), (0.5, 2.6)], 0.75))
+    gains = per_chunk_gains(_all_records())
+    assert [gains[k] for k in KEYS] == pytest.approx(GAINS)
+
+
+def test_write_report_files(tmp_path):
+    recs = _all_records()
+    summary = {"run": "unit", "base": "tiny", "ttt_layer": "official-linear", "target_rate": 0.5,
+               "gates": {"recon": {"spec": "recon", "eval_s": 1.0}}}
+    write_report(tmp_path, recs, summary)
+    for name in ("summary.json", "results.md", "pareto.png", "gains.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    for png in ("pareto.png", "gains.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        import matplotlib.image as mpimg
+
+        img = mpimg.imread(tmp_path / png)
+        assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500
+        assert float(img[..., :3].std()) > 0.01  # not a blank canvas
+    out = json.loads((tmp_path / "summary.json").read_text())
+    assert out["gates"]["recon"]["spec"] == "recon"  # runner fields are kept
+    assert out["gates"]["recon"]["oracle_recovery"] == pytest.approx(1 / 3)
+    assert out["gates"]["fixed:SKIP"]["oracle_recovery"] is None  # NaN -> null in JSON
+    # signal/gain correlation of the causal gate, by hand
+    sig = out["gates"]["recon"]["signal"]
+    assert sig["mean_gain_updated"] == pytest.approx((0.4 - 0.1 + 0.1 + 0.0) / 4)
+    assert sig["mean_gain_skipped"] == pytest.approx((0.1 + 0.2 + 0.5 - 0.1) / 4)
+    md = (tmp_path / "results.md").read_text()
+    causal_part, rest = md.split("## Lookahead gates", 1)
+    assert "| recon |" in causal_part and "recon-lookahead" not in causal_part
+    look_part, labels_part = rest.split("## Upper bounds", 1)
+    assert "| recon-lookahead (lookahead) |" in look_part
+    assert "| budgeted-oracle |" in labels_part.split("## Causal vs lookahead")[0]
+    assert "33.3%" in causal_part and "100.0%" in look_part
+    twin_row = next(line for line in md.splitlines() if line.startswith("| recon | recon-lookahead |"))
+    assert "| -0.1000 |" in twin_row  # Δ loss = -(1.2 - 0.4) / 8
+    with pytest.raises(ValueError, match="no records"):
+        write_report(tmp_path, [], summary)
+
+
+def _tiny_ponder_env(n_docs, seed):
+    """D1's real PonderEnv over a tiny random adaptive model and random cached 'backbone' outputs."""
+    import torch
+
+    from ponder.adaptive import AdaptiveConfig, AdaptiveLM
+    from ponder.cache import CachedChunk, CachedDoc
+    from ponder.env import PonderEnv
+
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(30, 8, generator=g)
+    docs = []
+    for d in range(n_docs):
+        chunks = []
+        for _ in range(3):
+            ids = torch.randint(0, 30, (9,), generator=g)
+            hid = torch.randn(9, 8, generator=g)
+            logp = torch.log_softmax(hid @ emb.T, -1)
+            chunks.append(CachedChunk(ids, hid, logp[:-1].gather(-1, ids[1:, None])[:, 0],
+                                      -(logp.exp() * logp).sum(-1), logp.exp().max(-1).values, 0.01))
+        docs.append(CachedDoc(f"s{seed}d{d}", chunks))
+    torch.manual_seed(0)
+    model = AdaptiveLM(AdaptiveConfig(hidden_size=8, num_heads=2, mini_batch_size=4), emb)
+    return PonderEnv(model, docs)
+
+
+@pytest.mark.slow
+def test_all_gates_with_the_real_env_and_report(tmp_path):
+    """Integration: every gate spec (PPO included) fits on one PonderEnv, runs on another through the
+    runner's protocol, and the report's numbers agree with the records."""
+    from ponder.gates import GATE_SPECS, build_gate
+    from ponder.policy import PPOConfig
+    from ponder.runner import evaluate_gate
+
+    train_env, eval_env = _tiny_ponder_env(2, seed=1), _tiny_ponder_env(2, seed=2)
+    records = []
+    for spec in GATE_SPECS:
+        kw = {"config": PPOConfig(iterations=2, docs_per_iter=2)} if spec == "ppo" else {}
+        gate = build_gate(spec, target_rate=None if spec.startswith("fixed") or spec == "oracle" else 0.5, **kw)
+        gate.fit(train_env, train_env.doc_ids())
+        rows = evaluate_gate(eval_env, gate, eval_env.doc_ids(), 0.5)
+        assert len(rows) == 6
+        records += rows
+    by_gate = {}
+    for r in records:
+        by_gate.setdefault(r["gate"], []).append(r)
+    assert sum(r["action"] != "SKIP" for r in by_gate["budgeted-oracle"]) == 3  # exactly half of 6 chunks
+    assert all(r["action"] == "SKIP" for r in by_gate["fixed:SKIP"])
+    write_report(tmp_path, records, {"run": "integration", "gates": {}})
+    out = json.loads((tmp_path / "summary.json").read_text())
+    assert set(out["gates"]) == {g for g in by_gate}
+    bo = out["gates"]["budgeted-oracle"]
+    assert bo["oracle_recovery"] == pytest.approx(1.0) or bo["oracle_recovery"] is None
+    skip = out["gates"]["fixed:SKIP"]["loss"]
+    for name in ("recon", "ppo", "random"):
+        g = out["gates"][name]
+        if g["oracle_recovery"] is not None:
+            assert g["oracle_recovery"] == pytest.approx(oracle_recovery(skip, g["loss"], g["oracle_loss"]))
+
+
+def test_compare_script_table_and_plot(tmp_path):
+    """scripts/compare_ponder.py's table and plot from per-layer summaries (the runs themselves are the runner's)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "compare_ponder.py"
+    spec = importlib.util.spec_from_file_location("compare_ponder", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    stats = aggregate(_all_records())
+    add_oracle_recovery(stats)
+    runs = {layer: {"base": "tiny", "target_rate": 0.5, "data": {"eval_chunks": 8}, "training": {"seconds": 1.0},
+                    "gates": {k: dict(v, loss=v["loss"] + 0.01 * i) for k, v in stats.items()}}
+            for i, layer in enumerate(("official-linear", "ponder-simple"))}
+    md = mod.comparison_markdown(runs, "unit")
+    row = next(line for line in md.splitlines() if line.startswith("| ponder-simple |") and "OR" in line)
+    assert "OR 33.3%" in row  # recon's oracle recovery, copied from the run summary
+    assert "| official-linear | 2.5000 (1.00x) | 2.3625 (3.00x)" in md
+    mod.plot_comparison(runs, tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--layers", "nope"])
