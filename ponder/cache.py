@@ -1,0 +1,176 @@
+"""On-disk cache of the frozen backbone's per-chunk outputs, shared by every mode, gate and layer.
+
+The frozen backbone dominates CPU time, and it is the same for SKIP, every UPDATE_k and every
+policy, so it runs once per (base model, data, chunking). Per chunk we keep what the adaptive path
+and SKIP need:
+
+* `input_ids` [n] and the last hidden state after the final norm `hidden` [n, D] (fp32: the
+  adaptive layer reads it);
+* for SKIP and the gates, per-token statistics of the backbone's own prediction instead of its
+  logits: `skip_logprob` [n - 1] (log-probability of the actual next token), `entropy` [n] and
+  `max_prob` [n] of the predictive distribution. Full logits would be n x V floats: 100 MB per
+  512-token chunk at V = 49,152, far too big to keep, while these three vectors are all SKIP's loss
+  and the confidence features need;
+* `backbone_s`: wall-clock seconds of the backbone forward on this chunk (the SKIP cost).
+
+Each chunk is its own backbone window (the backbone sees no earlier chunk; the adaptive layer's
+carried state is what links the chunks of a document), and is scored on its n - 1 within-window
+next-token predictions. The cache key hashes the model identity (name, config, a weight
+fingerprint), the tokenizer, the documents' text and the chunking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ponder.backbone import Backbone, default_cache_dir
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class CachedChunk:
+    """One chunk's backbone outputs (see module docstring); n = number of tokens in the chunk."""
+
+    input_ids: torch.Tensor      # [n] int64
+    hidden: torch.Tensor         # [n, D] float32
+    skip_logprob: torch.Tensor   # [n - 1] float32: log p_backbone(token t+1 | tokens <= t)
+    entropy: torch.Tensor        # [n] float32
+    max_prob: torch.Tensor       # [n] float32
+    backbone_s: float
+
+    @property
+    def n_scored(self) -> int:
+        return int(self.input_ids.numel()) - 1
+
+    @property
+    def skip_loss(self) -> float:
+        return float(-self.skip_logprob.mean())
+
+
+@dataclass
+class CachedDoc:
+    doc_id: str
+    chunks: list[CachedChunk]
+
+
+def chunk_ids(ids: list[int], chunk_size: int, max_chunks: int | None = None) -> list[list[int]]:
+    """Split a token list into consecutive chunks of `chunk_size` (the last may be shorter; chunks
+    with fewer than 2 tokens have no prediction to score and are dropped)."""
+    if chunk_size < 2:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 2 (a chunk is scored on its next-token predictions)")
+    chunks = [ids[i:i + chunk_size] for i in range(0, len(ids), chunk_size)]
+    chunks = [c for c in chunks if len(c) >= 2]
+    return chunks[:max_chunks] if max_chunks is not None else chunks
+
+
+def select_documents(texts: list[str], tokenizer, n_docs: int, chunk_size: int, min_chunks: int = 1,
+                     max_chunks: int | None = None, seed: int = 0, prefix: str = "doc") -> list[tuple[str, list[list[int]]]]:
+    """Pick up to `n_docs` documents (seeded shuffle) with at least `min_chunks` chunks, tokenized and chunked.
+
+    Returns:
+        list of (doc_id, chunks of token ids); doc_id = `<prefix>-<index in texts>-<sha1 of text>`.
+    """
+    if n_docs < 1:
+        raise ValueError(f"n_docs={n_docs} must be >= 1")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    picked = []
+    for i in order:
+        ids = tokenizer(texts[i], add_special_tokens=False, verbose=False)["input_ids"]
+        chunks = chunk_ids(ids, chunk_size, max_chunks)
+        if len(chunks) < min_chunks:
+            continue
+        digest = hashlib.sha1(texts[i].encode("utf-8", "replace")).hexdigest()[:8]
+        picked.append((f"{prefix}-{i}-{digest}", chunks))
+        if len(picked) >= n_docs:
+            break
+    if not picked:
+        raise ValueError(f"no document has >= {min_chunks} chunks of chunk_size={chunk_size}; lower --min-doc-chunks "
+                         "or --chunk-size")
+    return picked
+
+
+def model_fingerprint(backbone: Backbone) -> str:
+    """Identity of the weights: name, config and a hash of part of the embedding matrix."""
+    emb = backbone.embedding.detach().float().flatten()[:65536].contiguous()
+    h = hashlib.sha256()
+    h.update(backbone.name.encode())
+    h.update(backbone.model.config.to_json_string().encode())
+    h.update(emb.numpy().tobytes())
+    h.update(str(len(backbone.tokenizer)).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_key(backbone: Backbone, docs: list[tuple[str, list[list[int]]]], chunk_size: int) -> str:
+    h = hashlib.sha256()
+    h.update(f"v{CACHE_VERSION}|{model_fingerprint(backbone)}|{chunk_size}".encode())
+    for doc_id, chunks in docs:
+        h.update(doc_id.encode())
+        for c in chunks:
+            h.update(torch.tensor(c, dtype=torch.int64).numpy().tobytes())
+            h.update(b"|")
+    return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def compute_chunk(backbone: Backbone, ids: list[int]) -> CachedChunk:
+    """Run the backbone on one chunk and keep the cached quantities."""
+    input_ids = torch.tensor(ids, dtype=torch.int64)
+    t0 = time.perf_counter()
+    hidden, logits = backbone.forward_chunk(input_ids[None])
+    elapsed = time.perf_counter() - t0
+    logp = F.log_softmax(logits[0], dim=-1)                              # [n, V]
+    skip_logprob = logp[:-1].gather(-1, input_ids[1:, None])[:, 0]       # [n - 1]
+    prob = logp.exp()
+    entropy = -(prob * logp).sum(-1)
+    max_prob = prob.max(-1).values
+    return CachedChunk(input_ids, hidden[0].contiguous(), skip_logprob.contiguous(), entropy, max_prob, elapsed)
+
+
+def build_cache(backbone: Backbone, docs: list[tuple[str, list[list[int]]]], chunk_size: int,
+                cache_dir: Path | None = None, desc: str = "backbone", progress: bool = True) -> list[CachedDoc]:
+    """Cached backbone outputs for `docs` (computed and saved atomically on a miss).
+
+    Args:
+        docs: output of `select_documents`.
+        chunk_size: the chunking used (part of the key).
+        cache_dir: root (default `.cache/`); files go to `<root>/ponder/<key>.pt`.
+    """
+    root = Path(cache_dir or default_cache_dir()) / "ponder"
+    key = cache_key(backbone, docs, chunk_size)
+    path = root / f"{key}.pt"
+    if path.exists():
+        payload = torch.load(path, weights_only=False)
+        print(f"[cache] {desc}: reused {path} ({sum(len(d.chunks) for d in payload['docs'])} chunks)", flush=True)
+        return payload["docs"]
+    from tqdm.auto import tqdm
+
+    n_total = sum(len(c) for _, c in docs)
+    # one untimed call first: the first forward pays one-off start-up costs that are no chunk's cost
+    backbone.forward_chunk(torch.tensor([docs[0][1][0]]))
+    bar = tqdm(total=n_total, desc=f"[cache] {desc} forward", disable=not progress, mininterval=2.0)
+    out = []
+    for doc_id, chunks in docs:
+        cached = []
+        for ids in chunks:
+            cached.append(compute_chunk(backbone, ids))
+            bar.update(1)
+        out.append(CachedDoc(doc_id, cached))
+    bar.close()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    meta = {"base": backbone.name, "chunk_size": chunk_size, "n_docs": len(docs), "n_chunks": n_total}
+    torch.save({"docs": out, "meta": meta}, tmp)
+    os.replace(tmp, path)  # atomic: readers never see half a file
+    (root / f"{key}.json").write_text(json.dumps(meta, indent=1))
+    return out

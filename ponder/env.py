@@ -1,0 +1,171 @@
+"""Chunk-by-chunk evaluation environment: a document is processed chunk after chunk under chosen actions.
+
+Reproduces PonderTTT's per-chunk decision loop (deveworld/ponderTTT @ 350afb5: SKIP / UPDATE_k per
+chunk with the fast-weight state carried across the chunks of a sequence), made strictly causal:
+the context a gate sees for chunk c is built only from chunks < c (their tokens, the backbone's
+confidence on them, the adaptive layer's reconstruction loss on them, their LM loss under the
+action taken). Chunk c's own statistics (`current_stats`) and its losses under every action
+(`peek_losses`, labels!) are offered separately, for lookahead gates and oracles only.
+
+Every computed chunk result is memoised under (document, history of actions before it, action):
+the carried state is a deterministic function of that history, so fixed modes, oracles and
+policies evaluated one after another share work without changing any number (a memoised
+`wall_s` is the time measured when it was first computed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import torch
+
+from ponder.adaptive import AdaptiveLM
+from ponder.cache import CachedDoc
+from ponder.types import ACTIONS, INNER_STEPS, ChunkContext, ChunkRecord, check_action, flops_multiplier
+
+
+class PonderEnv:
+    """Runs cached documents through `AdaptiveLM` under per-chunk actions.
+
+    Args:
+        model: the trained adaptive model (used under `torch.no_grad`).
+        cached_docs: documents with cached backbone outputs (`ponder.cache.build_cache`).
+        max_memo: most chunk results kept (oldest evicted first; each holds a carried state).
+    """
+
+    def __init__(self, model: AdaptiveLM, cached_docs: list[CachedDoc], max_memo: int = 128):
+        if not cached_docs:
+            raise ValueError("PonderEnv needs at least one cached document")
+        self.model = model.eval()
+        self.docs = {d.doc_id: d for d in cached_docs}
+        if len(self.docs) != len(cached_docs):
+            raise ValueError("PonderEnv: duplicate doc_id in cached_docs")
+        self._memo: OrderedDict[tuple, dict] = OrderedDict()
+        self.max_memo = max_memo
+        self._doc: CachedDoc | None = None
+
+    def doc_ids(self) -> list[str]:
+        return list(self.docs)
+
+    # -- episode ------------------------------------------------------------------------------------
+    def reset(self, doc_id: str) -> ChunkContext:
+        """Start document `doc_id` from the fresh state; returns the context of chunk 0."""
+        if doc_id not in self.docs:
+            raise KeyError(f"doc_id {doc_id!r} is not one of this env's {len(self.docs)} documents")
+        self._doc = self.docs[doc_id]
+        self._c = 0
+        self._state = None
+        self._history: tuple[str, ...] = ()
+        self._prev: dict[str, float] = {}
+        self._n_updates = 0
+        return self.context()
+
+    @property
+    def chunk_idx(self) -> int:
+        return self._c
+
+    def done(self) -> bool:
+        return self._doc is None or self._c >= len(self._doc.chunks)
+
+    def context(self) -> ChunkContext:
+        """The causal context of the current chunk (features from earlier chunks only)."""
+        self._require_active()
+        doc, c = self._doc, self._c
+        prev = self._prev
+        features = {
+            "position": float(c),
+            "has_prev": 1.0 if c > 0 else 0.0,
+            "prev_recon_loss": prev.get("recon_loss", 0.0),
+            "prev_loss": prev.get("loss", 0.0),
+            "prev_skip_loss": prev.get("skip_loss", 0.0),
+            "prev_gain": prev.get("skip_loss", 0.0) - prev.get("loss", 0.0),
+            "prev_entropy": prev.get("entropy", 0.0),
+            "prev_max_prob": prev.get("max_prob", 0.0),
+            "prev_hidden_norm": prev.get("hidden_norm", 0.0),
+            "prev_action_steps": prev.get("action_steps", 0.0),
+            "update_rate_so_far": self._n_updates / c if c > 0 else 0.0,
+        }
+        return ChunkContext(doc_id=doc.doc_id, chunk_idx=c, n_chunks=len(doc.chunks), features=features)
+
+    # -- computing chunk results --------------------------------------------------------------------
+    def _require_active(self) -> None:
+        if self._doc is None:
+            raise RuntimeError("call reset(doc_id) first")
+        if self._c >= len(self._doc.chunks):
+            raise RuntimeError(f"document {self._doc.doc_id} is finished ({len(self._doc.chunks)} chunks); reset another")
+
+    def _memoise(self, key: tuple, res: dict) -> dict:
+        self._memo[key] = res
+        while len(self._memo) > self.max_memo:
+            self._memo.popitem(last=False)
+        return res
+
+    @torch.no_grad()
+    def _layer_pass(self, inner_steps: int) -> dict:
+        """The adaptive layer on the current chunk from the carried state (memoised; no LM head)."""
+        key = (self._doc.doc_id, self._history, "pass", inner_steps)
+        if key in self._memo:
+            return self._memo[key]
+        chunk = self._doc.chunks[self._c]
+        t0 = time.perf_counter()
+        adapted, recon, state = self.model.adapt(chunk.hidden[None], self._state, inner_steps)
+        return self._memoise(key, {"adapted": adapted, "recon": float(recon[0]), "state": state,
+                                   "seconds": time.perf_counter() - t0})
+
+    @torch.no_grad()
+    def _result(self, action: str) -> dict:
+        """loss / new state / seconds / recon of the current chunk under `action` (memoised).
+
+        `recon` is always the reconstruction loss of the UPDATE_1 pass from the carried state (each
+        mini-batch's self-supervised loss before its own update), whatever the action, so the
+        statistic means the same thing for every action; under SKIP that pass's state is discarded.
+        """
+        key = (self._doc.doc_id, self._history, action)
+        if key in self._memo:
+            return self._memo[key]
+        chunk = self._doc.chunks[self._c]
+        recon = self._layer_pass(1)["recon"]
+        if action == "SKIP":
+            return self._memoise(key, {"loss": chunk.skip_loss, "state": self._state, "wall_s": chunk.backbone_s,
+                                       "recon": recon})
+        p = self._layer_pass(INNER_STEPS[action])
+        t0 = time.perf_counter()
+        loss = float(self.model.lm_loss(p["adapted"], chunk.input_ids[None]))
+        wall = chunk.backbone_s + p["seconds"] + (time.perf_counter() - t0)
+        return self._memoise(key, {"loss": loss, "state": p["state"], "wall_s": wall, "recon": recon})
+
+    def peek_losses(self) -> dict[str, float]:
+        """LM loss of the current chunk under every action from the current state. Uses LABELS:
+        for oracle gates only."""
+        self._require_active()
+        return {a: self._result(a)["loss"] for a in ACTIONS}
+
+    def current_stats(self) -> dict[str, float]:
+        """The current chunk's OWN self-supervised and confidence statistics (lookahead gates only)."""
+        self._require_active()
+        chunk = self._doc.chunks[self._c]
+        return {"recon_loss": self._layer_pass(1)["recon"], "entropy": float(chunk.entropy.mean()),
+                "max_prob": float(chunk.max_prob.mean())}
+
+    def step(self, action: str, gate_signal: float | None = None) -> tuple[ChunkRecord, ChunkContext | None]:
+        """Process the current chunk under `action`; returns its record and the next context (None at the end)."""
+        check_action(action)
+        self._require_active()
+        res = self._result(action)
+        chunk = self._doc.chunks[self._c]
+        record = ChunkRecord(doc_id=self._doc.doc_id, chunk_idx=self._c, action=action, loss=res["loss"],
+                             n_tokens=chunk.n_scored, cost=flops_multiplier(action), wall_s=res["wall_s"],
+                             gate_signal=gate_signal, recon_loss=res["recon"])
+        self._state = res["state"]
+        self._history = self._history + (action,)
+        self._n_updates += int(action != "SKIP")
+        self._prev = {"recon_loss": res["recon"], "loss": res["loss"], "skip_loss": chunk.skip_loss,
+                      "entropy": float(chunk.entropy.mean()), "max_prob": float(chunk.max_prob.mean()),
+                      "hidden_norm": float(chunk.hidden.norm(dim=-1).mean()),
+                      "action_steps": float(INNER_STEPS[action])}
+        self._c += 1
+        return record, (None if self.done() else self.context())
+
+    def clear_memo(self) -> None:
+        self._memo.clear()

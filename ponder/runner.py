@@ -1,0 +1,315 @@
+"""The PonderTTT experiment: cache the backbone, train the adaptive layer, evaluate modes and gates.
+
+Reproduces the experiment of PonderTTT (deveworld/ponderTTT: fixed SKIP / UPDATE_k baselines of
+`experiments/train_baseline.py` @ 350afb5, and the gating comparison of its later paper "When to
+Ponder") in PyTorch on a frozen offline base model and the embedded standard-library code corpus:
+
+1. resolve and load the frozen base (`ponder.backbone`), pick train / held-out documents (by
+   file), chunk them, cache the backbone's hidden states and SKIP statistics (`ponder.cache`);
+2. train the adaptive layer's slow weights on the train split with UPDATE_k (`ponder.train`), or
+   reuse the finished checkpoint of the run folder when its configuration matches;
+3. evaluate on the held-out documents the requested mode, every fixed mode and the gates
+   (`ponder.gates`), chunk by chunk through `ponder.env.PonderEnv`;
+4. write `results/<run>/`: `chunks.jsonl` (one record per chunk and gate), `summary.json`,
+   `results.md`, PNG plots (`ponder.report`).
+
+Evaluation protocol per gate: `fit` on the TRAIN documents, `prepare` on the eval documents (the
+budgeted oracle only), then per eval document `reset` and per chunk: context (+ `budget_left`; +
+`current` only for lookahead gates; + `oracle_losses` only for label-using gates) -> `decide` ->
+`env.step` -> `observe`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ponder.types import ACTIONS, INNER_STEPS
+
+DEFAULT_COMPARE = ("random", "recon", "recon-lookahead", "oracle", "budgeted-oracle", "ppo")
+MODES = (*ACTIONS, "ADAPTIVE")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The experiment's command-line options (shared by scripts/run_ponder.py and scripts/compare_ponder.py)."""
+    from ponder.adaptive import LAYER_KINDS
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--base", default="auto", help="'auto' (GPT-2 if loadable, else SmolLM2-135M offline), a hub id or a folder")
+    g.add_argument("--ttt-layer", default="official-linear", choices=LAYER_KINDS)
+    g.add_argument("--mini-batch-size", type=int, default=16, help="TTT inner mini-batch size")
+    g.add_argument("--num-heads", type=int, default=0, help="TTT heads (0: hidden // 64)")
+    g.add_argument("--ttt-base-lr", type=float, default=1.0, help="official layers' base inner learning rate")
+    g.add_argument("--simple-inner-lr", type=float, default=1e-2, help="ponder-simple's inner learning rate")
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default=None, help="HF dataset id or local files (default: the stdlib code corpus)")
+    g.add_argument("--text-field", default="text")
+    g.add_argument("--chunk-size", type=int, default=512)
+    g.add_argument("--max-train-docs", type=int, default=8)
+    g.add_argument("--max-eval-docs", type=int, default=6)
+    g.add_argument("--max-chunks-per-doc", type=int, default=4)
+    g.add_argument("--min-doc-chunks", type=int, default=2, help="only documents with at least this many chunks")
+    g = parser.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=24, help="outer optimizer steps (one chunk each; ~1 epoch of the default data)")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--train-mode", default="UPDATE_1", choices=[a for a in ACTIONS if a != "SKIP"])
+    g.add_argument("--aux-recon-weight", type=float, default=0.0)
+    g.add_argument("--retrain", action="store_true", help="ignore a finished checkpoint in the run folder")
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--mode", default="UPDATE_1", choices=MODES,
+                   help="the requested mode (ADAPTIVE: the --gate specs); all fixed modes are always run too")
+    g.add_argument("--gate", action="append", default=None, metavar="SPEC",
+                   help="gate spec for ADAPTIVE (repeatable; default: recon)")
+    g.add_argument("--compare-gates", default=",".join(DEFAULT_COMPARE),
+                   help="comma-separated gates evaluated for comparison ('' for none)")
+    g.add_argument("--target-rate", type=float, default=0.5, help="target update rate of the binary gates")
+    g.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", default="results")
+    g.add_argument("--run-name", default=None)
+    g.add_argument("--cache-dir", default=None, help="default: $TTT_CACHE_DIR or .cache")
+    g.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    g.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def default_args(**overrides) -> argparse.Namespace:
+    args = add_arguments(argparse.ArgumentParser()).parse_args([])
+    for k, v in overrides.items():
+        if not hasattr(args, k):
+            raise ValueError(f"unknown experiment option {k!r}")
+        setattr(args, k, v)
+    return args
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.chunk_size < 2:
+        raise ValueError(f"--chunk-size {args.chunk_size} must be >= 2")
+    for name in ("max_train_docs", "max_eval_docs", "max_chunks_per_doc", "min_doc_chunks"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    if args.min_doc_chunks > args.max_chunks_per_doc:
+        raise ValueError(f"--min-doc-chunks {args.min_doc_chunks} > --max-chunks-per-doc {args.max_chunks_per_doc}")
+    if not 0.0 < args.target_rate <= 1.0:
+        raise ValueError(f"--target-rate {args.target_rate} must be in (0, 1]")
+    if args.mode != "ADAPTIVE" and args.gate:
+        raise ValueError(f"--gate is for --mode ADAPTIVE (got --mode {args.mode}); the fixed modes need no gate")
+
+
+def _short(name: str) -> str:
+    return Path(name).name.replace("/", "_")
+
+
+def _summarise(records: list[dict]) -> dict:
+    n_tok = sum(r["n_tokens"] for r in records)
+    loss = sum(r["loss"] * r["n_tokens"] for r in records) / n_tok
+    return {"loss": loss, "ppl": math.exp(loss), "n_chunks": len(records), "n_tokens": n_tok,
+            "cost": sum(r["cost"] for r in records) / len(records),
+            "update_rate": sum(r["action"] != "SKIP" for r in records) / len(records),
+            "wall_s_per_chunk": sum(r["wall_s"] for r in records) / len(records),
+            "actions": {a: sum(r["action"] == a for r in records) for a in ACTIONS}}
+
+
+def evaluate_gate(env, gate, doc_ids: list[str], target_rate: float | None = None) -> list[dict]:
+    """Run `gate` over `doc_ids` with the runner's protocol; one dict per chunk (ChunkRecord + gate info)."""
+    if hasattr(gate, "prepare"):
+        gate.prepare(env, doc_ids)
+    rate = getattr(gate, "target_rate", None) or target_rate
+    rows = []
+    for doc_id in doc_ids:
+        gate.reset(doc_id)
+        ctx = env.reset(doc_id)
+        used = 0
+        while ctx is not None:
+            if rate is not None:
+                ctx.budget_left = rate * ctx.n_chunks - used  # update allowance left in this document, in chunks
+            if getattr(gate, "lookahead", False):
+                ctx.current = env.current_stats()
+            if getattr(gate, "uses_labels", False):
+                ctx.oracle_losses = env.peek_losses()
+            action = gate.decide(ctx)
+            signal = getattr(gate, "last_signal", None)
+            chunk = env.docs[doc_id].chunks[ctx.chunk_idx]
+            record, ctx = env.step(action, gate_signal=None if signal is None else float(signal))
+            gate.observe(record)
+            used += int(action != "SKIP")
+            row = record.to_dict()
+            row.update(gate=gate.name, lookahead=bool(getattr(gate, "lookahead", False)),
+                       uses_labels=bool(getattr(gate, "uses_labels", False)), skip_loss=chunk.skip_loss)
+            rows.append(row)
+    return rows
+
+
+def _load_data(args, backbone, cache_dir):
+    from common.data import load_texts
+    from ponder.cache import build_cache, select_documents
+
+    out = {}
+    for split, n in (("train", args.max_train_docs), ("eval", args.max_eval_docs)):
+        texts = load_texts(args.dataset, text_field=args.text_field, split=split)
+        docs = select_documents(texts, backbone.tokenizer, n, args.chunk_size, min_chunks=args.min_doc_chunks,
+                                max_chunks=args.max_chunks_per_doc, seed=args.seed, prefix=split)
+        out[split] = build_cache(backbone, docs, args.chunk_size, cache_dir, desc=split,
+                                 progress=not args.no_progress)
+    return out["train"], out["eval"]
+
+
+def _gate_specs(args) -> list[str]:
+    specs = [f"fixed:{a}" for a in ACTIONS]
+    if args.mode == "ADAPTIVE":
+        specs += list(args.gate or ["recon"])
+    specs += [s.strip() for s in (args.compare_gates or "").split(",") if s.strip()]
+    seen, out = set(), []
+    for s in specs:
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def run_experiment(args: argparse.Namespace | dict) -> dict:
+    """Run the whole experiment (see module docstring). Returns the summary dict (also in summary.json)."""
+    from ponder.adaptive import AdaptiveConfig, AdaptiveLM
+    from ponder.backbone import default_cache_dir, load_backbone
+    from ponder.env import PonderEnv
+    from ponder.train import TrainConfig, load_checkpoint, train
+
+    if isinstance(args, dict):
+        args = default_args(**args)
+    _validate(args)
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+
+    backbone = load_backbone(args.base, cache_dir)
+    print(f"[run] base model: {backbone.name} -- {backbone.reason}", flush=True)
+    train_docs, eval_docs = _load_data(args, backbone, cache_dir)
+    n_train = sum(len(d.chunks) for d in train_docs)
+    n_eval = sum(len(d.chunks) for d in eval_docs)
+    print(f"[run] data: {len(train_docs)} train docs ({n_train} chunks), {len(eval_docs)} held-out docs "
+          f"({n_eval} chunks), chunk size {args.chunk_size}", flush=True)
+
+    run_name = args.run_name or f"{args.ttt_layer}-{_short(backbone.name)}-c{args.chunk_size}-s{args.steps}"
+    run_dir = Path(args.out) / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    acfg = AdaptiveConfig(hidden_size=backbone.hidden_size, layer=args.ttt_layer, num_heads=args.num_heads,
+                          mini_batch_size=args.mini_batch_size, ttt_base_lr=args.ttt_base_lr,
+                          simple_inner_lr=args.simple_inner_lr)
+    tcfg = TrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
+                       inner_steps=INNER_STEPS[args.train_mode], aux_recon_weight=args.aux_recon_weight,
+                       seed=args.seed, save_every=max(1, min(25, args.steps)))
+    model = AdaptiveLM(acfg, backbone.embedding)
+    data_id = [d.doc_id for d in train_docs]
+    ck = load_checkpoint(run_dir)
+    if ck is not None and (args.retrain or ck.get("adaptive_config") != acfg.to_dict()
+                           or json.loads(json.dumps(ck.get("train_config"))) != _jsonable(tcfg)
+                           or (ck.get("extra") or {}).get("data_id") != data_id):
+        print(f"[run] {run_dir}/ckpt.pt does not match this configuration (or --retrain): training afresh", flush=True)
+        (run_dir / "ckpt.pt").unlink()
+    start_step = ck["step"] if ck is not None and (run_dir / "ckpt.pt").exists() else 0
+    t0 = time.perf_counter()
+    if ck is not None and (run_dir / "ckpt.pt").exists():
+        print(f"[run] resuming / reusing {run_dir}/ckpt.pt (step {ck['step']} of {tcfg.steps})", flush=True)
+    result = train(model, train_docs, tcfg, run_dir, resume=True, progress=not args.no_progress,
+                   extra={"data_id": data_id, "base": backbone.name})
+    train_s = time.perf_counter() - t0
+    losses, skips = result["losses"], result["skip_losses"]
+    tail = max(1, len(losses) // 4)
+    if losses:
+        print(f"[run] training: {result['step']} steps in {train_s:.1f} s; last {tail} steps: LM loss "
+              f"{sum(losses[-tail:]) / tail:.3f} vs backbone {sum(skips[-tail:]) / tail:.3f} on the same chunks", flush=True)
+
+    if result["step"] != start_step and (run_dir / "gates").exists():
+        shutil.rmtree(run_dir / "gates")  # calibrated for other slow weights: refit below
+
+    eval_env = PonderEnv(model, eval_docs)
+    train_env = PonderEnv(model, train_docs)
+    eval_ids = eval_env.doc_ids()
+    records: list[dict] = []
+    gates_summary: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    for spec in _gate_specs(args):
+        t0 = time.perf_counter()
+        try:
+            gate = _build_gate(spec, args)
+            if not (gate.load(run_dir / "gates") if hasattr(gate, "load") else False):
+                gate.fit(train_env, train_env.doc_ids())
+                if hasattr(gate, "save"):
+                    gate.save(run_dir / "gates")
+            rows = evaluate_gate(eval_env, gate, eval_ids, args.target_rate)
+        except (ImportError, NotImplementedError) as err:  # a gate that is not available here
+            skipped[spec] = f"{type(err).__name__}: {err}"
+            print(f"[run] gate {spec}: skipped ({skipped[spec]})", flush=True)
+            continue
+        summary = _summarise(rows)
+        summary.update(spec=spec, lookahead=bool(gate.lookahead), uses_labels=bool(gate.uses_labels),
+                       eval_s=time.perf_counter() - t0)
+        gates_summary[gate.name] = summary
+        records += rows
+        print(f"[run] {gate.name:<18} loss {summary['loss']:.4f}  ppl {summary['ppl']:7.3f}  cost {summary['cost']:5.2f}x  "
+              f"update rate {summary['update_rate']:.2f}  ({summary['eval_s']:.1f} s)", flush=True)
+
+    skip = gates_summary.get("SKIP") or gates_summary.get("fixed:SKIP")
+    if skip is not None:
+        for s in gates_summary.values():
+            s["wall_vs_skip"] = s["wall_s_per_chunk"] / skip["wall_s_per_chunk"]
+    requested = args.mode if args.mode != "ADAPTIVE" else (args.gate or ["recon"])[0]
+    summary = {
+        "run": run_name, "mode": args.mode, "requested": requested, "base": backbone.name, "base_reason": backbone.reason,
+        "ttt_layer": args.ttt_layer, "adaptive_config": acfg.to_dict(), "train_config": _jsonable(tcfg),
+        "data": {"dataset": args.dataset or "stdlib", "chunk_size": args.chunk_size, "train_docs": len(train_docs),
+                 "train_chunks": n_train, "eval_docs": len(eval_docs), "eval_chunks": n_eval},
+        "training": {"steps": result["step"], "seconds": train_s,
+                     "final_loss": sum(losses[-tail:]) / tail if losses else None,
+                     "final_skip_loss": sum(skips[-tail:]) / tail if losses else None},
+        "target_rate": args.target_rate, "gates": gates_summary, "skipped_gates": skipped,
+        "total_s": time.perf_counter() - t_start,
+    }
+    summary = _write_outputs(run_dir, records, summary)
+    print((run_dir / "results.md").read_text(), flush=True)
+    print(f"[run] wrote {run_dir} ({summary['total_s']:.0f} s total)", flush=True)
+    return summary
+
+
+def _jsonable(cfg) -> dict:
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def _build_gate(spec: str, args):
+    from ponder.gates import build_gate
+
+    if spec.startswith("fixed:"):
+        return build_gate(spec)
+    return build_gate(spec, target_rate=args.target_rate, seed=args.seed)
+
+
+def _write_outputs(run_dir: Path, records: list[dict], summary: dict) -> dict:
+    """chunks.jsonl here; summary.json, results.md and plots by `ponder.report` (completed summary returned)."""
+    with open(run_dir / "chunks.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    try:
+        from ponder.report import write_report
+    except ImportError:
+        write_report = None
+    if write_report is not None:
+        write_report(run_dir, records, summary)
+    else:  # without the report module: the summary and a plain table
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        lines = ["| gate | loss | ppl | cost | update rate |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {k} | {v['loss']:.4f} | {v['ppl']:.3f} | {v['cost']:.2f} | {v['update_rate']:.2f} |"
+                  for k, v in summary["gates"].items()]
+        (run_dir / "results.md").write_text("\n".join(lines) + "\n")
+    return json.loads((run_dir / "summary.json").read_text())
