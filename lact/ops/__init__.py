@@ -1,0 +1,26 @@
+"""LaCT chunk operations: the fast path (`lact_swiglu`, autograd or manual backprop) and its twin."""
+
+from lact.ops.chunk import (
+    LaCTOptions,
+    block_causal_lact_swiglu,
+    chunk_lact_swiglu,
+    lact_swiglu,
+    prenorm_block_causal_lact_swiglu,
+)
+from lact.ops.helpers import l2_norm, silu_backprop, zeropower_via_newtonschulz5
+from lact.ops.manual_backprop import LaCTSwiGLUFunction, manual_backprop_helps
+from lact.ops.naive import naive_lact_swiglu
+
+__all__ = [
+    "LaCTOptions",
+    "LaCTSwiGLUFunction",
+    "block_causal_lact_swiglu",
+    "chunk_lact_swiglu",
+    "l2_norm",
+    "lact_swiglu",
+    "manual_backprop_helps",
+    "naive_lact_swiglu",
+    "prenorm_block_causal_lact_swiglu",
+    "silu_backprop",
+    "zeropower_via_newtonschulz5",
+]

@@ -1,0 +1,413 @@
+"""Chunked LaCT SwiGLU fast-weight operation: apply-then-update over chunks, stacks of r MLPs.
+
+Reproduces `block_causal_lact_swiglu` (post-norm) and `prenorm_block_causal_lact_swiglu` (pre-norm)
+of a1600012888/LaCT, `lact_llm/lact_model/ttt_operation.py`, and extends them to a stack of r SwiGLU
+fast-weight MLPs (residual or not, end-to-end or greedy inner objectives). For r = 1 the arithmetic
+is the reference's, op for op (same layouts, same order, same dtype casts), so outputs and
+gradients agree with the reference to float32 round-off and Muon (bfloat16 Newton-Schulz) matches
+bit for bit on the same CPU/torch.
+
+Layout (one row per batch x fast-weight head, ``n = B * H``):
+    fast weights of MLP i: ``w0 [n, d_h, d_in]``, ``w1 [n, d_out, d_h]``, ``w2 [n, d_h, d_in]``;
+    ``MLP_i(x) = w1 (silu(w0 x) * (w2 x))`` per token.
+    ``q, k [n, T, d_in]``, ``v [n, T, d_out]``, ``lr0, lr1, lr2, momentum [n, T, 1]``.
+
+Semantics (see `lact_swiglu` for the stack): the sequence is cut into chunks of `chunk_size`; every
+chunk but the last is first applied to its queries with the current fast weights, then used to
+update them; the last chunk (the remainder, a full chunk when T is a multiple of `chunk_size`, the
+whole sequence when ``T <= chunk_size``) is applied only. The update ascends
+``sum_t lr_t <f(k_t), v_t>`` (lr0/lr1/lr2 weight the w0/w1/w2 gradients), optionally with momentum
+(chunk-mean momentum times the previous step) and Muon, then renormalises every weight row to the
+L2 norm that row had in the INITIAL weights (post-norm), or keeps unnormalised "main" weights and
+uses their renormalised copy (pre-norm).
+
+The core pieces (`init_state`, `chunk_step`, ...) are shared by the autograd path here and the
+manual-backprop path in `lact.ops.manual_backprop`, which recomputes `chunk_step` in backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lact.ops.helpers import silu_backprop, zeropower_via_newtonschulz5
+
+FastWeights = Sequence[Sequence[torch.Tensor]]
+# State of one MLP of the stack: [w0, w1, w2] (+ momentum buffers [m0, m1, m2]) (+ pre-norm main
+# weights [p0, p1, p2]), always in this order.
+LevelState = list[torch.Tensor]
+
+BACKPROP_MODES = ("autograd", "manual")
+RENORM_EPS = 1e-5  # added to the new row norm, as in the reference
+
+
+@dataclass(frozen=True)
+class LaCTOptions:
+    """Static options of one call (everything that is not a tensor)."""
+
+    chunk_size: int
+    use_muon: bool = False
+    prenorm: bool = False
+    residual: bool = False
+    greedy: bool = False
+    has_momentum: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_lact_inputs(
+    fast_weights, q, k, v, lr0, lr1, lr2, chunk_size, momentum, use_muon, prenorm, residual, greedy
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], LaCTOptions]:
+    """Validate a call of `lact_swiglu` / `naive_lact_swiglu`; return (levels, options).
+
+    Raises:
+        TypeError / ValueError naming the argument, its value, the rule and a fix.
+    """
+    if isinstance(fast_weights, torch.Tensor) or not isinstance(fast_weights, (list, tuple)):
+        raise TypeError(
+            "fast_weights must be a list of r tuples (w0, w1, w2), got "
+            f"{type(fast_weights).__name__}; for a single MLP pass [(w0, w1, w2)]"
+        )
+    if len(fast_weights) < 1:
+        raise ValueError("fast_weights must hold at least one (w0, w1, w2) tuple (r >= 1), got an empty list")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    for name, flag in (("use_muon", use_muon), ("prenorm", prenorm), ("residual", residual), ("greedy", greedy)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if greedy and residual:
+        raise ValueError(
+            "greedy=True with residual=True is not supported: the greedy local objective of MLP_i "
+            "targets v with MLP_i's own output, which a residual stack does not produce; "
+            "turn one of them off"
+        )
+    for name, t in (("q", q), ("k", k), ("v", v), ("lr0", lr0), ("lr1", lr1), ("lr2", lr2)):
+        _check_tensor(name, t, 3)
+    n, T, d_in = q.shape
+    if T < 1:
+        raise ValueError(f"q must hold at least one token, got shape {tuple(q.shape)}")
+    if tuple(k.shape) != (n, T, d_in):
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:2] != (n, T):
+        raise ValueError(f"v must be [n, T, d_out] with n, T = {n}, {T} (from q), got {tuple(v.shape)}")
+    d_out = v.shape[2]
+    for name, t in (("lr0", lr0), ("lr1", lr1), ("lr2", lr2)):
+        if tuple(t.shape) != (n, T, 1):
+            raise ValueError(
+                f"{name} must be [n, T, 1] = {(n, T, 1)} (one learning rate per token, lr_dim = 1), "
+                f"got {tuple(t.shape)}"
+            )
+    if momentum is not None:
+        _check_tensor("momentum", momentum, 3)
+        if tuple(momentum.shape) != (n, T, 1):
+            raise ValueError(f"momentum must be [n, T, 1] = {(n, T, 1)} or None, got {tuple(momentum.shape)}")
+
+    levels = []
+    r = len(fast_weights)
+    x_dim = d_in
+    for i, level in enumerate(fast_weights):
+        if not isinstance(level, (list, tuple)) or len(level) != 3:
+            raise TypeError(f"fast_weights[{i}] must be a tuple (w0, w1, w2), got {type(level).__name__}")
+        w0, w1, w2 = level
+        for nm, w in (("w0", w0), ("w1", w1), ("w2", w2)):
+            _check_tensor(f"fast_weights[{i}].{nm}", w, 3)
+        if w0.shape[0] != n or w0.shape[2] != x_dim:
+            where = "q's last dim" if i == 0 else f"the output dim of MLP {i - 1}"
+            raise ValueError(
+                f"fast_weights[{i}].w0 must be [n, d_h, d_in] with n={n} and d_in={x_dim} ({where}), "
+                f"got {tuple(w0.shape)}"
+            )
+        if tuple(w2.shape) != tuple(w0.shape):
+            raise ValueError(f"fast_weights[{i}].w2 must have w0's shape {tuple(w0.shape)}, got {tuple(w2.shape)}")
+        if w1.shape[0] != n or w1.shape[2] != w0.shape[1]:
+            raise ValueError(
+                f"fast_weights[{i}].w1 must be [n, d_out, d_h] with n={n}, d_h={w0.shape[1]}, got {tuple(w1.shape)}"
+            )
+        out_dim = w1.shape[1]
+        if i == r - 1 and out_dim != d_out:
+            raise ValueError(f"the last MLP's w1 must output v's dim {d_out}, got w1 shape {tuple(w1.shape)}")
+        if i < r - 1 and out_dim != x_dim:
+            raise ValueError(
+                f"a stack of r={r} MLPs needs d_out == d_in for every MLP but the last; MLP {i} maps "
+                f"{x_dim} -> {out_dim} (w1 {tuple(w1.shape)}): use d_out == d_in or r = 1"
+            )
+        if residual and out_dim != x_dim:
+            raise ValueError(
+                f"residual=True needs every MLP to keep its width (h + MLP(h)); MLP {i} maps {x_dim} -> "
+                f"{out_dim}: use d_out == d_in or residual=False"
+            )
+        if greedy and out_dim != d_out:
+            raise ValueError(
+                f"greedy=True makes each MLP regress v (dim {d_out}); MLP {i} outputs {out_dim}: "
+                "use d_out == d_in or greedy=False"
+            )
+        levels.append((w0, w1, w2))
+        x_dim = out_dim
+    opts = LaCTOptions(
+        chunk_size=chunk_size,
+        use_muon=use_muon,
+        prenorm=prenorm,
+        residual=residual,
+        greedy=greedy,
+        has_momentum=momentum is not None,
+    )
+    return levels, opts
+
+
+# --------------------------------------------------------------------------------------------
+# core pieces shared with the manual-backprop path
+# --------------------------------------------------------------------------------------------
+
+
+def chunk_bounds(seq_len: int, chunk_size: int) -> list[tuple[int, int, bool]]:
+    """(start, end, update) of each chunk: updates at starts 0, c, ... < T - c, then the applied tail."""
+    bounds = [(s, s + chunk_size, True) for s in range(0, seq_len - chunk_size, chunk_size)]
+    tail_start = bounds[-1][1] if bounds else 0
+    bounds.append((tail_start, seq_len, False))
+    return bounds
+
+
+def init_state(levels, opts: LaCTOptions) -> list[LevelState]:
+    """The state entering the first chunk: the weights, zero momentum, main weights = weights."""
+    state = []
+    for w0, w1, w2 in levels:
+        s = [w0, w1, w2]
+        if opts.has_momentum:
+            s += [torch.zeros_like(w0), torch.zeros_like(w1), torch.zeros_like(w2)]
+        if opts.prenorm:
+            s += [w0, w1, w2]
+        state.append(s)
+    return state
+
+
+def row_norms(levels) -> list[list[torch.Tensor]]:
+    """Row norms (over the last axis) of the initial weights: the renormalisation targets."""
+    return [[w.norm(dim=2, keepdim=True) for w in level] for level in levels]
+
+
+def chunk_inputs(q, k, v, lr0, lr1, lr2, momentum, s: int, e: int):
+    """Slice chunk [s, e) in the reference's layouts: q, v as [n, d, l]; k, lrs as [n, l, d]."""
+    qi = q[:, s:e, :].transpose(1, 2)
+    ki = k[:, s:e, :]
+    vi = v[:, s:e, :].transpose(1, 2)
+    mi = None if momentum is None else momentum[:, s:e, :].mean(dim=1, keepdim=True)
+    return qi, ki, vi, lr0[:, s:e, :], lr1[:, s:e, :], lr2[:, s:e, :], mi
+
+
+def apply_fast_weights(weights, x: torch.Tensor, residual: bool) -> torch.Tensor:
+    """Run the stack on x ``[n, d_in, l]`` (feature-major); returns ``[n, d_out, l]``."""
+    for w0, w1, w2 in weights:
+        h = torch.bmm(w2, x)
+        gate = F.silu(torch.bmm(w0, x))
+        y = torch.bmm(w1, gate * h)
+        x = x + y if residual else y
+    return x
+
+
+def inner_gradients(weights, ki, vi, lr0i, lr1i, lr2i, residual: bool, greedy: bool):
+    """Hand-written ascent direction of the inner objective for every MLP of the stack.
+
+    End-to-end: the upstream gradient of ``sum_t <f(k_t), v_t>`` at the stack's output is v; it is
+    backpropagated MLP by MLP (through the residual adds when `residual`). Greedy: every MLP gets
+    v itself as upstream gradient, i.e. it ascends ``sum_t <MLP_i(h_i,t), v_t>`` on its own input
+    h_i (the keys through MLP_1..MLP_{i-1} with the current weights), and nothing is propagated
+    between MLPs. In both, the per-token rates scale each token's outer product: lr0 for w0, lr1
+    for w1, lr2 for w2. For r = 1 these are exactly the reference's formulas.
+
+    Args:
+        weights: r tuples (w0, w1, w2).
+        ki: ``[n, l, d_in]`` keys; vi: ``[n, d_out, l]`` values; lr*: ``[n, l, 1]``.
+
+    Returns:
+        r tuples (dw0, dw1, dw2), shaped like the weights.
+    """
+    x_tok = ki  # [n, l, d] token-major input of the current MLP
+    x = ki.transpose(1, 2)  # [n, d, l]
+    cache = []
+    for i, (w0, w1, w2) in enumerate(weights):
+        gate_before_act = torch.bmm(w0, x)
+        hidden_before_mul = torch.bmm(w2, x)
+        hidden = F.silu(gate_before_act, inplace=False) * hidden_before_mul
+        cache.append((x_tok, gate_before_act, hidden_before_mul, hidden))
+        if i < len(weights) - 1:
+            y = torch.bmm(w1, hidden)
+            x = x + y if residual else y
+            x_tok = x.transpose(1, 2)
+
+    grads = [None] * len(weights)
+    g = vi  # upstream gradient at the output of the current MLP, [n, d_out, l]
+    for i in reversed(range(len(weights))):
+        w0, w1, w2 = weights[i]
+        x_tok, gate_before_act, hidden_before_mul, hidden = cache[i]
+        if greedy:
+            g = vi
+        dhidden = torch.bmm(w1.transpose(1, 2), g)
+        dhidden_before_mul = dhidden * F.silu(gate_before_act, inplace=False)
+        dgate = dhidden * hidden_before_mul
+        dgate_before_act = silu_backprop(dgate, gate_before_act)
+        dw1 = torch.bmm(g, (hidden.transpose(1, 2) * lr1i).type_as(g))
+        dw0 = torch.bmm(dgate_before_act, (x_tok * lr0i).type_as(dgate_before_act))
+        dw2 = torch.bmm(dhidden_before_mul, (x_tok * lr2i).type_as(dhidden_before_mul))
+        grads[i] = (dw0, dw1, dw2)
+        if i > 0 and not greedy:
+            gx = torch.bmm(w0.transpose(1, 2), dgate_before_act) + torch.bmm(w2.transpose(1, 2), dhidden_before_mul)
+            g = g + gx if residual else gx
+    return grads
+
+
+def update_state(state: list[LevelState], grads, norms, mi, opts: LaCTOptions) -> list[LevelState]:
+    """One fast-weight step for every MLP: momentum, Muon, add, renormalise rows to `norms`."""
+    new_state = []
+    for lvl, (dws, lvl_norms) in zip(state, zip(grads, norms)):
+        dws = list(dws)
+        new = []
+        if opts.has_momentum:
+            moms = lvl[3:6]
+            dws = [dw + mom * mi for dw, mom in zip(dws, moms)]
+            new_moms = dws
+        if opts.use_muon:
+            dws = [zeropower_via_newtonschulz5(dw) for dw in dws]
+        if opts.prenorm:
+            mains = lvl[-3:]
+            new_mains = [p + dw for p, dw in zip(mains, dws)]
+            new = [p / (p.norm(dim=2, keepdim=True) + RENORM_EPS) * nrm for p, nrm in zip(new_mains, lvl_norms)]
+        else:
+            ws = [w + dw for w, dw in zip(lvl[:3], dws)]
+            new = [w / (w.norm(dim=2, keepdim=True) + RENORM_EPS) * nrm for w, nrm in zip(ws, lvl_norms)]
+        if opts.has_momentum:
+            new += new_moms
+        if opts.prenorm:
+            new += new_mains
+        new_state.append(new)
+    return new_state
+
+
+def chunk_step(state, norms, qi, ki, vi, lr0i, lr1i, lr2i, mi, opts: LaCTOptions, update: bool):
+    """Apply the current weights to the chunk's queries, then (if `update`) update them.
+
+    Returns:
+        (o_i ``[n, d_out, l]``, new state or None when `update` is False).
+    """
+    weights = [lvl[:3] for lvl in state]
+    oi = apply_fast_weights(weights, qi, opts.residual)
+    if not update:
+        return oi, None
+    grads = inner_gradients(weights, ki, vi, lr0i, lr1i, lr2i, opts.residual, opts.greedy)
+    return oi, update_state(state, grads, norms, mi, opts)
+
+
+def lact_swiglu_autograd(levels, q, k, v, lr0, lr1, lr2, momentum, opts: LaCTOptions) -> torch.Tensor:
+    """The chunk loop under plain autograd (the outer gradient flows through every update)."""
+    norms = row_norms(levels)
+    state = init_state(levels, opts)
+    outs = []
+    for s, e, update in chunk_bounds(q.shape[1], opts.chunk_size):
+        oi, new_state = chunk_step(state, norms, *chunk_inputs(q, k, v, lr0, lr1, lr2, momentum, s, e), opts, update)
+        outs.append(oi)
+        if update:
+            state = new_state
+    return torch.cat(outs, dim=2).transpose(1, 2).to(v.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+
+
+def lact_swiglu(
+    fast_weights: FastWeights,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr0: torch.Tensor,
+    lr1: torch.Tensor,
+    lr2: torch.Tensor,
+    chunk_size: int,
+    momentum: torch.Tensor | None = None,
+    use_muon: bool = False,
+    prenorm: bool = False,
+    residual: bool = False,
+    greedy: bool = False,
+    backprop: str = "autograd",
+) -> torch.Tensor:
+    """Block-causal LaCT with a stack of r SwiGLU fast-weight MLPs (apply, then update, per chunk).
+
+    The fast-weight function is ``f = MLP_r o ... o MLP_1`` (``h_{i+1} = h_i + MLP_i(h_i)`` when
+    `residual`). Every chunk but the last is applied with the current weights, then each MLP's
+    (w0, w1, w2) moves along its inner ascent direction ``dw`` (see `inner_gradients`), with
+    momentum ``dw <- dw + mean_chunk(momentum) * dw_prev`` (kept as the next ``dw_prev``), Muon
+    ``dw <- NS5(dw)``, then ``w <- renorm(w + dw)`` (post-norm) or ``main <- main + dw,
+    w = renorm(main)`` (pre-norm), renorm rescaling every row to its norm in the INITIAL weights.
+
+    Inner objectives:
+        * end-to-end (``greedy=False``): every MLP ascends ``sum_t lr_t <f(k_t), v_t>``, the inner
+          gradient flowing back through the whole stack;
+        * greedy (``greedy=True``): MLP_i ascends ``sum_t lr_t <MLP_i(h_i,t), v_t>`` on its own
+          input ``h_i = MLP_{i-1} o ... o MLP_1 (k_t)`` taken as a constant of the inner
+          objective (no inner gradient flows between MLPs). The OUTER gradient still flows
+          through h_i. Needs every MLP to output v's width; not combinable with `residual`.
+        For r = 1 both are the reference objective.
+
+    Args:
+        fast_weights: r tuples ``(w0 [n, d_h, d_in], w1 [n, d_out, d_h], w2 [n, d_h, d_in])``,
+            one row per batch x head (materialise low-rank weights before the call).
+        q, k: ``[n, T, d_in]`` fast queries/keys. v: ``[n, T, d_out]`` fast values.
+        lr0, lr1, lr2: ``[n, T, 1]`` per-token learning rates of w0, w1, w2 (shared by all MLPs).
+        chunk_size: tokens per update chunk.
+        momentum: ``[n, T, 1]`` per-token momentum or None (no momentum).
+        use_muon: orthogonalise each update with bfloat16 Newton-Schulz (as the reference).
+        prenorm: False = `block_causal_lact_swiglu`, True = `prenorm_block_causal_lact_swiglu`.
+        residual: residual stack. greedy: greedy per-MLP objectives (see above).
+        backprop: "autograd" (backpropagate through the unrolled loop) or "manual"
+            (`LaCTSwiGLUFunction`: keeps the state at chunk boundaries, recomputes each chunk in
+            backward; same outputs, much less memory).
+
+    Returns:
+        ``[n, T, d_out]`` in v's dtype.
+    """
+    levels, opts = check_lact_inputs(
+        fast_weights, q, k, v, lr0, lr1, lr2, chunk_size, momentum, use_muon, prenorm, residual, greedy
+    )
+    if backprop == "autograd":
+        return lact_swiglu_autograd(levels, q, k, v, lr0, lr1, lr2, momentum, opts)
+    if backprop == "manual":
+        from lact.ops.manual_backprop import manual_lact_swiglu  # circular: it builds on this module
+
+        return manual_lact_swiglu(levels, q, k, v, lr0, lr1, lr2, momentum, opts)
+    raise ValueError(f"backprop must be one of {BACKPROP_MODES}, got {backprop!r}")
+
+
+chunk_lact_swiglu = lact_swiglu
+
+
+def block_causal_lact_swiglu(
+    w0, w1, w2, q, k, v, lr0, lr1, lr2, chunk_size: int = 2048, use_muon: bool = False, momentum=None,
+    backprop: str = "autograd",
+) -> torch.Tensor:
+    """Drop-in for the reference's post-norm op (single MLP); see `lact_swiglu` for shapes."""
+    return lact_swiglu([(w0, w1, w2)], q, k, v, lr0, lr1, lr2, chunk_size, momentum=momentum,
+                       use_muon=use_muon, prenorm=False, backprop=backprop)
+
+
+def prenorm_block_causal_lact_swiglu(
+    w0, w1, w2, q, k, v, lr0, lr1, lr2, chunk_size: int = 2048, use_muon: bool = False, momentum=None,
+    backprop: str = "autograd",
+) -> torch.Tensor:
+    """Drop-in for the reference's pre-norm op (single MLP); see `lact_swiglu` for shapes."""
+    return lact_swiglu([(w0, w1, w2)], q, k, v, lr0, lr1, lr2, chunk_size, momentum=momentum,
+                       use_muon=use_muon, prenorm=True, backprop=backprop)
