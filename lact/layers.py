@@ -388,8 +388,10 @@ class LaCTSWIGLULayer(nn.Module):
             w0 = owner.w0() if isinstance(owner.w0, LowRankFastWeight) else owner.w0
             w2 = owner.w2() if isinstance(owner.w2, LowRankFastWeight) else owner.w2
             w = [w.repeat(batch_size, 1, 1) for w in (w0, owner.w1, w2)]
-            if self.fp32_states:
-                # the reference keeps the states (and their updates) in float32 (float64 stays)
+            if self.fp32_states or w[0].dtype in (torch.float16, torch.bfloat16):
+                # the reference keeps the states (and their updates) in float32 (float64 stays); with
+                # half-precision parameters (FSDP2 bf16 mixed precision) the per-token learning
+                # rates are float32 anyway, so the states must be too (matmuls run under autocast)
                 w = [_upcast(x) for x in w]
             weights.append(tuple(w))
         return weights

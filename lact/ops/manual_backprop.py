@@ -248,6 +248,10 @@ class LaCTSwiGLUFunction(torch.autograd.Function):
         # (freed with the graph).
         ctx.states, ctx.kept = states, kept
         ctx.opts, ctx.r, ctx.keep_last, ctx.needs = opts, r, keep_last, needs
+        # backward runs outside the caller's autocast region: remember it, so the recomputed
+        # chunks use the same dtypes as the forward (fp32 states + half activations)
+        dev = tensors[3 * r].device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         return o
 
     @staticmethod
@@ -259,8 +263,10 @@ class LaCTSwiGLUFunction(torch.autograd.Function):
         # empties, so no frame keeps it alive after use.
         holder = [ctx.kept] if ctx.kept is not None else None
         ctx.kept = None
-        g_levels, *g_seqs = lact_swiglu_bwd(grad_o, levels, *seqs, ctx.states, opts, needs, holder,
-                                            ctx.keep_last)
+        dev, enabled, dtype = ctx.autocast
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            g_levels, *g_seqs = lact_swiglu_bwd(grad_o, levels, *seqs, ctx.states, opts, needs, holder,
+                                                ctx.keep_last)
         ni = ctx.needs_input_grad[3:]
         g_w = [None] * (3 * r) if g_levels is None else [g for lvl in g_levels for g in lvl]
         g_w = [g if ni[i] else None for i, g in enumerate(g_w)]

@@ -300,3 +300,22 @@ def test_bf16_autocast_cpu_close_to_fp32():
 def test_bf16_autocast_cuda_close_to_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     _check_bf16_autocast("cuda")
+
+
+def test_bf16_parameters_forward_backward():
+    """FSDP2 bf16 mixed precision hands the model bf16 parameters: the inner loop runs in fp32 and
+    its output is cast back before post_norm (a bf16 LayerNorm weight meets a bf16 input)."""
+    from official_port import TTTConfig, TTTForCausalLM
+
+    for block in ("ttt_linear", "ttt_mlp"):
+        cfg = TTTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, mini_batch_size=4, pre_conv=True, seq_modeling_block=block)
+        torch.manual_seed(0)
+        ref = TTTForCausalLM(cfg)
+        half = TTTForCausalLM(cfg).to(torch.bfloat16)
+        half.load_state_dict({k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()})
+        ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(0))
+        out = half(ids, labels=ids)
+        out.loss.backward()
+        assert all(torch.isfinite(p.grad.float()).all() for p in half.parameters() if p.grad is not None)
+        assert abs(out.loss.item() - ref(ids, labels=ids).loss.item()) < 5e-2
