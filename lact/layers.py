@@ -397,13 +397,16 @@ class LaCTSWIGLULayer(nn.Module):
         return weights
 
     def resolve_backprop(self, *tensors: torch.Tensor) -> str:
-        """The backprop mode used now: "auto" -> "manual" iff an outer gradient will be needed."""
+        """The backprop mode used now: "auto" -> "manual" iff an outer gradient will be needed and
+        the sequence spans at least two update chunks (with fewer, autograd's graph is as small)."""
         if self.ttt_backprop != "auto":
             return self.ttt_backprop
         needs_grad = torch.is_grad_enabled() and (
             any(t.requires_grad for t in tensors) or any(p.requires_grad for p in self.parameters())
         )
-        return "manual" if needs_grad else "autograd"
+        seq_len = tensors[0].shape[1] if tensors else 0
+        helps = lact_ops.manual_backprop_helps(seq_len, self.lact_chunk_size)
+        return "manual" if needs_grad and helps else "autograd"
 
     def _rescale_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel scale and offset of q, k ([B, T, hidden]) for the fast-weight path."""

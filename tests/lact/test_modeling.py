@@ -427,7 +427,7 @@ def test_auto_backprop_is_manual_only_when_gradients_are_needed(monkeypatch):
 
     monkeypatch.setattr(lact_ops, "lact_swiglu", spy)
     model = tiny_model()
-    x = torch.randint(0, 32, (1, 16))
+    x = torch.randint(0, 32, (1, 32))  # 4 chunks of 8: manual saves memory (>= 2 update chunks)
     model(x, labels=x).loss.backward()
     with torch.no_grad():
         model(x)
@@ -565,3 +565,18 @@ def test_bf16_parameters_train_and_manual_matches_autograd():
     assert losses["manual"] == losses["autograd"]
     for a, b in zip(grads["manual"], grads["autograd"]):
         assert (a - b).abs().max() <= 2e-2 * b.abs().max() + 1e-6
+
+
+def test_auto_backprop_is_manual_only_when_it_helps():
+    """`ttt_backprop="auto"`: manual when gradients are needed and there are >= 2 update chunks."""
+    from pathlib import Path
+
+    cfg = LaCTSWIGLUConfig.from_json_file(str(Path(__file__).resolve().parents[2] / "configs/lact_debug_r2.json"))
+    cfg.ttt_backprop = "auto"
+    layer = LaCTForCausalLM(cfg).model.layers[0].attn
+    c = layer.lact_chunk_size
+    long_x, short_x = torch.zeros(1, 3 * c, cfg.hidden_size), torch.zeros(1, c, cfg.hidden_size)
+    assert layer.resolve_backprop(long_x) == "manual"
+    assert layer.resolve_backprop(short_x) == "autograd"
+    with torch.no_grad():
+        assert layer.resolve_backprop(long_x) == "autograd"
