@@ -13,31 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lact.ops import LaCTSwiGLUFunction, l2_norm, lact_swiglu
+from lact.ops import LaCTSwiGLUFunction, lact_swiglu
 from lact.ops.chunk import check_lact_inputs
 from lact.ops.manual_backprop import manual_lact_swiglu
-
-NAMES = ("q", "k", "v", "lr0", "lr1", "lr2", "momentum")
-
-
-def make_inputs(r=2, n=2, d=6, d_h=8, T=11, dtype=torch.float64, momentum=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-    levels = [(rnd(n, d_h, d, scale=d**-0.5), rnd(n, d, d_h, scale=d_h**-0.5), rnd(n, d_h, d, scale=d**-0.5))
-              for _ in range(r)]
-    x = {
-        "q": l2_norm(F.silu(rnd(n, T, d))),
-        "k": l2_norm(F.silu(rnd(n, T, d))),
-        "v": F.silu(rnd(n, T, d)),
-        "lr0": F.softplus(rnd(n, T, 1) - 2.0),
-        "lr1": F.softplus(rnd(n, T, 1) - 2.0),
-        "lr2": F.softplus(rnd(n, T, 1) - 2.0),
-        "momentum": torch.sigmoid(rnd(n, T, 1)) if momentum else None,
-    }
-    return levels, x
+from tests.lact.inputs import NAMES, make_inputs
 
 
 def run(levels, x, chunk, cot, backprop, grad_weights=True, grad_seq=True, **kw):

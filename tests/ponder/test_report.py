@@ -144,27 +144,9 @@ def test_write_report_files(tmp_path):
 
 def _tiny_ponder_env(n_docs, seed):
     """D1's real PonderEnv over a tiny random adaptive model and random cached 'backbone' outputs."""
-    import torch
+    from tests.ponder.synthetic import synthetic_env
 
-    from ponder.adaptive import AdaptiveConfig, AdaptiveLM
-    from ponder.cache import CachedChunk, CachedDoc
-    from ponder.env import PonderEnv
-
-    g = torch.Generator().manual_seed(seed)
-    emb = torch.randn(30, 8, generator=g)
-    docs = []
-    for d in range(n_docs):
-        chunks = []
-        for _ in range(3):
-            ids = torch.randint(0, 30, (9,), generator=g)
-            hid = torch.randn(9, 8, generator=g)
-            logp = torch.log_softmax(hid @ emb.T, -1)
-            chunks.append(CachedChunk(ids, hid, logp[:-1].gather(-1, ids[1:, None])[:, 0],
-                                      -(logp.exp() * logp).sum(-1), logp.exp().max(-1).values, 0.01))
-        docs.append(CachedDoc(f"s{seed}d{d}", chunks))
-    torch.manual_seed(0)
-    model = AdaptiveLM(AdaptiveConfig(hidden_size=8, num_heads=2, mini_batch_size=4), emb)
-    return PonderEnv(model, docs)
+    return synthetic_env(n_docs, seed, doc_prefix=f"s{seed}d")
 
 
 @pytest.mark.slow

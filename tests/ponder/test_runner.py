@@ -11,11 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ponder.adaptive import AdaptiveConfig, AdaptiveLM
-from ponder.cache import CachedChunk, CachedDoc
-from ponder.env import PonderEnv
 from ponder.runner import default_args, evaluate_gate, run_experiment
 from ponder.types import ACTIONS
+from tests.ponder.synthetic import synthetic_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,28 +55,10 @@ class RecordingGate:
         self.observed.append(record)
 
 
-def _synthetic_env():
-    g = torch.Generator().manual_seed(0)
-    emb = torch.randn(30, 8, generator=g)
-    docs = []
-    for d in range(2):
-        chunks = []
-        for _ in range(3):
-            ids = torch.randint(0, 30, (9,), generator=g)
-            hid = torch.randn(9, 8, generator=g)
-            logp = torch.log_softmax(hid @ emb.T, -1)
-            chunks.append(CachedChunk(ids, hid, logp[:-1].gather(-1, ids[1:, None])[:, 0],
-                                      -(logp.exp() * logp).sum(-1), logp.exp().max(-1).values, 0.01))
-        docs.append(CachedDoc(f"d{d}", chunks))
-    torch.manual_seed(0)
-    model = AdaptiveLM(AdaptiveConfig(hidden_size=8, num_heads=2, mini_batch_size=4), emb)
-    return PonderEnv(model, docs)
-
-
 @pytest.mark.parametrize("lookahead,labels", [(False, False), (True, False), (False, True)],
                          ids=["causal", "lookahead", "labels"])
 def test_protocol_shows_each_gate_only_what_it_may_see(lookahead, labels):
-    env = _synthetic_env()
+    env = synthetic_env()
     gate = RecordingGate(lookahead, labels)
     rows = evaluate_gate(env, gate, env.doc_ids())
     assert len(rows) == len(gate.seen) == len(gate.observed) == 6
