@@ -163,7 +163,7 @@ def load_backbone(base: str = "auto", cache_dir: Path | None = None, tokenizer: 
         base: "auto", a hub id or a local folder (see module docstring).
         cache_dir: where the SmolLM2 copy goes (default `.cache/`).
         tokenizer: override of the tokenizer source (default: the model's own; "gpt2" uses the
-            offline GPT-2 BPE of `common.tokenizer`).
+            offline GPT-2 BPE of `ttt_common.tokenizer`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -174,7 +174,7 @@ def load_backbone(base: str = "auto", cache_dir: Path | None = None, tokenizer: 
     except OSError as err:
         raise FileNotFoundError(f"--base {base}: could not load {name!r} ({err}). Pass a local folder, "
                                 "or use --base auto for the offline fallback") from err
-    from common.tokenizer import load_tokenizer
+    from ttt_common.tokenizer import load_tokenizer
 
     tok_src = tokenizer
     if tok_src is None:

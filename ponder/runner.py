@@ -148,8 +148,8 @@ def evaluate_gate(env, gate, doc_ids: list[str], target_rate: float | None = Non
 
 
 def _load_data(args, backbone, cache_dir):
-    from common.data import load_texts
     from ponder.cache import build_cache, select_documents
+    from ttt_common.data import load_texts
 
     out = {}
     for split, n in (("train", args.max_train_docs), ("eval", args.max_eval_docs)):
@@ -313,3 +313,11 @@ def _write_outputs(run_dir: Path, records: list[dict], summary: dict) -> dict:
                   for k, v in summary["gates"].items()]
         (run_dir / "results.md").write_text("\n".join(lines) + "\n")
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python scripts/run_ponder.py` / `ttt-run-ponder`: parse the options, run, return the exit code."""
+    parser = add_arguments(argparse.ArgumentParser(description="PonderTTT experiment on a frozen LM: train the "
+                                                   "adaptive TTT layer, evaluate SKIP / UPDATE_k / gates."))
+    run_experiment(parser.parse_args(argv))
+    return 0

@@ -1,9 +1,15 @@
-"""Thin CLI for `lact.bench`: peak memory and time of the LaCT chunk op, autograd vs manual backprop.
+"""Peak memory and time of LaCT, autograd vs manual backprop (see `lact/bench.py`).
 
-    python scripts/bench_lact.py --configs 2:8192 --reference /path/to/lact_model/ttt_operation.py
+Thin wrapper so the command runs from a checkout without installing; the code is `lact.bench`.
+After `pip install .` the same command is `ttt-bench-lact`.
 """
 
-from lact.bench import main
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lact.bench import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,7 +22,7 @@ def make_tiny_gpt2(folder):
     """A tiny random GPT-2 with GPT-2's real (offline) BPE tokenizer, saved to `folder`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from common.tokenizer import load_tokenizer
+    from ttt_common.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,

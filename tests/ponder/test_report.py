@@ -184,14 +184,9 @@ def test_all_gates_with_the_real_env_and_report(tmp_path):
 
 
 def test_compare_script_table_and_plot(tmp_path):
-    """scripts/compare_ponder.py's table and plot from per-layer summaries (the runs themselves are the runner's)."""
-    import importlib.util
-    from pathlib import Path
+    """ponder/compare.py's table and plot from per-layer summaries (the runs themselves are the runner's)."""
+    from ponder import compare as mod
 
-    path = Path(__file__).resolve().parents[2] / "scripts" / "compare_ponder.py"
-    spec = importlib.util.spec_from_file_location("compare_ponder", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     stats = aggregate(_all_records())
     add_oracle_recovery(stats)
     runs = {layer: {"base": "tiny", "target_rate": 0.5, "data": {"eval_chunks": 8}, "training": {"seconds": 1.0},

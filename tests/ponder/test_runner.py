@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def make_tiny_gpt2(folder):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from common.tokenizer import load_tokenizer
+    from ttt_common.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,

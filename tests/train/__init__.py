@@ -1,2 +1,2 @@
-"""Tests of scripts/train.py and common/{checkpoint,packing,parallelize,metrics}.py (a package, so that
+"""Tests of the trainer (ttt_common/trainer.py) and ttt_common/{checkpoint,packing,parallelize,metrics}.py (a package, so that
 its test_train.py does not clash with tests/ponder/test_train.py)."""

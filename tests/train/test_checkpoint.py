@@ -1,4 +1,4 @@
-"""`common.checkpoint.Checkpointer`: atomic DCP save/load, and every way a checkpoint can be bad.
+"""`ttt_common.checkpoint.Checkpointer`: atomic DCP save/load, and every way a checkpoint can be bad.
 
 One process, no process group (DCP's non-distributed mode), a two-layer MLP with AdamW state: the
 same code path the training script uses, minus the sharding (covered in test_train.py).
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.checkpoint import LATEST, Checkpointer, CheckpointError, model_fingerprint
+from ttt_common.checkpoint import LATEST, Checkpointer, CheckpointError, model_fingerprint
 
 
 def _model_and_optimizer(seed: int, hidden: int = 8):

@@ -1,4 +1,4 @@
-"""scripts/train.py end to end on the CPU with a tiny LaCT (r=2 stacked fast-weight MLPs, manual backprop).
+"""The trainer (ttt_common/trainer.py, run as scripts/train.py) end to end on the CPU with a tiny LaCT (r=2 stacked fast-weight MLPs, manual backprop).
 
 * 2 gloo ranks under torchrun (FSDP2) == 1 process (1-rank FSDP2, and no FSDP) on the same global
   batch, loss and grad norm;
@@ -16,7 +16,6 @@ runs use one intra-op thread each, so equal code gives equal bits.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -32,9 +31,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.metrics import read_jsonl
-from common.packing import PackedLoader
-from common.train_utils import lr_at
+from ttt_common.metrics import read_jsonl
+from ttt_common.packing import PackedLoader
+from ttt_common.train_utils import lr_at
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "scripts" / "train.py"
@@ -46,10 +45,9 @@ BASE = ["--model", "lact", "--config", str(LACT_CFG), "--seq-len", "64", "--max-
 
 @pytest.fixture(scope="module")
 def train_mod():
-    spec = importlib.util.spec_from_file_location("ttt_train_script", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from ttt_common import trainer
+
+    return trainer
 
 
 @pytest.fixture
@@ -320,7 +318,7 @@ def test_activation_checkpointing_keeps_names_outputs_and_gradients():
 
     from torch import nn
 
-    from common.parallelize import apply_activation_checkpointing, find_blocks
+    from ttt_common.parallelize import apply_activation_checkpointing, find_blocks
 
     class Block(nn.Module):
         def __init__(self):

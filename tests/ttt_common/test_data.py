@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from common.data import load_texts, stdlib_files
-from common.tokenizer import load_tokenizer
+from ttt_common.data import load_texts, stdlib_files
+from ttt_common.tokenizer import load_tokenizer
 
 
 def test_stdlib_split_is_disjoint_deterministic_and_covers_all():

@@ -1,0 +1,470 @@
+"""Train a LaCT or TTT language model with FSDP2, on one CPU up to many GPUs.
+
+The torchtitan recipe (`pytorch/torchtitan`, `torchtitan/trainer.py`): build the model on the meta
+device, apply activation checkpointing -> torch.compile -> FSDP2 from the outside
+(`ttt_common/parallelize.py`), materialise, load weights initialised by the model's own `_init_weights`
+(computed once on rank 0 on the CPU with `--seed` and broadcast, so any world size starts from the
+same weights as one process), then loop: gradient accumulation, clipping, AdamW with linear warmup +
+cosine decay, non-finite steps skipped and counted, DCP checkpoints (`ttt_common/checkpoint.py`) at an
+interval, at the end and on SIGTERM; `--resume` continues the exact loss trajectory.
+
+Commands (see README):
+
+    # CPU, one process, tiny LaCT (r=2, manual backprop, GPT-2 vocabulary), < 1 min on 2 idle cores
+    python scripts/train.py --model lact --config configs/train_debug_lact.json --seq-len 128 \
+        --batch-size 2 --steps 20 --max-docs 50 --out results/train_cpu
+    # CPU, two gloo ranks (FSDP2)
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 scripts/train.py --model lact \
+        --config configs/train_debug_lact.json --seq-len 128 --batch-size 1 --steps 20 --max-docs 50
+    # one GPU (bf16 by default on CUDA)
+    torchrun --standalone --nproc_per_node=1 scripts/train.py --model lact --config configs/<cfg>.json ...
+    # 8 GPUs, the 816M r=2 recipe: bash scripts/train_tttdr_2-layer-mlp.sh
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ttt_common.checkpoint import Checkpointer, CheckpointError, model_fingerprint
+from ttt_common.config_files import resolve_config
+from ttt_common.metrics import MetricsLogger, peak_memory_gib
+from ttt_common.packing import PackedLoader, tokenize_and_pack
+from ttt_common.parallelize import materialize, meta_parameters, parallelize
+from ttt_common.train_utils import grad_norm_and_clip, lr_at, param_groups, rng_state, set_rng_state
+
+# --model -> (module, model class, config class). "llama" is a plain transformers baseline (attention
+# only) that runs through the same code path.
+MODELS = {
+    "lact": ("lact", "LaCTForCausalLM", "LaCTSWIGLUConfig"),
+    "ttt": ("official_port", "TTTForCausalLM", "TTTConfig"),
+    "llama": ("transformers", "LlamaForCausalLM", "LlamaConfig"),
+}
+
+# config keys that differ between saves of the same model and must not fail a resume
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype",
+                         "_attn_implementation_autoset", "output_attentions", "output_hidden_states", "use_cache")
+
+
+class UsageError(ValueError):
+    """A bad command-line argument or config: reported as `error: ...`, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", choices=sorted(MODELS), default="lact", help="model family (default lact)")
+    m.add_argument("--config", required=True, help="JSON model config (e.g. configs/lact_debug_r2.json)")
+    m.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override model-config keys, values parsed as JSON (e.g. --set num_hidden_layers=2)")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default=None,
+                   help="HF dataset id or local file/dir/glob (jsonl, json, txt, arrow, parquet, csv); "
+                        "default: the Python standard library's code")
+    d.add_argument("--text-field", default="text", help="column holding the text (default text)")
+    d.add_argument("--max-docs", type=int, default=None, help="use at most this many documents")
+    d.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id; default: GPT-2 BPE, offline")
+    d.add_argument("--seq-len", type=int, default=2048, help="tokens per packed sequence (default 2048)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch PER RANK (default 1)")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    o.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
+    o.add_argument("--steps", type=int, default=100, help="optimizer steps = cosine schedule length (default 100)")
+    o.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr (default 0.1)")
+    o.add_argument("--clip", type=float, default=1.0, help="max gradient L2 norm; <= 0 disables (default 1.0)")
+    o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of matrices (default 0.1)")
+    o.add_argument("--beta1", type=float, default=0.9)
+    o.add_argument("--beta2", type=float, default=0.95)
+    o.add_argument("--seed", type=int, default=0, help="seed of weights, data order and RNG (default 0)")
+    s = p.add_argument_group("systems")
+    prec = s.add_mutually_exclusive_group()
+    prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                      help="bf16 compute (FSDP2 MixedPrecisionPolicy, fp32 master weights); default on CUDA")
+    prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="fp32; default on CPU")
+    s.add_argument("--compile", action="store_true", help="torch.compile each block")
+    s.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
+    s.add_argument("--no-fsdp", action="store_true",
+                   help="single process only: plain module (autocast for bf16) instead of a 1-rank FSDP2 model")
+    c = p.add_argument_group("checkpoints and logs")
+    c.add_argument("--checkpoint-dir", default=None, help="DCP checkpoint folder (default: <out>/checkpoints)")
+    c.add_argument("--checkpoint-interval", type=int, default=0,
+                   help="save every N steps (0: only at the end and on SIGTERM)")
+    c.add_argument("--keep-checkpoints", type=int, default=3, help="complete checkpoints kept (default 3)")
+    c.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (start fresh if none)")
+    c.add_argument("--log-every", type=int, default=10, help="stdout line every N steps (JSONL: every step)")
+    c.add_argument("--out", default="results/train", help="run folder: metrics.jsonl, loss.png, checkpoints/")
+    c.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    c.add_argument("--inject-nonfinite", default="", metavar="STEPS",
+                   help="debugging: comma-separated 1-based steps whose loss is multiplied by NaN (the step "
+                        "must be skipped and counted)")
+    return p
+
+
+# --------------------------------------------------------------------------------------------- config
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A local path (not a hub id like "org/name"): absolute, relative, or with a data-file suffix."""
+    if any(c in spec for c in "*?["):
+        return False  # a glob: load_texts reports when it matches nothing
+    return spec.startswith((".", "/", "~")) or Path(spec).suffix in (".json", ".jsonl", ".txt", ".py", ".arrow",
+                                                                      ".parquet", ".csv")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Raise UsageError for values no run can use, naming the flag, value and rule."""
+    rules = [("--seq-len", args.seq_len, args.seq_len >= 2, ">= 2"),
+             ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+             ("--grad-accum", args.grad_accum, args.grad_accum >= 1, ">= 1"),
+             ("--steps", args.steps, args.steps >= 1, ">= 1"),
+             ("--warmup-steps", args.warmup_steps, args.warmup_steps >= 0, ">= 0"),
+             ("--lr", args.lr, args.lr > 0 and math.isfinite(args.lr), "> 0"),
+             ("--min-lr-ratio", args.min_lr_ratio, 0.0 <= args.min_lr_ratio <= 1.0, "in [0, 1]"),
+             ("--weight-decay", args.weight_decay, args.weight_decay >= 0, ">= 0"),
+             ("--checkpoint-interval", args.checkpoint_interval, args.checkpoint_interval >= 0, ">= 0"),
+             ("--keep-checkpoints", args.keep_checkpoints, args.keep_checkpoints >= 1, ">= 1"),
+             ("--log-every", args.log_every, args.log_every >= 1, ">= 1")]
+    if args.max_docs is not None:
+        rules.append(("--max-docs", args.max_docs, args.max_docs >= 1, ">= 1"))
+    for flag, value, ok, rule in rules:
+        if not ok:
+            raise UsageError(f"{flag}={value} must be {rule}")
+    try:
+        args.nonfinite_steps = {int(s) for s in args.inject_nonfinite.split(",") if s.strip()}
+    except ValueError as err:
+        raise UsageError(f"--inject-nonfinite={args.inject_nonfinite!r} must be comma-separated step numbers") from err
+
+
+def load_model_config(args: argparse.Namespace):
+    """The config object of `--model` built from `--config` (+ `--set`), with readable errors."""
+    module_name, model_name, config_name = MODELS[args.model]
+    try:
+        path = resolve_config(args.config)
+    except FileNotFoundError as err:
+        raise UsageError(f"--config: {err}") from err
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as err:
+        raise UsageError(f"--config {args.config} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise UsageError(f"--config {args.config} must hold a JSON object, got {type(raw).__name__}")
+    for item in args.set:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        raw[key] = _parse_value(value)
+    try:
+        module = importlib.import_module(module_name)
+        model_cls, config_cls = getattr(module, model_name), getattr(module, config_name)
+    except (ImportError, AttributeError) as err:
+        raise UsageError(f"--model {args.model}: cannot import {module_name}.{model_name}/{config_name} ({err})") from err
+    expected = getattr(config_cls, "model_type", None)
+    given = raw.get("model_type")
+    if given is not None and expected and given != expected:
+        raise UsageError(f"--config {args.config} has model_type={given!r} but --model {args.model} expects "
+                         f"{expected!r}; pass the matching --model or config")
+    raw.pop("model_type", None)
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if key in raw and (not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1):
+            raise UsageError(f"--config {args.config}: {key}={raw[key]!r} must be a positive integer")
+    try:
+        config = config_cls(**raw)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--config {args.config} is not a valid {config_name}: {err}") from err
+    return model_cls, config
+
+
+def config_dict(config) -> dict:
+    d = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
+    return {k: v for k, v in sorted(d.items()) if k not in _VOLATILE_CONFIG_KEYS}
+
+
+# --------------------------------------------------------------------------------------------- setup
+def setup_distributed(force_pg: bool) -> tuple[int, int, torch.device]:
+    """Join torchrun's group (env://) or make a 1-rank group; NCCL on CUDA, gloo on CPU."""
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend, device_id=device if cuda else None)
+    elif force_pg:
+        # plain `python`: a 1-rank group on an in-memory store, so FSDP2 and DCP run the same code path
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def build_model(model_cls, config, args, rank: int, world: int, device: torch.device, use_fsdp: bool):
+    """Meta build -> parallelize -> materialise -> weights from the model's own init on rank 0."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full_state = {}
+    if rank == 0 or not use_fsdp:
+        # the model's __init__ runs post_init -> _init_weights: seeded here, identical for any world size
+        torch.manual_seed(args.seed)
+        reference = model_cls(config)
+        full_state = reference.state_dict()
+        if not use_fsdp:
+            model = reference.to(device)
+    if use_fsdp:
+        with meta_parameters():
+            model = model_cls(config)
+        bf16 = args.precision == "bf16"
+        parallelize(model, activation_checkpointing=args.activation_checkpointing, compile=args.compile,
+                    fsdp=True, param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        materialize(model, device)
+        set_model_state_dict(model, full_state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        dist.barrier()
+    else:
+        parallelize(model, activation_checkpointing=args.activation_checkpointing, compile=args.compile, fsdp=False)
+    del full_state
+    model.train()
+    return model
+
+
+def load_data(args, tokenizer, rank: int, world: int):
+    """Packed `[N, seq_len]` token array; rank 0 tokenises (cached), the others read its cache."""
+    import torch.distributed as dist
+
+    from ttt_common.data import load_texts
+    from ttt_common.tokenizer import cache_dir
+
+    texts = load_texts(args.dataset, text_field=args.text_field, split="train", max_docs=args.max_docs)
+    folder = cache_dir() / "packed"
+    if rank == 0:
+        data = tokenize_and_pack(texts, tokenizer, args.seq_len, cache_dir=folder)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        data = tokenize_and_pack(texts, tokenizer, args.seq_len, cache_dir=folder)
+    return data
+
+
+# --------------------------------------------------------------------------------------------- loop
+class StopFlag:
+    """Set by SIGTERM (torchrun forwards it to every rank); agreed on by all ranks after each step so they
+    stop at the same step and save one consistent checkpoint."""
+
+    def __init__(self):
+        self.raised = False
+        self.signal = None
+
+    def install(self) -> None:
+        def handler(signum, frame):
+            self.raised = True
+            self.signal = signum
+
+        self._previous = signal.signal(signal.SIGTERM, handler)
+
+    def uninstall(self) -> None:
+        if getattr(self, "_previous", None) is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def agreed(self, device: torch.device) -> bool:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return self.raised
+        t = torch.tensor([1.0 if self.raised else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+
+def train_step(model, optimizer, loader, args, device, step: int, autocast) -> tuple[float, float]:
+    """One optimizer step over `--grad-accum` micro-batches. Returns (global mean loss, grad norm).
+
+    The step is skipped (no optimizer update, gradients dropped) when the loss or the gradient norm is
+    not finite; the caller counts it.
+    """
+    import torch.distributed as dist
+
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+    for _ in range(args.grad_accum):
+        batch = loader.next_batch().to(device, non_blocking=True)
+        with autocast:
+            loss = model(input_ids=batch, labels=batch).loss
+        if step in args.nonfinite_steps:
+            loss = loss * float("nan")
+        # every micro-batch holds the same number of target tokens, so the mean of per-micro-batch means
+        # (and FSDP's mean over ranks) is the mean over the global batch
+        (loss / args.grad_accum).backward()
+        loss_sum += loss.detach().float()
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    loss_value = float(loss_sum) / (args.grad_accum * world)
+    norm = grad_norm_and_clip(model, args.clip)
+    if math.isfinite(loss_value) and math.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from ttt_common.tokenizer import load_tokenizer
+
+    validate_args(args)
+    model_cls, config = load_model_config(args)
+    tokenizer = load_tokenizer(args.tokenizer)
+    n_tok = len(tokenizer)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None or vocab < n_tok:
+        raise UsageError(f"--config {args.config}: vocab_size={vocab} does not cover the tokenizer's {n_tok} tokens "
+                         f"(--tokenizer {args.tokenizer or 'gpt2'}); set vocab_size >= {n_tok} in the config or pass "
+                         f"--set vocab_size={n_tok}. The model is not resized automatically.")
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and args.seq_len > max_pos:
+        print(f"warning: --seq-len {args.seq_len} exceeds the config's max_position_embeddings={max_pos}; "
+              "positions beyond it were never seen by such a model's design", file=sys.stderr)
+    if args.dataset is not None and _looks_like_path(args.dataset) and not Path(args.dataset).exists():
+        raise UsageError(f"--dataset {args.dataset}: no such file or directory (pass an existing local path, a "
+                         "Hugging Face dataset id, or nothing for the standard-library code corpus)")
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.no_fsdp and distributed and int(os.environ["WORLD_SIZE"]) > 1:
+        raise UsageError("--no-fsdp runs one process only; drop it under torchrun with several ranks")
+    if args.precision is None:
+        args.precision = "bf16" if torch.cuda.is_available() else "fp32"
+    use_fsdp = not args.no_fsdp
+    out = Path(args.out)
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoints"
+    checkpointer = Checkpointer(ckpt_dir, keep=args.keep_checkpoints)
+    # decided before any process group exists, so a refused start costs nothing
+    existing = checkpointer.latest_step() if ckpt_dir.exists() else None
+    if existing is not None and not args.resume:
+        raise UsageError(f"--checkpoint-dir {ckpt_dir} already holds a checkpoint (step {existing}); pass --resume "
+                         "to continue it, or choose another --checkpoint-dir / --out")
+
+    rank, world, device = setup_distributed(force_pg=use_fsdp)
+    stop = StopFlag()
+    try:
+        torch.manual_seed(args.seed)
+        data = load_data(args, tokenizer, rank, world)
+        loader = PackedLoader(data, args.batch_size, rank=rank, world_size=world, seed=args.seed)
+        model = build_model(model_cls, config, args, rank, world, device, use_fsdp)
+        optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                                      betas=(args.beta1, args.beta2), eps=1e-8)
+        fingerprint = model_fingerprint(model, {"model": args.model, **config_dict(config)})
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                    if (args.no_fsdp and args.precision == "bf16") else contextlib.nullcontext())
+
+        start_step, skipped, tokens_seen = 0, 0, 0
+        if args.resume and existing is not None:
+            start_step, state = checkpointer.load(model, optimizer, step=existing, fingerprint=fingerprint)
+            loader.load_state_dict(state["loader"])
+            set_rng_state(state["rng"], device)
+            skipped, tokens_seen = int(state["skipped_steps"]), int(state["tokens_seen"])
+            for key, value in state.get("trajectory_args", {}).items():
+                if getattr(args, key, value) != value and rank == 0:
+                    print(f"warning: resuming with --{key.replace('_', '-')}={getattr(args, key)} but the checkpoint was "
+                          f"written with {value}; the loss trajectory will differ", file=sys.stderr)
+        logger = MetricsLogger(out, total_steps=args.steps, start_step=start_step, enabled=rank == 0,
+                               log_every=args.log_every, progress=not args.no_progress)
+        n_params = sum(p.numel() for p in model.parameters())
+        logger.write(f"model {args.model} ({type(config).__name__}) {n_params / 1e6:.2f}M params | world {world} | "
+                     f"device {device.type} | {args.precision} | fsdp {use_fsdp} | AC {args.activation_checkpointing} | "
+                     f"compile {args.compile} | {data.shape[0]} sequences x {args.seq_len} tokens | "
+                     f"global batch {args.batch_size * world * args.grad_accum} seqs"
+                     + (f" | resumed at step {start_step}" if start_step else ""))
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "run_args.json").write_text(json.dumps({k: v for k, v in vars(args).items()
+                                                           if k != "nonfinite_steps"}, indent=1, sort_keys=True))
+
+        trajectory_args = {k: getattr(args, k) for k in ("batch_size", "grad_accum", "seq_len", "lr", "warmup_steps",
+                                                         "steps", "min_lr_ratio", "clip", "weight_decay", "seed")}
+
+        def save(step: int) -> None:
+            state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(device),
+                     "skipped_steps": skipped, "tokens_seen": tokens_seen, "trajectory_args": trajectory_args}
+            path = checkpointer.save(step, model, optimizer, state, fingerprint)
+            logger.write(f"saved checkpoint {path}")
+
+        stop.install()
+        tokens_per_step = args.batch_size * world * args.grad_accum * args.seq_len
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step = start_step
+        stopped_by_signal = False
+        last_saved = start_step if start_step else None
+        while step < args.steps:
+            lr = lr_at(step, lr=args.lr, warmup_steps=args.warmup_steps, total_steps=args.steps,
+                       min_lr_ratio=args.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            loss, norm = train_step(model, optimizer, loader, args, device, step + 1, autocast)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            step += 1
+            tokens_seen += tokens_per_step
+            finite = math.isfinite(loss) and math.isfinite(norm)
+            if not finite:
+                skipped += 1
+                logger.write(f"step {step}: non-finite loss {loss} / grad norm {norm}: optimizer step skipped "
+                             f"({skipped} skipped so far)")
+            logger.log({"loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": tokens_per_step / dt,
+                        "step_time_s": dt, "peak_mem_gib": peak_memory_gib(device), "skipped_steps": skipped,
+                        "tokens_seen": tokens_seen, "skipped": not finite}, step)
+            if stop.agreed(device):
+                stopped_by_signal = True
+                break
+            if args.checkpoint_interval and step % args.checkpoint_interval == 0 and step < args.steps:
+                save(step)
+                last_saved = step
+        if last_saved != step:
+            save(step)
+        if stopped_by_signal:
+            logger.write(f"stopped by signal at step {step}; resume with the same command plus --resume")
+        logger.close(plot=True)
+        if rank == 0 and not stopped_by_signal:
+            print(f"done: {step} steps, {skipped} skipped; metrics in {out / 'metrics.jsonl'}, plot {out / 'loss.png'}",
+                  flush=True)
+        return 0
+    finally:
+        stop.uninstall()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, CheckpointError, FileNotFoundError, ValueError) as err:
+        prefix = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
+        print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
