@@ -16,6 +16,15 @@ import numpy as np
 # Tolerances, relative to max|ref| of each tensor (see parity/README.md for why these and not looser).
 OUTPUT_TOL = 1e-5
 GRAD_TOL = 5e-5
+# LaCT chunk cases WITH Muon: the bfloat16 Newton-Schulz makes the op chaotic in float32 (the fixtures'
+# README: a 1e-7 input change moves outputs ~3e-2, gradients ~2e-1), so a bitwise match needs the same
+# CPU kernels as the machine that made the fixture. Measured on an AMX-bf16 Xeon: the reference's own
+# `prenorm_block_causal_lact_swiglu`, rerun eagerly on the fixture inputs, misses its fixture by 1.39e-2
+# (output) while ours equals that rerun bit for bit. The README's prescription for such cases is a
+# structural check: output within 1e-1, gradients finite and of the right magnitude and direction
+# (0.5 rejects a zero or sign-flipped gradient, which score >= 1).
+MUON_OUTPUT_TOL = 1e-1
+MUON_GRAD_TOL = 0.5
 
 BUNDLED = Path(__file__).resolve().parent / "fixtures"
 

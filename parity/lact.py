@@ -6,8 +6,11 @@ Golden values come from a1600012888/LaCT, `lact_llm/lact_model/ttt_operation.py`
 case's own arrays and call options, and compare the output and the vector-Jacobian product for
 every input. Helper cases (`kind == "lact_helper"`) compare Newton-Schulz and `l2_norm`.
 
-Muon cases use the normal tolerances: our Newton-Schulz and update repeat the reference's
-operations in the same order and dtypes (bfloat16), which reproduces it on the same CPU/torch.
+Muon op cases use `MUON_OUTPUT_TOL` / `MUON_GRAD_TOL` (see `parity.fixtures`): our Newton-Schulz and
+update repeat the reference's operations in the same order and dtypes (bfloat16), which reproduces
+the reference bit for bit on the same CPU and torch, but the bfloat16 chaos makes a fixture made on
+another CPU reproducible only structurally (the reference itself misses it there). The Newton-Schulz
+helper case stays at the normal tolerance.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from lact.ops import l2_norm, lact_swiglu, zeropower_via_newtonschulz5
-from parity.fixtures import GRAD_TOL, OUTPUT_TOL, Case, Check, compare
+from parity.fixtures import GRAD_TOL, MUON_GRAD_TOL, MUON_OUTPUT_TOL, OUTPUT_TOL, Case, Check, compare
 
 INPUTS = ("w0", "w1", "w2", "q", "k", "v", "lr0", "lr1", "lr2", "momentum")
 FUNCTIONS = {"block_causal_lact_swiglu": False, "prenorm_block_causal_lact_swiglu": True}
@@ -58,11 +61,13 @@ def run_case(case: Case) -> list[Check]:
     if kind != "lact_op":
         raise ValueError(f"case {case.name}: parity/lact.py handles kinds lact_op/lact_helper, got {kind!r}")
     checks = []
+    muon = bool(case.meta["call"]["use_muon"])
+    out_tol, grad_tol = (MUON_OUTPUT_TOL, MUON_GRAD_TOL) if muon else (OUTPUT_TOL, GRAD_TOL)
     for backprop in ("autograd", "manual"):
         o, grads = run_op(case, backprop)
-        checks.append(compare(f"{backprop}/output/o", o, a["output/o"], OUTPUT_TOL))
+        checks.append(compare(f"{backprop}/output/o", o, a["output/o"], out_tol))
         for name, g in grads.items():
-            checks.append(compare(f"{backprop}/grad/input/{name}", g, a[f"grad/input/{name}"], GRAD_TOL))
+            checks.append(compare(f"{backprop}/grad/input/{name}", g, a[f"grad/input/{name}"], grad_tol))
     missing = [k for k in a if k.startswith("grad/input/") and k.split("/")[-1] not in grads]
     if missing:
         raise ValueError(f"case {case.name}: fixture grads {missing} have no matching input")
