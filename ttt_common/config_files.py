@@ -30,4 +30,4 @@ def resolve_config(spec: str | Path) -> Path:
         return bundled
     close = difflib.get_close_matches(name, bundled_configs(), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; bundled configs: {', '.join(bundled_configs())}"
-    raise FileNotFoundError(f"config {str(spec)!r}: no such file and no bundled config of that name{hint}")
+    raise FileNotFoundError(f"{spec}: no such file and no bundled config of that name{hint}")

@@ -158,7 +158,7 @@ def load_model_config(args: argparse.Namespace):
     try:
         path = resolve_config(args.config)
     except FileNotFoundError as err:
-        raise UsageError(f"--config: {err}") from err
+        raise UsageError(f"--config {err}") from err
     try:
         raw = json.loads(path.read_text())
     except ValueError as err:
