@@ -246,17 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """`python scripts/bench_lact.py` / `ttt-bench-lact` (errors: `ttt_common.cli.run_cli`)."""
+    from ttt_common.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from ttt_common.cli import UsageError
+
     args = build_parser().parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
-        return
+        return 0
     if args.reference and not os.path.isfile(args.reference):
-        raise SystemExit(f"--reference {args.reference!r} is not a file (expected .../lact_model/ttt_operation.py)")
+        raise UsageError(f"--reference {args.reference!r} is not a file (expected .../lact_model/ttt_operation.py)")
     try:
         cfgs = [dict(r=int(a), T=int(b)) for a, b in (c.split(":") for c in args.configs.split(","))]
     except ValueError as err:
-        raise SystemExit(f"--configs must be a comma list of r:T like 2:8192, got {args.configs!r}") from err
+        raise UsageError(f"--configs must be a comma list of r:T like 2:8192, got {args.configs!r}") from err
     common = ["--n", str(args.n), "--d", str(args.d), "--d-h", str(args.d_h), "--chunk", str(args.chunk),
               "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads)]
     if args.reference:
@@ -291,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

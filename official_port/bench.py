@@ -90,6 +90,13 @@ def measure(*args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python scripts/bench_official.py` / `ttt-bench-official` (errors: `ttt_common.cli.run_cli`)."""
+    from ttt_common.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence for the dual form")
     ap.add_argument("--naive-seq-len", type=int, default=256,

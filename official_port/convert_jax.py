@@ -13,13 +13,20 @@ Command line (writes a Hugging Face folder and reloads it as a check):
 
 CHECKPOINT is a `streaming_params` / `streaming_train_state` file, or an `.npz` of flattened flax
 params (keys `model/...`, optionally prefixed `param/` as in the parity fixtures).
+
+Every parameter's values are checked before conversion (`check_param_values`): a non-finite value,
+or one implausibly far outside its tensor (damaged bytes: a flipped exponent bit turns a 0.02 weight
+into ~1e3), stops the conversion with the key, index and value (`--value-check warn` only warns).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import warnings
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -37,6 +44,7 @@ __all__ = [
     "load_official_checkpoint",
     "load_flax_params",
     "resolve_config",
+    "check_param_values",
     "MODEL_KEY_MAP",
 ]
 
@@ -183,6 +191,64 @@ def flax_params_to_state_dict(params: Mapping[str, np.ndarray], config: TTTConfi
 
 
 # ----------------------------------------------------------------------------------------------
+# value sanity check
+# ----------------------------------------------------------------------------------------------
+
+# A value is implausible when |x| > OUTLIER_RATIO * median|x| of its tensor AND |x| > OUTLIER_MIN_ABS.
+# Trained weights sit within ~10x their tensor's median magnitude (the bundled checkpoint: <= 7.2x; large
+# LMs' outlier weights reach a few hundred x); one flipped bfloat16 exponent bit multiplies a value by
+# 2**16 or more. The absolute floor keeps near-zero tensors (biases) from flagging small values.
+OUTLIER_RATIO = 1e4
+OUTLIER_MIN_ABS = 1.0
+VALUE_CHECK_MODES = ("error", "warn", "off")
+
+
+def check_param_values(params: Mapping[str, np.ndarray], mode: str = "error") -> list[str]:
+    """Look for damaged values in flat flax params: non-finite, or implausibly large for their tensor.
+
+    Args:
+        params: `{flax key: array}` as returned by `read_streaming_checkpoint`.
+        mode: "error" raises, "warn" warns (`UserWarning`), "off" skips the check.
+    Returns:
+        one line per damaged tensor (empty when every value is plausible).
+    Raises:
+        ValueError (mode "error") naming every damaged tensor: key, count, first index and value, the
+        rule, and the fix.
+    """
+    if mode not in VALUE_CHECK_MODES:
+        raise ValueError(f"value_check={mode!r} must be one of {VALUE_CHECK_MODES}")
+    if mode == "off":
+        return []
+    problems = []
+    for key, value in params.items():
+        a = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if a.dtype.kind != "f" or a.size == 0:
+            continue
+        mag = np.abs(a.astype(np.float64, copy=False))
+        finite = np.isfinite(mag)
+        bad = ~finite
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            problems.append(f"{key}: {int(bad.sum())} non-finite value(s), first at {idx} = {a[idx]}")
+            continue
+        median = float(np.median(mag))
+        limit = max(OUTLIER_MIN_ABS, OUTLIER_RATIO * median)
+        big = mag > limit
+        if big.any():
+            idx = tuple(int(i) for i in np.argwhere(big)[0])
+            problems.append(f"{key}: {int(big.sum())} value(s) above {limit:.3g} (= max({OUTLIER_MIN_ABS:g}, "
+                            f"{OUTLIER_RATIO:g} x the tensor's median |x| {median:.3g})), first at {idx} = {a[idx]:.6g}")
+    if problems and mode == "error":
+        raise ValueError("the checkpoint holds damaged values (corrupted bytes?):\n  " + "\n  ".join(problems)
+                         + "\n  fix: re-copy or re-save the checkpoint; if these values are genuine, convert with "
+                           "--value-check warn (value_check='warn')")
+    if problems and mode == "warn":
+        warnings.warn("implausible checkpoint values (converted anyway):\n  " + "\n  ".join(problems),
+                      UserWarning, stacklevel=2)
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
 # the streaming msgpack format
 # ----------------------------------------------------------------------------------------------
 
@@ -302,9 +368,13 @@ def resolve_config(config: TTTConfig | Mapping | str | Path) -> TTTConfig:
     raise TypeError(f"config must be a TTTConfig, dict, preset name or JSON path, got {type(config).__name__}")
 
 
-def load_flax_params(params: Mapping[str, np.ndarray], config) -> TTTForCausalLM:
-    """Build `TTTForCausalLM(config)` in eval mode holding the given flat flax params (float32)."""
+def load_flax_params(params: Mapping[str, np.ndarray], config, value_check: str = "error") -> TTTForCausalLM:
+    """Build `TTTForCausalLM(config)` in eval mode holding the given flat flax params (float32).
+
+    `value_check` ("error", "warn", "off"): what `check_param_values` does with damaged values.
+    """
     config = resolve_config(config)
+    check_param_values(params, value_check)
     sd = flax_params_to_state_dict(params, config)
     model = TTTForCausalLM(config)
     result = model.load_state_dict(sd, strict=False)
@@ -315,28 +385,73 @@ def load_flax_params(params: Mapping[str, np.ndarray], config) -> TTTForCausalLM
     return model.eval()
 
 
-def load_official_checkpoint(path: str | Path, config) -> TTTForCausalLM:
+def load_official_checkpoint(path: str | Path, config, value_check: str = "error") -> TTTForCausalLM:
     """Load an official `streaming_params` / `streaming_train_state` file (or an `.npz` of flat flax
-    params) into `TTTForCausalLM(config)`; `config` as in `resolve_config`."""
+    params) into `TTTForCausalLM(config)`; `config` as in `resolve_config`, `value_check` as in
+    `load_flax_params`."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".npz":
-        with np.load(path) as z:
-            params = {k[len("param/"):] if k.startswith("param/") else k: z[k] for k in z.files
-                      if not k.startswith(("input/", "output/", "grad/", "cotangent/", "intermediate/"))}
+        try:
+            with np.load(path) as z:
+                params = {k[len("param/"):] if k.startswith("param/") else k: z[k] for k in z.files
+                          if not k.startswith(("input/", "output/", "grad/", "cotangent/", "intermediate/"))}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise ValueError(f"{path} is not a readable .npz of flax params ({type(e).__name__}: {e}); "
+                             "re-copy or re-save it") from e
     else:
         params = read_streaming_checkpoint(path)
-    return load_flax_params(params, config)
+    return load_flax_params(params, config, value_check)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m official_port.convert_jax` / `ttt-convert-jax`: bad input is one line on stderr and exit
+    code 2, a reload mismatch exit code 1 (`ttt_common.cli.run_cli`; TTT_DEBUG=1 for the traceback)."""
+    from ttt_common.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def validate_cli_args(args: argparse.Namespace) -> TTTConfig:
+    """Check the CLI's options before reading the checkpoint; returns the resolved config."""
+    from ttt_common.cli import UsageError
+
+    try:
+        config = resolve_config(args.config)
+    except (ValueError, TypeError) as e:  # a bad preset name, invalid JSON, a field TTTConfig refuses
+        raise UsageError(f"--config {args.config}: {e}") from e
+    ckpt = Path(args.checkpoint)
+    if not ckpt.exists():
+        raise UsageError(f"checkpoint {ckpt} does not exist")
+    if not ckpt.is_file():
+        raise UsageError(f"checkpoint {ckpt} is not a file (pass the streaming_params / streaming_train_state "
+                         "file itself, or an .npz)")
+    if ckpt.stat().st_size == 0:
+        raise UsageError(f"checkpoint {ckpt} is empty (0 bytes): re-copy or re-save it")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder; choose a folder path")
+    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {out}: cannot write under {parent}")
+    return config
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="streaming_params / streaming_train_state file, or .npz of flax params")
     parser.add_argument("--config", required=True, help=f"JSON file or preset ({', '.join(CONFIGS)})")
     parser.add_argument("--out", required=True, help="output folder (Hugging Face save_pretrained)")
+    parser.add_argument("--value-check", choices=VALUE_CHECK_MODES, default="error",
+                        help="damaged values (non-finite, implausibly large for their tensor): error (default), "
+                             "warn, or off")
     args = parser.parse_args(argv)
+    # everything cheap first: the checkpoint may be gigabytes
+    config = validate_cli_args(args)
 
-    model = load_official_checkpoint(args.checkpoint, args.config)
+    model = load_official_checkpoint(args.checkpoint, config, value_check=args.value_check)
     model.save_pretrained(args.out)
     reloaded = TTTForCausalLM.from_pretrained(args.out).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, min(32, model.config.max_sequence_length)),

@@ -91,7 +91,14 @@ def _print_result(result: CaseResult, widths: tuple[int, int], verbose: bool, ou
 
 
 def main(argv: Sequence[str] | None = None, out=None) -> int:
-    """Run the CLI; returns the exit status (0 all passed, 1 some failed, 2 usage error)."""
+    """Run the CLI; returns the exit status (0 all passed, 1 some failed, 2 usage error). Unexpected
+    errors are one line on stderr (`ttt_common.cli.run_cli`; TTT_DEBUG=1 or --debug for the traceback)."""
+    from ttt_common.cli import run_cli
+
+    return run_cli(lambda a: _main(a, out), argv, prog="python -m parity")
+
+
+def _main(argv: Sequence[str] | None = None, out=None) -> int:
     out = out if out is not None else sys.stdout
     args = build_parser().parse_args(argv)
     dirs = [d for group in args.fixtures for d in group] if args.fixtures else [BUNDLED]

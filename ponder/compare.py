@@ -161,10 +161,16 @@ def compare(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python scripts/compare_ponder.py` / `ttt-compare-ponder`."""
+    """`python scripts/compare_ponder.py` / `ttt-compare-ponder` (errors: `ttt_common.cli.run_cli`)."""
+    from ttt_common.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     compare(argv)
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -316,7 +316,15 @@ def _write_outputs(run_dir: Path, records: list[dict], summary: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python scripts/run_ponder.py` / `ttt-run-ponder`: parse the options, run, return the exit code."""
+    """`python scripts/run_ponder.py` / `ttt-run-ponder`: bad input is one line on stderr + exit code 2
+    (`ttt_common.cli.run_cli`; TTT_DEBUG=1 or --debug for the traceback)."""
+    from ttt_common.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """Parse the options, run, return the exit code."""
     parser = add_arguments(argparse.ArgumentParser(description="PonderTTT experiment on a frozen LM: train the "
                                                    "adaptive TTT layer, evaluate SKIP / UPDATE_k / gates."))
     run_experiment(parser.parse_args(argv))

@@ -11,7 +11,8 @@
 # Environment overrides (GPU mode): NGPU (8), CONFIG, DATASET (HF id or local path; default: the
 # Python standard library, far too small for 40,960 x 1M tokens: set it), TEXT_FIELD (text),
 # TOKENIZER (fla-hub/transformer-1.3B-100B: the Llama-2 32K vocabulary of the 816M config, needs
-# the hub or a local copy), OUT (results/tttdr_2-layer-mlp), PYTHON (python).
+# the hub or a local copy), OUT (results/tttdr_2-layer-mlp), PYTHON (default: the active virtual
+# environment's python, else the project's .venv/bin/python, else python3 on the PATH).
 # The run resumes from OUT/checkpoints when it holds a checkpoint (re-run the same command after a
 # preemption); SIGTERM saves a checkpoint before exiting.
 set -euo pipefail
@@ -19,7 +20,19 @@ set -euo pipefail
 MODE="${1:-gpu}"
 if [[ $# -gt 0 ]]; then shift; fi
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python}"
+if [[ -z "${PYTHON:-}" ]]; then
+  # an explicit PYTHON wins; then an activated venv; then the project's own .venv; then the PATH
+  if [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then PYTHON="$VIRTUAL_ENV/bin/python"
+  elif [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python
+  elif command -v python3 >/dev/null 2>&1; then PYTHON=python3
+  else PYTHON=python
+  fi
+fi
+if ! "$PYTHON" -c "import torch, transformers" >/dev/null 2>&1; then
+  echo "error: $PYTHON cannot import torch and transformers; install the project (README) into .venv," \
+       "activate its virtual environment, or set PYTHON=/path/to/python" >&2
+  exit 2
+fi
 
 case "$MODE" in
   gpu)

@@ -8,7 +8,11 @@ Exit codes, the same for every CLI of the project (documented in the README):
     75  stopped early by a signal (SIGTERM / SIGINT) after saving: rerun with --resume (EX_TEMPFAIL,
         so schedulers can tell "preempted" from "finished")
 
-`TTT_DEBUG=1` (or `--debug` where a CLI offers it) re-raises, so the full traceback is printed.
+`TTT_DEBUG=1` or `--debug` (accepted by every CLI that goes through `run_cli`, removed before the
+CLI parses its options) re-raises, so the full traceback is printed.
+
+Use: `def main(argv=None) -> int: return run_cli(_main, argv)` where `_main(argv)` parses and runs;
+console entry points call `main()` with no arguments, the thin scripts `sys.exit(main())`.
 """
 
 from __future__ import annotations
@@ -34,19 +38,36 @@ BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+DEBUG_FLAG = "--debug"
+
+
+def _split_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """`argv` without `--debug` (before a `--` separator), and whether it was there."""
+    argv = list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    found = DEBUG_FLAG in argv[:end]
+    return [a for a in argv[:end] if a != DEBUG_FLAG] + argv[end:], found
+
+
 def debug_enabled(argv: Sequence[str] | None = None) -> bool:
+    """True when `TTT_DEBUG` is set (not "" or "0") or `argv` (default: sys.argv[1:]) holds `--debug`."""
     argv = sys.argv[1:] if argv is None else argv
-    return os.environ.get("TTT_DEBUG", "") not in ("", "0") or "--debug" in argv
+    return os.environ.get("TTT_DEBUG", "") not in ("", "0") or _split_debug(argv)[1]
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
             prog: str | None = None) -> int:
     """Call `main(argv)` and turn what it raises into one line on stderr and a documented exit code.
 
+    `argv` None means `sys.argv[1:]`; `--debug` is removed from it before `main` sees it.
     Returns the exit code (`main`'s own int, or 0 when it returns None or a non-int result).
+    `SystemExit` (argparse's usage errors: exit 2, `--help`: exit 0) passes through unchanged.
     """
     prog = prog or os.path.basename(sys.argv[0] or "ttt")
-    if debug_enabled(argv):
+    debug = debug_enabled(argv)
+    if argv is not None or debug:
+        argv, _ = _split_debug(sys.argv[1:] if argv is None else argv)
+    if debug:
         code = main(argv)
         return code if isinstance(code, int) else EXIT_OK
     try:

@@ -457,6 +457,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python scripts/train.py` / `ttt-train`: errors are one line + exit code (`ttt_common.cli.run_cli`)."""
+    from ttt_common.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
