@@ -89,6 +89,24 @@ def measure(*args) -> dict:
     return res
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """Refuse values no measurement can use before any worker process starts."""
+    from official_port.layers import TTT_LAYERS
+    from ttt_common.cli import UsageError
+
+    bad = [name for name in args.layers if name not in TTT_LAYERS]
+    if bad:
+        raise UsageError(f"--layers {' '.join(bad)}: not a TTT layer; choose from {' '.join(sorted(TTT_LAYERS))}")
+    for flag, values in (("--seq-len", [args.seq_len]), ("--naive-seq-len", [args.naive_seq_len]),
+                         ("--batch", args.batch), ("--repeats", [args.repeats])):
+        if any(v < 1 for v in values):
+            raise UsageError(f"{flag} {' '.join(map(str, values))} must be >= 1")
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads} must be >= 0 (0 = torch default)")
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise UsageError(f"--device {args.device!r} must be 'cpu' or 'cuda[:N]'")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python scripts/bench_official.py` / `ttt-bench-official` (errors: `ttt_common.cli.run_cli`)."""
     from ttt_common.cli import run_cli
@@ -111,6 +129,7 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
+    validate_args(args)
 
     rows = []
     for layer_name in args.layers:

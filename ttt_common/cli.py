@@ -68,8 +68,19 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     if argv is not None or debug:
         argv, _ = _split_debug(sys.argv[1:] if argv is None else argv)
     if debug:
-        code = main(argv)
+        # code that reports its own errors asks `debug_enabled()`; worker processes inherit the setting
+        previous = os.environ.get("TTT_DEBUG")
+        os.environ["TTT_DEBUG"] = "1"
+        try:
+            code = main(argv)
+        finally:
+            if previous is None:
+                del os.environ["TTT_DEBUG"]
+            else:
+                os.environ["TTT_DEBUG"] = previous
         return code if isinstance(code, int) else EXIT_OK
+    rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") != "1" else None
+    prog = f"[rank {rank}] {prog}" if rank is not None else prog
     try:
         code = main(argv)
     except KeyboardInterrupt:

@@ -51,7 +51,7 @@ def stdlib_files(split: str | None = None, eval_fraction: float = 0.1) -> list[P
     return files
 
 
-def _local_data_files(spec: str) -> list[str] | None:
+def local_data_files(spec: str) -> list[str] | None:
     """Files named by a local path, directory or glob, or None when `spec` is no local path."""
     if any(c in spec for c in "*?["):
         return sorted(glob.glob(spec, recursive=True)) or None
@@ -100,7 +100,7 @@ def load_texts(dataset: str | None = None, text_field: str = "text", split: str 
 
     import datasets  # imported lazily: it is slow to import
 
-    local = _local_data_files(dataset)
+    local = local_data_files(dataset)
     if local is not None:
         suffixes = {Path(f).suffix for f in local}
         builders = {_BUILDERS.get(s) for s in suffixes}

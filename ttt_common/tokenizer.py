@@ -55,4 +55,8 @@ def load_tokenizer(name_or_path: str | None = None):
         if len(tok) != GPT2_VOCAB_SIZE:
             raise RuntimeError(f"offline GPT-2 tokenizer has {len(tok)} tokens, expected {GPT2_VOCAB_SIZE}")
         return tok
-    return AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as err:  # not a tokenizer folder, an unknown id, no hub access: name what was tried
+        raise FileNotFoundError(f"tokenizer {name_or_path!r} is neither a local tokenizer folder nor loadable from "
+                                f"the Hugging Face hub ({err})") from err

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ttt_common.checkpoint import Checkpointer, CheckpointError, model_fingerprint
+from ttt_common.cli import debug_enabled
 from ttt_common.config_files import resolve_config
 from ttt_common.metrics import MetricsLogger, peak_memory_gib
 from ttt_common.packing import PackedLoader, tokenize_and_pack
@@ -59,6 +60,48 @@ _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "architectures
 
 class UsageError(ValueError):
     """A bad command-line argument or config: reported as `error: ...`, exit code 2."""
+
+
+# any one of these marks a folder as a tokenizer folder (fast, sentencepiece, BPE, WordPiece)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def validate_inputs(args: argparse.Namespace) -> None:
+    """Files the options name exist and hold something: checked before any model, data or process group.
+
+    (Option values are checked by `validate_args`, the config by `load_model_config`.)
+    """
+    from ttt_common.data import local_data_files
+
+    tok = args.tokenizer
+    if tok not in (None, "gpt2") and (_looks_like_path(tok) or Path(tok).expanduser().exists()):
+        path = Path(tok).expanduser()
+        if not path.exists():
+            raise UsageError(f"--tokenizer {tok}: no such folder (pass a tokenizer folder, a Hugging Face id, or "
+                             "nothing for GPT-2's BPE, which works offline)")
+        if not path.is_dir():
+            raise UsageError(f"--tokenizer {tok} is a file; pass the folder that holds the tokenizer files")
+        if not any((path / name).exists() for name in _TOKENIZER_FILES):
+            raise UsageError(f"--tokenizer {tok}: the folder holds none of {', '.join(_TOKENIZER_FILES)}; pass a "
+                             "folder written by a tokenizer's save_pretrained")
+    if args.dataset in (None, "stdlib"):
+        return
+    files = local_data_files(args.dataset)
+    if files is None:
+        if _looks_like_path(args.dataset):
+            raise UsageError(f"--dataset {args.dataset}: no such file or directory (pass an existing local path, a "
+                             "Hugging Face dataset id, or nothing for the standard-library code corpus)")
+        return  # a hub id: loaded (or refused) later
+    empty = [f for f in files if _is_blank(Path(f))]
+    if len(empty) == len(files):
+        raise UsageError(f"--dataset {args.dataset}: {'the file is' if len(files) == 1 else f'all {len(files)} files are'} "
+                         "empty (no documents to train on)")
+
+
+def _is_blank(path: Path, limit: int = 1 << 16) -> bool:
+    """True for an empty or whitespace-only file (files above `limit` bytes are assumed to hold data)."""
+    size = path.stat().st_size
+    return size == 0 or (size <= limit and not path.read_bytes().strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -466,8 +509,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        validate_inputs(args)
         return run(args)
     except (UsageError, CheckpointError, FileNotFoundError, ValueError) as err:
+        if debug_enabled():
+            raise
         prefix = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
         print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
         return 2
