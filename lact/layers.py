@@ -77,6 +77,12 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _nonfinite_rows(x: torch.Tensor, key_ok: torch.Tensor | None) -> torch.Tensor:
+    """[B, T, H] bool: key/value rows holding a non-finite value (padded keys excluded)."""
+    bad = ~torch.isfinite(x).all(dim=-1)
+    return bad & key_ok[:, :, None] if key_ok is not None else bad
+
+
 def window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -87,6 +93,12 @@ def window_attention(
     """Causal sliding-window softmax attention, scale 1/sqrt(D).
 
     Query t attends to keys max(0, t - window_size + 1)..t (flash-attn's window (window_size - 1, 0)).
+
+    Causality holds for non-finite inputs too: a NaN/inf in k or v at token s reaches no query before s
+    (nor a query outside s's window, nor anything from a padded key). A dense kernel would spread it, as
+    the zero weight of a masked key still multiplies the key's value (0 x NaN = NaN) inside P @ V, so
+    non-finite key/value rows are replaced by zeros (selection) before the kernel and the queries that
+    do attend to them are set to NaN after it. For finite inputs the result is bit-identical.
 
     Args:
         q, k, v: [B, T, H, D].
@@ -100,6 +112,26 @@ def window_attention(
     B, T = q.shape[:2]
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
+    key_ok = attention_mask.bool() if attention_mask is not None else None
+    bad = _nonfinite_rows(k, key_ok) | _nonfinite_rows(v, key_ok)  # [B, T, H]
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    k = torch.where(torch.isfinite(k), k, zero)
+    v = torch.where(torch.isfinite(v), v, zero)
+    # queries whose window holds a non-finite key/value: count of bad rows in (t - W, t] > 0
+    seen = bad.to(torch.int32).cumsum(dim=1)  # [B, T, H]
+    if window_size is not None and window_size < T:
+        seen = seen - F.pad(seen, (0, 0, window_size, 0))[:, :T]
+    poisoned = (seen > 0)[..., None]  # [B, T, H, 1]
+    o = _window_attention(q, k, v, window_size, attention_mask)
+    o = torch.where(poisoned, torch.full((), float("nan"), dtype=o.dtype, device=o.device), o)
+    if attention_mask is not None:
+        o = torch.where(key_ok[:, :, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
+    return o
+
+
+def _window_attention(q, k, v, window_size, attention_mask):
+    """The kernel of `window_attention` (same arguments, finite k and v); padded query rows unspecified."""
+    B, T = q.shape[:2]
     use_flash = (
         flash_attn_func is not None
         and q.is_cuda
@@ -122,12 +154,9 @@ def window_attention(
     if attention_mask is not None:
         key_ok = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
         mask = mask & key_ok
-        # a padded query may see no key at all: let it see itself (no NaN), its row is zeroed below
+        # a padded query may see no key at all: let it see itself (no NaN), its row is zeroed by the caller
         mask = mask | (~mask.any(-1, keepdim=True) & torch.eye(T, dtype=torch.bool, device=q.device))
-    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
-    if attention_mask is not None:
-        o = o * attention_mask.to(o.dtype)[:, :, None, None]
-    return o
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
 
 
 class LowRankFastWeight(nn.Module):
