@@ -445,12 +445,13 @@ class LaCTSWIGLULayer(nn.Module):
     def _to_fw_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, H_fw * d] -> [B * H_fw, T, d]."""
         B, T, _ = x.shape
-        return x.reshape(B, T, self.num_fw_heads, -1).transpose(1, 2).reshape(B * self.num_fw_heads, T, -1)
+        d = x.shape[-1] // self.num_fw_heads  # explicit, not -1: B = 0 leaves -1 undetermined
+        return x.reshape(B, T, self.num_fw_heads, d).transpose(1, 2).reshape(B * self.num_fw_heads, T, d)
 
     def _from_fw_heads(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
         """[B * H_fw, T, d] -> [B, T, H_fw * d]."""
         _, T, d = x.shape
-        return x.reshape(batch_size, self.num_fw_heads, T, d).transpose(1, 2).reshape(batch_size, T, -1)
+        return x.reshape(batch_size, self.num_fw_heads, T, d).transpose(1, 2).reshape(batch_size, T, self.num_fw_heads * d)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(
@@ -475,9 +476,17 @@ class LaCTSWIGLULayer(nn.Module):
             raise ValueError(
                 f"hidden_states has shape {tuple(hidden_states.shape)}; expected [B, T, {self.hidden_size}]"
             )
-        if attention_mask is not None and attention_mask.dim() != 2:
+        if not hidden_states.is_floating_point():
+            raise TypeError(f"hidden_states must be a floating-point tensor, got dtype {hidden_states.dtype}")
+        if hidden_states.dtype != self.qkv.weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+            raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the layer's weights are "
+                            f"{self.qkv.weight.dtype}; cast one to the other or run under torch.autocast")
+        if hidden_states.shape[1] == 0:
+            raise ValueError(f"hidden_states has T=0 tokens (shape {tuple(hidden_states.shape)}); pass at least one")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(hidden_states.shape[:2]):
             raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}; expected a [B, T] 0/1 padding mask"
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected a [B, T] = "
+                f"{tuple(hidden_states.shape[:2])} 0/1 padding mask"
             )
         if past_key_values is not None:
             raise ValueError("LaCTSWIGLULayer keeps no KV/state cache: pass past_key_values=None and the "
@@ -503,8 +512,8 @@ class LaCTSWIGLULayer(nn.Module):
             if not self.no_v_silu:
                 fast_v = F.silu(fast_v)
         # L2 norm per fast-weight head: [B, T, H_fw, d]
-        fast_q = l2_norm(fast_q.reshape(B, T, self.num_fw_heads, -1))
-        fast_k = l2_norm(fast_k.reshape(B, T, self.num_fw_heads, -1))
+        fast_q = l2_norm(fast_q.reshape(B, T, self.num_fw_heads, self.fw_head_dim))
+        fast_k = l2_norm(fast_k.reshape(B, T, self.num_fw_heads, self.fw_head_dim))
         if not self.ttt_nope:
             # the reference rotates the fast q, k with the attention's RoPE, over the attention heads
             fq, fk = self.rotary(fast_q.reshape(B, T, self.num_heads, self.head_dim),

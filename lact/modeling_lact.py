@@ -20,7 +20,6 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -28,6 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from lact.configuration_lact import LaCTSWIGLUConfig
 from lact.layers import LaCTSWIGLULayer, LowRankFastWeight
 from lact.modules import GatedMLP, RMSNorm
+from ttt_common.model_inputs import causal_lm_loss, check_input_ids, check_inputs_embeds
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
     from transformers import initialization as init
@@ -159,7 +159,13 @@ class LaCTModel(LaCTPreTrainedModel):
                                 else self.config.output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if inputs_embeds is None:
+            check_input_ids(input_ids, self.embeddings.num_embeddings)
             inputs_embeds = self.embeddings(input_ids)
+        else:
+            check_inputs_embeds(inputs_embeds, self.config.hidden_size, self.embeddings.weight)
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(inputs_embeds.shape[:2]):
+            raise ValueError(f"attention_mask must be [batch, time] = {tuple(inputs_embeds.shape[:2])} (1 = real "
+                             f"token), got {tuple(attention_mask.shape)}")
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
@@ -262,10 +268,8 @@ class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
             if logits_to_keep:
                 raise ValueError(f"logits_to_keep={logits_to_keep} with labels: the loss needs every "
                                  "position's logits; pass logits_to_keep=0")
-            labels = labels.to(logits.device)
-            shifted = torch.cat((labels[:, 1:], torch.full_like(labels[:, :1], -100)), dim=1)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                                   ignore_index=-100)
+            # the reference's layout (labels shifted left, padded with -100); no scored target -> 0
+            loss = causal_lm_loss(logits, labels, logits.shape[-1], pad_last=True)
 
         if not return_dict:
             out = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from official_port.configuration_ttt import TTTConfig
 from official_port.ops import InnerState, dual_ttt, naive_ttt
+from ttt_common.model_inputs import check_dtype
 
 LN_EPS = 1e-6
 
@@ -230,6 +231,9 @@ class TTTBase(nn.Module):
         B, T, D = hidden_states.shape
         if T < 1:
             raise ValueError("hidden_states has T=0 tokens; pass at least one token")
+        if not hidden_states.is_floating_point():
+            raise TypeError(f"hidden_states must be a floating-point tensor, got dtype {hidden_states.dtype}")
+        check_dtype("hidden_states", hidden_states, self.wq.weight)
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"inner_steps={inner_steps!r} must be an int >= 1 (1 = the official update)")
         m, H, d = self.mini_batch_size, self.num_heads, self.head_dim

@@ -33,6 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from official_port.configuration_ttt import TTTConfig
 from official_port.layers import TTT_LAYERS, TTTState
+from ttt_common.model_inputs import causal_lm_loss, check_input_ids, check_inputs_embeds
 
 __all__ = [
     "RMSNorm",
@@ -429,9 +430,10 @@ class TTTModel(TTTPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids ([B, T] ids) and inputs_embeds ([B, T, D])")
         if inputs_embeds is None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+            check_input_ids(input_ids, self.wte.num_embeddings)
             inputs_embeds = self.wte(input_ids)
+        else:
+            check_inputs_embeds(inputs_embeds, self.config.hidden_size, self.wte.weight)
         b, t, _ = inputs_embeds.shape
         if t == 0:
             raise ValueError("the input has length 0; pass at least one token")
@@ -571,12 +573,11 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            if labels.shape != logits.shape[:2]:
-                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])} (batch, time), "
-                                 f"got {tuple(labels.shape)}")
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+            if logits_to_keep:
+                raise ValueError(f"logits_to_keep={logits_to_keep} with labels: the loss needs every "
+                                 "position's logits; pass logits_to_keep=0")
+            # official: mean over b and t = 0..T-2; no scored target -> 0 (ttt_common.model_inputs)
+            loss = causal_lm_loss(logits, labels, logits.shape[-1])
         result = TTTCausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
             ttt_stats=out.ttt_stats,
