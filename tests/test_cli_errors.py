@@ -110,7 +110,7 @@ def test_run_cli_exit_codes_and_debug_flag(capsys, monkeypatch):
     assert cli.run_cli(main, ["bug"], prog="t") == cli.EXIT_INTERNAL
     err = capsys.readouterr().err
     assert err.startswith("t: internal error: RuntimeError: boom") and "TTT_DEBUG=1" in err and err.count("\n") == 1
-    assert cli.run_cli(main, ["stop"], prog="t") == cli.EXIT_PREEMPTED
+    assert cli.run_cli(main, ["stop"], prog="t") == cli.EXIT_INTERRUPTED
     assert capsys.readouterr().err == "t: interrupted\n"
     # --debug is removed before main parses, re-raises, and is visible to code that asks debug_enabled()
     with pytest.raises(cli.UsageError):

@@ -6,7 +6,8 @@ Exit codes, the same for every CLI of the project (documented in the README):
     1   an unexpected internal error (a bug: the message says how to get the full traceback)
     2   bad input: an option, a config key, a missing or damaged file (argparse uses 2 as well)
     75  stopped early by a signal (SIGTERM / SIGINT) after saving: rerun with --resume (EX_TEMPFAIL,
-        so schedulers can tell "preempted" from "finished")
+        so schedulers can tell "preempted" from "finished"); returned by the CLI that saved
+    130 interrupted (Ctrl-C) where the CLI saves nothing on a signal (the shell's 128 + SIGINT)
 
 `TTT_DEBUG=1` or `--debug` (accepted by every CLI that goes through `run_cli`, removed before the
 CLI parses its options) re-raises, so the full traceback is printed.
@@ -25,6 +26,7 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130
 
 
 class UsageError(ValueError):
@@ -84,8 +86,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     try:
         code = main(argv)
     except KeyboardInterrupt:
+        # nothing was saved on the way out (a CLI that saves on SIGINT returns EXIT_PREEMPTED itself)
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
-        return EXIT_PREEMPTED
+        return EXIT_INTERRUPTED
     except BAD_INPUT_ERRORS as err:
         text = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
