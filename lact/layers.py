@@ -77,10 +77,13 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _nonfinite_rows(x: torch.Tensor, key_ok: torch.Tensor | None) -> torch.Tensor:
-    """[B, T, H] bool: key/value rows holding a non-finite value (padded keys excluded)."""
-    bad = ~torch.isfinite(x).all(dim=-1)
-    return bad & key_ok[:, :, None] if key_ok is not None else bad
+def _nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] bool: rows of x [B, T, H, D] holding a NaN or inf.
+
+    One reduction instead of an elementwise test: a row sum is non-finite iff the row holds a NaN or an
+    inf (inf - inf = NaN), summed in at least float32 so that no finite half-precision row overflows.
+    """
+    return ~torch.isfinite(x.sum(dim=-1, dtype=torch.promote_types(x.dtype, torch.float32)))
 
 
 def window_attention(
@@ -113,10 +116,12 @@ def window_attention(
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
     key_ok = attention_mask.bool() if attention_mask is not None else None
-    bad = _nonfinite_rows(k, key_ok) | _nonfinite_rows(v, key_ok)  # [B, T, H]
+    bad = _nonfinite_rows(k) | _nonfinite_rows(v)  # [B, T, H]
     zero = torch.zeros((), dtype=k.dtype, device=k.device)
-    k = torch.where(torch.isfinite(k), k, zero)
-    v = torch.where(torch.isfinite(v), v, zero)
+    k = torch.where(bad[..., None], zero, k)  # the whole row: its finite part is never used either
+    v = torch.where(bad[..., None], zero, v)
+    if key_ok is not None:
+        bad = bad & key_ok[:, :, None]  # a padded key is never attended: it poisons nothing
     # queries whose window holds a non-finite key/value: count of bad rows in (t - W, t] > 0
     seen = bad.to(torch.int32).cumsum(dim=1)  # [B, T, H]
     if window_size is not None and window_size < T:
