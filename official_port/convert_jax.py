@@ -224,9 +224,8 @@ def check_param_values(params: Mapping[str, np.ndarray], mode: str = "error") ->
         a = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         if a.dtype.kind != "f" or a.size == 0:
             continue
-        mag = np.abs(a.astype(np.float64, copy=False))
-        finite = np.isfinite(mag)
-        bad = ~finite
+        mag = np.abs(a)  # in the stored dtype: no float64 copy of a large embedding
+        bad = ~np.isfinite(mag)
         if bad.any():
             idx = tuple(int(i) for i in np.argwhere(bad)[0])
             problems.append(f"{key}: {int(bad.sum())} non-finite value(s), first at {idx} = {a[idx]}")
