@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from ttt_common.checkpoint import Checkpointer, CheckpointError, model_fingerprint
-from ttt_common.cli import debug_enabled
+from ttt_common.cli import debug_enabled, run_cli
 from ttt_common.config_files import resolve_config
 from ttt_common.metrics import MetricsLogger, peak_memory_gib
 from ttt_common.packing import PackedLoader, tokenize_and_pack
@@ -88,6 +88,9 @@ def validate_inputs(args: argparse.Namespace) -> None:
         return
     files = local_data_files(args.dataset)
     if files is None:
+        if Path(args.dataset).exists():
+            raise UsageError(f"--dataset {args.dataset}: no data files there (expected one of .json, .jsonl, .txt, "
+                             ".py, .arrow, .parquet, .csv)")
         if _looks_like_path(args.dataset):
             raise UsageError(f"--dataset {args.dataset}: no such file or directory (pass an existing local path, a "
                              "Hugging Face dataset id, or nothing for the standard-library code corpus)")
@@ -501,8 +504,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python scripts/train.py` / `ttt-train`: errors are one line + exit code (`ttt_common.cli.run_cli`)."""
-    from ttt_common.cli import run_cli
-
     return run_cli(_main, argv)
 
 
