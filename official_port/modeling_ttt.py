@@ -33,6 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from official_port.configuration_ttt import TTTConfig
 from official_port.layers import TTT_LAYERS, TTTState
+from ttt_common.hf_compat import CACHE_NAME, cache_field, pick_cache, reject_unknown_kwargs
 from ttt_common.model_inputs import causal_lm_loss, check_input_ids, check_inputs_embeds
 
 __all__ = [
@@ -400,7 +401,7 @@ class TTTModel(TTTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: TTTCache | None = None,
+        cache: TTTCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         ttt_lr_mult: float | torch.Tensor = 1.0,
@@ -408,6 +409,7 @@ class TTTModel(TTTPreTrainedModel):
         output_hidden_states: bool | None = None,
         inner_steps: int = 1,
         return_dict: bool | None = None,
+        past_key_values: TTTCache | None = None,
         **kwargs,
     ) -> TTTModelOutputWithPast:
         """Run the blocks.
@@ -418,7 +420,8 @@ class TTTModel(TTTPreTrainedModel):
                 `cumsum(mask) - 1` as in the official code. Attention blocks mask padded keys;
                 TTT blocks (like the official ones) have no padding mask, so left padding is refused.
             position_ids: `[B, T]` absolute positions (default: see `attention_mask`).
-            past_key_values: a `TTTCache` from a previous call (decoding), or None.
+            cache: a `TTTCache` from a previous call (decoding), or None; `past_key_values` is the same
+                argument under the name transformers < 5.24 uses.
             use_cache: return the updated `TTTCache` (default: `config.use_cache` in eval mode).
             ttt_lr_mult: multiplies every inner learning rate (float or tensor).
             output_ttt_stats: return the TTT statistics of every block (`ttt_stats`).
@@ -427,6 +430,8 @@ class TTTModel(TTTPreTrainedModel):
             return_dict: False returns the output's non-None fields as a tuple (HF convention).
         Returns: `TTTModelOutputWithPast` (`last_hidden_state` `[B, T, D]` after `ln_f`).
         """
+        reject_unknown_kwargs(type(self).__name__, kwargs)
+        cache = pick_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids ([B, T] ids) and inputs_embeds ([B, T, D])")
         if inputs_embeds is None:
@@ -442,14 +447,13 @@ class TTTModel(TTTPreTrainedModel):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False
         output_hidden_states = bool(output_hidden_states)
-        cache = past_key_values
         if cache is not None and not isinstance(cache, TTTCache):
             if getattr(cache, "get_seq_length", lambda: 1)() != 0:
-                raise TypeError(f"past_key_values must be a TTTCache returned by this model, got {type(cache).__name__}")
+                raise TypeError(f"cache must be a TTTCache returned by this model, got {type(cache).__name__}")
             cache = None  # an empty foreign cache (e.g. built by a caller for another model): start fresh
         past = cache.seen_tokens if cache is not None else 0
         if cache is not None and len(cache) != len(self.h):
-            raise ValueError(f"past_key_values has {len(cache)} layers, the model {len(self.h)}")
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.h)}")
 
         key_padding_mask = None
         if attention_mask is not None:
@@ -496,7 +500,7 @@ class TTTModel(TTTPreTrainedModel):
         if new_cache is not None:
             new_cache.seen_tokens = past + t
         out = TTTModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=new_cache, hidden_states=all_hidden, ttt_stats=all_stats
+            last_hidden_state=hidden_states, hidden_states=all_hidden, ttt_stats=all_stats, **cache_field(new_cache)
         )
         return out if return_dict is not False else out.to_tuple()
 
@@ -524,12 +528,13 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
-        """Feed only the tokens the `TTTCache` has not seen yet."""
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs)
-        if isinstance(past_key_values, TTTCache) and past_key_values.seen_tokens > 0:
-            seen = past_key_values.seen_tokens
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        """Feed only the tokens the `TTTCache` has not seen yet (the cache arrives as `cache` or, before
+        transformers 5.24, `past_key_values`)."""
+        cache = kwargs.get(CACHE_NAME)
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if isinstance(cache, TTTCache) and cache.seen_tokens > 0:
+            seen = cache.seen_tokens
             model_inputs["input_ids"] = input_ids[:, seen:]
             if model_inputs.get("position_ids") is not None:
                 model_inputs["position_ids"] = model_inputs["position_ids"][..., -(input_ids.shape[1] - seen):]
@@ -540,7 +545,7 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: TTTCache | None = None,
+        cache: TTTCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -550,6 +555,7 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         inner_steps: int = 1,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        past_key_values: TTTCache | None = None,
         **kwargs,
     ) -> TTTCausalLMOutputWithPast:
         """Logits and (with `labels`) the mean next-token cross-entropy.
@@ -563,9 +569,9 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         """
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cache=pick_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
             ttt_lr_mult=ttt_lr_mult, output_ttt_stats=output_ttt_stats,
-            output_hidden_states=output_hidden_states, inner_steps=inner_steps, return_dict=True,
+            output_hidden_states=output_hidden_states, inner_steps=inner_steps, return_dict=True, **kwargs,
         )
         hidden = out.last_hidden_state
         if logits_to_keep:
@@ -579,7 +585,7 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
             # official: mean over b and t = 0..T-2; no scored target -> 0 (ttt_common.model_inputs)
             loss = causal_lm_loss(logits, labels, logits.shape[-1])
         result = TTTCausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **cache_field(getattr(out, CACHE_NAME)),
             ttt_stats=out.ttt_stats,
         )
         return result if return_dict is not False else result.to_tuple()

@@ -12,6 +12,7 @@ import official_port  # noqa: F401  (registers the Auto classes)
 from official_port import TTTCache, TTTConfig, TTTForCausalLM
 from parity.fixtures import BUNDLED, load_case
 from parity.official_model import run_case, run_checkpoint_case
+from ttt_common.hf_compat import CACHE_NAME
 
 MODEL_CASES = ["model_ttt_linear", "model_ttt_mlp", "model_self_attention"]
 VOCAB = 61
@@ -95,21 +96,21 @@ def test_prefill_then_decode_matches_full_forward(block, pre_conv, prefill):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         out = model(ids[:, :prefill], use_cache=True)
-        assert isinstance(out.past_key_values, TTTCache) and out.past_key_values.get_seq_length() == prefill
+        assert isinstance(out[CACHE_NAME], TTTCache) and out[CACHE_NAME].get_seq_length() == prefill
         pieces = [out.logits]
-        cache = out.past_key_values
+        cache = out[CACHE_NAME]
         t = prefill
         for step in (1, 1, 3, 1, 2):  # token by token, plus a few multi-token chunks
             step = min(step, ids.shape[1] - t)
             if step == 0:
                 break
-            out = model(ids[:, t:t + step], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, t:t + step], cache=cache, use_cache=True)
+            cache = out[CACHE_NAME]
             pieces.append(out.logits)
             t += step
         while t < ids.shape[1]:
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+            cache = out[CACHE_NAME]
             pieces.append(out.logits)
             t += 1
     inc = torch.cat(pieces, dim=1)
@@ -136,9 +137,9 @@ def test_reorder_cache_selects_rows():
     model = tiny_model("ttt_mlp", True)
     ids = ids_for(2, 8)
     with torch.no_grad():
-        cache = model(ids[:, :6]).past_key_values
+        cache = model(ids[:, :6])[CACHE_NAME]
         cache.reorder_cache(torch.tensor([1, 1, 0]))  # beam search may duplicate and swap rows
-        out = model(ids[[1, 1, 0], 6:], past_key_values=cache).logits
+        out = model(ids[[1, 1, 0], 6:], cache=cache).logits
         ref = model(ids[[1, 1, 0]], use_cache=False).logits[:, 6:]
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
@@ -181,6 +182,22 @@ def test_loss_is_mean_shifted_cross_entropy_and_ignores_minus_100():
     torch.testing.assert_close(out2.loss.double(), manual2, rtol=1e-6, atol=0)
 
 
+def test_cache_under_either_name_and_unknown_kwargs_refused():
+    """transformers 5.24 passes the cache as `cache=`, older releases as `past_key_values=`: both carry the
+    state; a keyword the model does not know is a TypeError, never silently dropped."""
+    model = tiny_model("ttt_linear", True).eval()
+    ids = ids_for(1, 12)
+    full = model(ids).logits
+    for name in ("cache", "past_key_values"):
+        cache = model(ids[:, :7], use_cache=True)[CACHE_NAME]
+        step = model(ids[:, 7:], use_cache=True, **{name: cache}).logits
+        torch.testing.assert_close(step, full[:, 7:], atol=1e-5, rtol=1e-4)
+    with pytest.raises(TypeError, match="not both"):
+        model(ids, cache=cache, past_key_values=cache)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*past_kv"):
+        model(ids, past_kv=cache)
+
+
 def test_bad_inputs_raise_clear_errors():
     model = tiny_model("ttt_linear", True)
     with pytest.raises(ValueError, match="input_ids must be"):
@@ -193,7 +210,7 @@ def test_bad_inputs_raise_clear_errors():
         class NotOurs:
             def get_seq_length(self):
                 return 3
-        model(ids_for(1, 5), past_key_values=NotOurs())
+        model(ids_for(1, 5), cache=NotOurs())
     with pytest.raises(ValueError, match="attention_mask must be"):
         model(ids_for(1, 5), attention_mask=torch.ones(1, 3))
 
@@ -286,7 +303,7 @@ def _check_bf16_autocast(device: str) -> None:
     assert out.logits.dtype == torch.bfloat16  # the matmuls really ran in bf16
     err = (out.logits.float() - ref).abs().max() / ref.abs().max()
     assert err < 3e-2, err
-    state = out.past_key_values.layers[0]["seq"]
+    state = out[CACHE_NAME].layers[0]["seq"]
     assert all(p.dtype == torch.float32 for p in state.inner.params)  # inner state stays fp32
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
