@@ -63,6 +63,12 @@ def _ln(z: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
     return torch.addcmul(beta, F.layer_norm(z, z.shape[-1:], eps=LN_EPS), gamma)
 
 
+def _finite_rows(G: Tensor) -> tuple[Tensor, Tensor]:
+    """`[BH, m, c]` -> (G with its non-finite rows set to 0 by selection, `[BH, m, 1]` bool: row bad)."""
+    bad = ~torch.isfinite(G).all(-1, keepdim=True)
+    return G.masked_fill(bad, 0.0), bad
+
+
 def _blocks(x: Tensor, n: int, m: int) -> Tensor:
     """[B, H, n*m, ...] -> [n, B*H, m, ...]: mini-batch leading so each scan step reads contiguous memory."""
     B, H = x.shape[:2]
@@ -141,11 +147,18 @@ def dual_ttt(
     # eta[i, s] = token_eta[i] * gate[s], lower-triangular (row i sees columns s <= i)
     E = (token_eta[:, None] * _blocks(gp.unsqueeze(-1), n, m).transpose(-1, -2)).tril()  # [n, BH, m, m]
     e_last = E[:, :, -1, :, None]  # [n, BH, m, 1]
-    M1 = E * (Qa @ Ka.transpose(-1, -2))  # E * tril(Q K^T + 1): dual-form attention + bias term
+    # E * tril(Q K^T + 1): dual-form attention + bias term. The causal mask selects (tril) rather
+    # than multiplies: a NaN key at row s must not turn the 0 of row i < s into 0 * NaN.
+    M1 = (E * (Qa @ Ka.transpose(-1, -2))).tril()
     eKt = (e_last * Ka).transpose(-1, -2)  # [n, BH, d+1, m]: the update (e*K)^T
     # Per-mini-batch views, split once: indexing `x[j]` inside the scan would make autograd
     # scatter every step's gradient into a zero tensor of the full size (quadratic in n).
     Ka, tgt, E, e_last, M1, KQa, eKt = (t.unbind(0) for t in (Ka, tgt, E, e_last, M1, KQa, eKt))
+    # A non-finite key/value/gate at row s of a mini-batch makes G[s] non-finite; the products
+    # `M @ G` would then spread it to rows i < s through M[i, s] = 0 (0 * NaN = NaN). Only then
+    # (one check per call) the scan zeroes such rows of G before those products (rows i < s
+    # multiply them by an exact 0, so they keep their values bit for bit) and sets rows >= s to NaN.
+    guard = not all(bool(torch.isfinite(t).all()) for t in (K, V, g))
     gamma = ln_weight.unsqueeze(0).expand(B, H, d).reshape(BH, 1, d)
     beta = ln_bias.unsqueeze(0).expand(B, H, d).reshape(BH, 1, d)
 
@@ -191,7 +204,8 @@ def dual_ttt(
             ZZ = KQa[j] @ Wc[0]
             Z, Zq = ZZ[:, :m], ZZ[:, m:]
             G, R = _ln_fwd_vjp(Z, tgt[j], gamma, beta)
-            Zb = torch.baddbmm(Zq, M1[j], G, alpha=-1)
+            Gc, bad = _finite_rows(G) if guard else (G, None)
+            Zb = torch.baddbmm(Zq, M1[j], Gc, alpha=-1)
             grads = (G,)
         else:
             ZZ = KQa[j] @ Wc[0]
@@ -199,10 +213,15 @@ def dual_ttt(
             X2a = _with_ones(F.gelu(Z1, approximate="tanh"))
             G2, R = _ln_fwd_vjp(X2a @ Wc[1], tgt[j], gamma, beta)
             G1 = _gelu_grad(G2 @ Wc[1][:, :hidden].transpose(-1, -2), Z1)
-            Xb2a = _with_ones(F.gelu(torch.baddbmm(Zq1, M1[j], G1, alpha=-1), approximate="tanh"))
-            M2 = E[j] * (Xb2a @ X2a.transpose(-1, -2))  # E * tril(Xb2 X2^T + 1)
-            Zb = torch.baddbmm(Xb2a @ Wc[1], M2, G2, alpha=-1)
+            G1c, bad = _finite_rows(G1) if guard else (G1, None)
+            Xb2a = _with_ones(F.gelu(torch.baddbmm(Zq1, M1[j], G1c, alpha=-1), approximate="tanh"))
+            M2 = (E[j] * (Xb2a @ X2a.transpose(-1, -2))).tril()  # E * tril(Xb2 X2^T + 1), by selection
+            G2c, bad2 = _finite_rows(G2) if guard else (G2, None)
+            Zb = torch.baddbmm(Xb2a @ Wc[1], M2, G2c, alpha=-1)
+            bad = bad | bad2 if guard else None
             grads = (G1, G2, X2a)
+        if guard:  # rows at and after a non-finite row are NaN (their inputs were)
+            Zb = Zb.masked_fill(bad.cumsum(-2) > 0, float("nan"))
         stat = None
         if j < n_full:
             Wc = apply_update(Wc, grads, j)

@@ -82,6 +82,21 @@ def test_layer_causality(name, t):
     assert (out[:, t + 1:] - base[:, t + 1:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("name", list(TTT_LAYERS))
+def test_layer_nan_at_t_leaves_earlier_outputs_and_other_rows_identical(name):
+    t = 6  # mid mini-batch (m = 4)
+    layer = small_layer(name)
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+    with torch.no_grad():
+        base, _, _ = layer(x)
+        y = x.clone()
+        y[0, t] = float("nan")
+        out, _, _ = layer(y)
+    assert torch.isfinite(out[0, :t]).all() and torch.equal(out[0, :t], base[0, :t])
+    assert torch.isnan(out[0, t:]).all()
+    assert torch.equal(out[1], base[1])  # sequences of a batch never mix
+
+
 def test_carried_state_gradients_equal_whole_sequence():
     """Gradients flow through a carried state exactly as through one call (ponder trains this way)."""
     layer = small_layer("ttt_mlp")
