@@ -199,10 +199,11 @@ class TTTBase(nn.Module):
         # Both depthwise causal convs as w shifted multiply-adds in the [B, T, D] layout: out[t] =
         # bias + sum_k kernel[k] a_ext[t + k] (F.conv1d needs [B, D, T]: two transposing copies).
         T = a.shape[1]
-        kern = torch.stack([self.conv_q.weight[:, 0], self.conv_k.weight[:, 0]]).to(a.dtype)  # [2, D, w]
-        qk = torch.stack([self.conv_q.bias, self.conv_k.bias]).to(a.dtype).expand(*a.shape[:2], 2, self.width)
-        for k in range(w):
-            qk = torch.addcmul(qk, a_ext[:, k:k + T, None, :], kern[:, :, k])
+        kern = torch.stack([self.conv_q.weight[:, 0], self.conv_k.weight[:, 0]]).permute(2, 0, 1).to(a.dtype)
+        bias = torch.stack([self.conv_q.bias, self.conv_k.bias]).to(a.dtype)  # kern: [w, 2, D], bias: [2, D]
+        qk = torch.addcmul(bias, a_ext[:, 0:T, None, :], kern[0])  # [B, T, 2, D]
+        for k in range(1, w):  # in place: addcmul's backward needs neither qk nor its old value
+            qk.addcmul_(a_ext[:, k:k + T, None, :], kern[k])
         return qk, self.wv(x), new_cache
 
     def qkv(self, x: Tensor, conv_cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
