@@ -78,6 +78,48 @@ def rope_interleaved(x: Tensor, positions: Tensor, theta: float, num_positions: 
     return torch.view_as_real(torch.view_as_complex(xr) * cis).flatten(-2).to(x.dtype)
 
 
+class _CausalConvPair(torch.autograd.Function):
+    """Two depthwise causal convolutions of one input, in the `[B, T, D]` layout.
+
+    `out[b, t, c, :] = bias[c] + sum_k kern[k, c] * a_ext[b, t + k]` for c in (q, k): w shifted
+    multiply-adds (F.conv1d wants `[B, D, T]` and would cost two transposing copies each way).
+    The backward is written out because autograd's through broadcasting multiply-adds makes a
+    `[B, T, 2, D]` temporary per term; `official_port.layers` tests it against F.conv1d and
+    float64 gradcheck."""
+
+    @staticmethod
+    def forward(ctx, a_ext: Tensor, kern: Tensor, bias: Tensor) -> Tensor:
+        w = kern.shape[0]
+        T = a_ext.shape[1] - w + 1
+        out = torch.addcmul(bias, a_ext[:, 0:T, None, :], kern[0])  # [B, T, 2, D]
+        for k in range(1, w):
+            out.addcmul_(a_ext[:, k:k + T, None, :], kern[k])
+        ctx.save_for_backward(a_ext, kern)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a_ext, kern = ctx.saved_tensors
+        w = kern.shape[0]
+        T = a_ext.shape[1] - w + 1
+        gq, gk = grad[:, :, 0].contiguous(), grad[:, :, 1].contiguous()  # [B, T, D] each
+        g_a = g_kern = None
+        if ctx.needs_input_grad[0]:
+            g_a = a_ext.new_zeros(a_ext.shape)
+            for k in range(w):
+                g_a[:, k:k + T].addcmul_(gq, kern[k, 0]).addcmul_(gk, kern[k, 1])
+        if ctx.needs_input_grad[1]:
+            g_kern = torch.stack([torch.stack([(gc * a_ext[:, k:k + T]).sum((0, 1)) for gc in (gq, gk)])
+                                  for k in range(w)])
+        g_bias = torch.stack([gq.sum((0, 1)), gk.sum((0, 1))]) if ctx.needs_input_grad[2] else None
+        return g_a, g_kern, g_bias
+
+
+def causal_conv_pair(a_ext: Tensor, kern: Tensor, bias: Tensor) -> Tensor:
+    """`[B, w-1+T, D]` (left-extended input), `[w, 2, D]` kernels, `[2, D]` biases -> `[B, T, 2, D]`."""
+    return _CausalConvPair.apply(a_ext, kern, bias)
+
+
 class TTTBase(nn.Module):
     """Common part of the four official TTT layers (do not instantiate directly).
 
@@ -196,15 +238,10 @@ class TTTBase(nn.Module):
             conv_cache = a.new_zeros(a.shape[0], w - 1, self.width)
         a_ext = torch.cat([conv_cache.to(a.dtype), a], dim=1)  # causal: w-1 earlier inputs on the left
         new_cache = a_ext[:, a_ext.shape[1] - conv_cache.shape[1]:]
-        # Both depthwise causal convs as w shifted multiply-adds in the [B, T, D] layout: out[t] =
-        # bias + sum_k kernel[k] a_ext[t + k] (F.conv1d needs [B, D, T]: two transposing copies).
-        T = a.shape[1]
+        # both depthwise causal convs at once, in the [B, T, D] layout (see `causal_conv_pair`)
         kern = torch.stack([self.conv_q.weight[:, 0], self.conv_k.weight[:, 0]]).permute(2, 0, 1).to(a.dtype)
         bias = torch.stack([self.conv_q.bias, self.conv_k.bias]).to(a.dtype)  # kern: [w, 2, D], bias: [2, D]
-        qk = torch.addcmul(bias, a_ext[:, 0:T, None, :], kern[0])  # [B, T, 2, D]
-        for k in range(1, w):  # in place: addcmul's backward needs neither qk nor its old value
-            qk.addcmul_(a_ext[:, k:k + T, None, :], kern[k])
-        return qk, self.wv(x), new_cache
+        return causal_conv_pair(a_ext, kern, bias), self.wv(x), new_cache
 
     def qkv(self, x: Tensor, conv_cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Projections `[B, T, D]` (before RoPE and head split) and the new conv cache."""
