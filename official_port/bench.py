@@ -20,6 +20,10 @@ the same threads and clock, divided by the layer's matmul FLOPs per token (the f
 projections plus the dual form's products; fwd+bwd counted as 3x fwd).
 
     python scripts/bench_official.py --ref /path/to/ttt-lm-pytorch --clock cpu --threads 1 2 --rounds 3
+
+`--clock cpu` counts this process's CPU seconds: robust to other jobs with one thread, but with
+several threads it also counts OpenMP spin-waiting, which under contention dwarfs the work: time
+threads > 1 with the wall clock on an idle machine.
 """
 
 from __future__ import annotations
