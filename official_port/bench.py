@@ -8,6 +8,22 @@ Every measurement runs in a fresh subprocess so the CPU peak-RSS figure belongs 
     python scripts/bench_official.py                       # L 2048, batch 1 and 4, CPU
     python scripts/bench_official.py --seq-len 512 --batch 1 --repeats 3 --threads 1 --clock cpu
     python scripts/bench_official.py --device cuda
+
+With `--ref PATH` (a local checkout of test-time-training/ttt-lm-pytorch, never copied into this
+repository) it instead times this port against that implementation side by side: its `TTTLinear` /
+`TTTMLP` built with the same shape (`share_qk` = the conv variant, `use_gate`, conv width 4), one
+fresh process per measurement, the two implementations alternating (and swapping who goes first)
+round by round. It prints every measurement as it finishes, then per-round and median ratios for
+fwd and fwd+bwd at each batch size and thread count, and tokens/s as a fraction of the matmul
+limit it measures itself: the GFLOP/s of a `[B*L, D] @ [D, D]` fp32 matmul in a fresh process with
+the same threads and clock, divided by the layer's matmul FLOPs per token (the four D x D
+projections plus the dual form's products; fwd+bwd counted as 3x fwd).
+
+    python scripts/bench_official.py --ref /path/to/ttt-lm-pytorch --clock cpu --threads 1 2 --rounds 3
+
+`--clock cpu` counts this process's CPU seconds: robust to other jobs with one thread, but with
+several threads it also counts OpenMP spin-waiting, which under contention dwarfs the work: time
+threads > 1 with the wall clock on an idle machine.
 """
 
 from __future__ import annotations
@@ -15,13 +31,36 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
+import statistics
 import sys
 import time
 
 
+def _ref_layer(ref_path: str, layer_name: str, config):
+    """The reference implementation's layer of the same shape (imported from the user's checkout)."""
+    sys.path.insert(0, ref_path)
+    import torch
+    import ttt as ref  # the user's checkout, imported only in this subprocess
+
+    kind = {"ttt_linear": "linear", "ttt_mlp": "mlp"}[layer_name]
+    rc = ref.TTTConfig(hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
+                       mini_batch_size=config.mini_batch_size, share_qk=True, use_gate=True, pre_conv=False,
+                       conv_kernel=config.conv_width, ttt_layer_type=kind, ttt_base_lr=config.ttt_base_lr,
+                       rope_theta=config.rope_theta)
+    cls = ref.TTTLinear if kind == "linear" else ref.TTTMLP
+    layer = cls(rc, layer_idx=0)
+
+    def call(x):
+        pos = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+        return (layer(x, position_ids=pos), None, None)
+
+    return layer, call
+
+
 def _measure(q, layer_name: str, impl: str, batch: int, seq_len: int, repeats: int, device: str,
-             threads: int, clock: str, mode: str) -> None:
+             threads: int, clock: str, mode: str, ref_path: str = "") -> None:
     import torch
 
     from official_port.configuration_ttt import TTTConfig
@@ -31,8 +70,12 @@ def _measure(q, layer_name: str, impl: str, batch: int, seq_len: int, repeats: i
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     config = TTTConfig.from_preset("125m-TTT", seq_modeling_block=layer_name)
-    layer = TTT_LAYERS[layer_name](config).to(device)
-    layer.use_naive = impl == "naive"
+    if impl == "ref":
+        module, layer = _ref_layer(ref_path, layer_name, config)
+        module.to(device)
+    else:
+        layer = module = TTT_LAYERS[layer_name](config).to(device)
+        layer.use_naive = impl == "naive"
     x = torch.randn(batch, seq_len, config.hidden_size, device=device)
 
     def sync():
@@ -73,19 +116,24 @@ def _measure(q, layer_name: str, impl: str, batch: int, seq_len: int, repeats: i
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
         best = min(times)
         result[mode] = {"tok_s": batch * seq_len / best, "sec": best, "peak_mib": max(peak, 0) / 2**20}
-        layer.zero_grad(set_to_none=True)
+        module.zero_grad(set_to_none=True)
     q.put(result)
 
 
-def measure(*args) -> dict:
+def _in_subprocess(target, *args):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(q, *args))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def measure(*args, modes=("fwd", "fwd+bwd"), ref_path: str = "") -> dict:
     res = {}
-    for mode in ("fwd", "fwd+bwd"):
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        p = ctx.Process(target=_measure, args=(q, *args, mode))
-        p.start()
-        res.update(q.get())
-        p.join()
+    for mode in modes:
+        res.update(_in_subprocess(_measure, *args, mode, ref_path))
     return res
 
 
@@ -101,10 +149,107 @@ def validate_args(args: argparse.Namespace) -> None:
                          ("--batch", args.batch), ("--repeats", [args.repeats])):
         if any(v < 1 for v in values):
             raise UsageError(f"{flag} {' '.join(map(str, values))} must be >= 1")
-    if args.threads < 0:
-        raise UsageError(f"--threads {args.threads} must be >= 0 (0 = torch default)")
+    if args.threads and any(t < 0 for t in args.threads):
+        raise UsageError(f"--threads {' '.join(map(str, args.threads))} must be >= 0 (0 = torch default)")
+    if args.threads and len(args.threads) > 1 and not args.ref:
+        raise UsageError("--threads takes one value without --ref")
+    if args.ref and not os.path.isfile(os.path.join(args.ref, "ttt.py")):
+        raise UsageError(f"--ref {args.ref!r}: no ttt.py there (expected a checkout of "
+                         "test-time-training/ttt-lm-pytorch)")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         raise UsageError(f"--device {args.device!r} must be 'cpu' or 'cuda[:N]'")
+
+
+def _matmul_gflops(q, rows: int, width: int, repeats: int, threads: int, clock: str, device: str) -> None:
+    """GFLOP/s of `[rows, width] @ [width, width]` fp32 (best of `repeats`) in this fresh process."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    a = torch.randn(rows, width, device=device)
+    w = torch.randn(width, width, device=device)
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    best = float("inf")
+    for i in range(repeats + 1):
+        t0 = now()
+        for _ in range(4):
+            a @ w
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i:  # the first is a warm-up
+            best = min(best, (now() - t0) / 4)
+    q.put(2 * rows * width * width / best / 1e9)
+
+
+def layer_matmul_flops_per_token(layer_name: str, D: int, H: int, m: int) -> float:
+    """Matmul FLOPs per token of a TTT layer's forward: the four D x D projections (wq, wv, wg, wo)
+    plus the dual form's products per head (`[K;Q] W`, `Q K^T`, `M G`, the update, and for the MLP
+    its second layer, the backward through it and `Xb2 X2^T`), biases folded as an extra row."""
+    d = D // H
+    proj = 4 * 2 * D * D
+    if layer_name.startswith("ttt_linear"):
+        per_mb = (2 * (2 * m) * (d + 1) * d + 2 * m * m * (d + 1) + 2 * m * m * d + 2 * (d + 1) * m * d)
+    else:
+        h = 4 * d
+        per_mb = (2 * (2 * m) * (d + 1) * h + 2 * m * m * (d + 1)  # [K;Q] W1, Q K^T
+                  + 2 * m * (h + 1) * d + 2 * m * d * h + 2 * m * m * h  # X2 W2, G2 W2^T, M1 G1
+                  + 2 * m * m * (h + 1) + 2 * m * (h + 1) * d + 2 * m * m * d  # Xb2 X2^T, Xb2 W2, M2 G2
+                  + 2 * (d + 1) * m * h + 2 * (h + 1) * m * d)  # the two updates
+    return proj + H * per_mb / m
+
+
+def compare_ref(args) -> int:
+    """Side by side with ttt-lm-pytorch (`--ref`): alternating fresh processes, per-round and median ratios."""
+    from official_port.configuration_ttt import TTTConfig
+
+    cfg = TTTConfig.from_preset("125m-TTT")
+    D, H, m = cfg.hidden_size, cfg.num_attention_heads, cfg.mini_batch_size
+    modes = ("fwd", "fwd+bwd")
+    limits = {}
+    for threads in args.threads:
+        for batch in args.batch:
+            g = _in_subprocess(_matmul_gflops, batch * args.seq_len, D, args.repeats, threads, args.clock,
+                               args.device)
+            limits[threads, batch] = g
+            print(f"matmul limit: [{batch * args.seq_len}, {D}] @ [{D}, {D}] threads={threads}: "
+                  f"{g:.1f} GFLOP/s", flush=True)
+    cells = [(ln, b, th, mode) for ln in args.layers for b in args.batch for th in args.threads for mode in modes]
+    tok = {c: {"ours": [], "ref": []} for c in cells}
+    for rnd in range(args.rounds):
+        for c in cells:
+            ln, b, th, mode = c
+            order = ("dual", "ref") if rnd % 2 == 0 else ("ref", "dual")
+            got = {}
+            for impl in order:
+                r = measure(ln, impl, b, args.seq_len, args.repeats, args.device, th, args.clock, modes=(mode,),
+                            ref_path=args.ref)
+                got["ours" if impl == "dual" else "ref"] = r[mode]["tok_s"]
+            for k, v in got.items():
+                tok[c][k].append(v)
+            print(f"round {rnd + 1}/{args.rounds} {ln:<10} B={b} threads={th} {mode:<7}: ours {got['ours']:>8.0f} "
+                  f"ref {got['ref']:>8.0f} tok/s  ratio {got['ours'] / got['ref']:.2f}x", flush=True)
+    print(f"\ndevice={args.device} clock={args.clock} L={args.seq_len} rounds={args.rounds} "
+          f"(best of {args.repeats} per process); medians over rounds; 'of limit' = tok/s x matmul FLOPs/token "
+          "/ measured matmul FLOP/s (fwd+bwd counted as 3x fwd)")
+    head = (f"{'layer':<10} {'B':>2} {'thr':>3} {'mode':<7} {'ref tok/s':>9} {'ours tok/s':>10} {'ratio':>6} "
+            f"{'per-round ratios':<24} {'ours of limit':>13}")
+    print(head)
+    print("-" * len(head))
+    rows = []
+    for c in cells:
+        ln, b, th, mode = c
+        ours, ref = tok[c]["ours"], tok[c]["ref"]
+        ratios = [o / r for o, r in zip(ours, ref)]
+        fl = layer_matmul_flops_per_token(ln, D, H, m) * (3 if mode == "fwd+bwd" else 1)
+        frac = statistics.median(ours) * fl / (limits[th, b] * 1e9)
+        print(f"{ln:<10} {b:>2} {th:>3} {mode:<7} {statistics.median(ref):>9.0f} {statistics.median(ours):>10.0f} "
+              f"{statistics.median(ratios):>5.2f}x {' '.join(f'{x:.2f}' for x in ratios):<24} {frac:>13.2f}")
+        rows.append({"layer": ln, "batch": b, "threads": th, "mode": mode, "ours_tok_s": ours, "ref_tok_s": ref,
+                     "ratios": ratios, "matmul_gflops": limits[th, b], "ours_of_limit": frac})
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,14 +267,22 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--threads", type=int, nargs="+", default=None,
+                    help="torch threads (0 = torch default; several values with --ref; default 0, with --ref 1 2)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall time, or process CPU time (robust on a shared machine with --threads 1)")
     ap.add_argument("--layers", nargs="+", default=["ttt_linear", "ttt_mlp"])
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--ref", help="a local checkout of test-time-training/ttt-lm-pytorch: time it side by side")
+    ap.add_argument("--rounds", type=int, default=3, help="with --ref: alternating rounds (median reported)")
     args = ap.parse_args(argv)
     validate_args(args)
+    if args.ref:
+        args.threads = args.threads or [1, 2]
+        args.layers = [ln for ln in args.layers if ln in ("ttt_linear", "ttt_mlp")]
+        return compare_ref(args)
+    args.threads = args.threads[0] if args.threads else 0
 
     rows = []
     for layer_name in args.layers:
@@ -140,6 +293,8 @@ def _main(argv: list[str] | None = None) -> int:
                 L = args.seq_len if impl == "dual" else min(args.seq_len, args.naive_seq_len)
                 res[impl] = measure(layer_name, impl, batch, L, args.repeats, args.device, args.threads,
                                     args.clock)
+                print(f"{layer_name} B={batch} {impl}: fwd {res[impl]['fwd']['tok_s']:.0f} tok/s, "
+                      f"fwd+bwd {res[impl]['fwd+bwd']['tok_s']:.0f} tok/s", flush=True)
                 res[impl]["seq_len"] = L
             rows.append((layer_name, batch, res))
 

@@ -58,11 +58,12 @@ def rope_interleaved(x: Tensor, positions: Tensor, theta: float, num_positions: 
     `exp(i * angle)`; the angle table is built in float32 like the official `precompute_freqs_cis`.
 
     Args:
-        x: `[B, T, H, d]`; positions: `[B, T]` integers in `[0, num_positions)` (the TTT layer passes
+        x: `[B, T, ..., d]` (e.g. `[B, T, H, d]`, or `[B, T, 2, H, d]` for queries and keys at once);
+            positions: `[B, T]` integers in `[0, num_positions)` (the TTT layer passes
             `position_ids % m`; the table then has only m rows).
         num_positions: table size (default `positions.max() + 1`).
     Returns:
-        `[B, T, H, d]` in x's dtype (computed in float32, or float64 for float64 inputs).
+        x's shape and dtype (computed in float32, or float64 for float64 inputs).
     """
     d = x.shape[-1]
     n = int(num_positions) if num_positions is not None else int(positions.max()) + 1
@@ -71,8 +72,53 @@ def rope_interleaved(x: Tensor, positions: Tensor, theta: float, num_positions: 
     real = torch.float64 if x.dtype == torch.float64 else torch.float32
     cis = torch.polar(torch.ones_like(angles, dtype=torch.float64), angles.double())  # exact cos/sin
     cis = cis.to(torch.complex128 if real == torch.float64 else torch.complex64)[positions]  # [B, T, d/2]
-    xc = torch.view_as_complex(x.to(real).reshape(*x.shape[:-1], d // 2, 2).contiguous())
-    return torch.view_as_real(xc * cis[:, :, None, :]).flatten(-2).to(x.dtype)
+    cis = cis.reshape(*cis.shape[:2], *([1] * (x.dim() - 3)), d // 2)
+    xr = x.to(real).unflatten(-1, (d // 2, 2))
+    if xr.stride(-1) != 1 or any(st % 2 for st in xr.stride()[:-1]):  # view_as_complex needs pairs adjacent
+        xr = xr.contiguous()
+    return torch.view_as_real(torch.view_as_complex(xr) * cis).flatten(-2).to(x.dtype)
+
+
+class _CausalConvPair(torch.autograd.Function):
+    """Two depthwise causal convolutions of one input, in the `[B, T, D]` layout.
+
+    `out[b, t, c, :] = bias[c] + sum_k kern[k, c] * a_ext[b, t + k]` for c in (q, k): w shifted
+    multiply-adds (F.conv1d wants `[B, D, T]` and would cost two transposing copies each way).
+    The backward is written out because autograd's through broadcasting multiply-adds makes a
+    `[B, T, 2, D]` temporary per term; `official_port.layers` tests it against F.conv1d and
+    float64 gradcheck."""
+
+    @staticmethod
+    def forward(ctx, a_ext: Tensor, kern: Tensor, bias: Tensor) -> Tensor:
+        w = kern.shape[0]
+        T = a_ext.shape[1] - w + 1
+        out = torch.addcmul(bias, a_ext[:, 0:T, None, :], kern[0])  # [B, T, 2, D]
+        for k in range(1, w):
+            out.addcmul_(a_ext[:, k:k + T, None, :], kern[k])
+        ctx.save_for_backward(a_ext, kern)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a_ext, kern = ctx.saved_tensors
+        w = kern.shape[0]
+        T = a_ext.shape[1] - w + 1
+        gq, gk = grad[:, :, 0].contiguous(), grad[:, :, 1].contiguous()  # [B, T, D] each
+        g_a = g_kern = None
+        if ctx.needs_input_grad[0]:
+            g_a = a_ext.new_zeros(a_ext.shape)
+            for k in range(w):
+                g_a[:, k:k + T].addcmul_(gq, kern[k, 0]).addcmul_(gk, kern[k, 1])
+        if ctx.needs_input_grad[1]:
+            g_kern = torch.stack([torch.stack([(gc * a_ext[:, k:k + T]).sum((0, 1)) for gc in (gq, gk)])
+                                  for k in range(w)])
+        g_bias = torch.stack([gq.sum((0, 1)), gk.sum((0, 1))]) if ctx.needs_input_grad[2] else None
+        return g_a, g_kern, g_bias
+
+
+def causal_conv_pair(a_ext: Tensor, kern: Tensor, bias: Tensor) -> Tensor:
+    """`[B, w-1+T, D]` (left-extended input), `[w, 2, D]` kernels, `[2, D]` biases -> `[B, T, 2, D]`."""
+    return _CausalConvPair.apply(a_ext, kern, bias)
 
 
 class TTTBase(nn.Module):
@@ -181,20 +227,27 @@ class TTTBase(nn.Module):
         logits = torch.einsum("btc,hc->bht", x, self.learnable_ttt_lr_weight.to(x.dtype)) + self.learnable_ttt_lr_bias.to(x.dtype)[:, None]
         return torch.sigmoid(logits) * (ttt_lr_mult * self.config.ttt_base_lr / self.head_dim)
 
-    def _causal_conv(self, conv: nn.Conv1d, a_ext: Tensor) -> Tensor:
-        """Depthwise conv over `[B, w-1+T, D]` (already left-extended) -> `[B, T, D]`."""
-        return F.conv1d(a_ext.transpose(1, 2), conv.weight, conv.bias, groups=self.width).transpose(1, 2)
+    def qk_v(self, x: Tensor, conv_cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Projections before RoPE and head split: `QK [B, T, 2, D]` (queries, keys), `V [B, T, D]`,
+        and the new conv cache. Queries and keys share one buffer so RoPE rotates both in one op."""
+        if not self.has_conv:  # one GEMM for both: [Wq; Wk] is [2D, D]
+            qk = F.linear(x, torch.cat([self.wq.weight, self.wk.weight])).unflatten(-1, (2, self.width))
+            return qk, self.wv(x), None
+        a = self.wq(x)
+        w = self.conv_q.weight.shape[-1]
+        if conv_cache is None:
+            conv_cache = a.new_zeros(a.shape[0], w - 1, self.width)
+        a_ext = torch.cat([conv_cache.to(a.dtype), a], dim=1)  # causal: w-1 earlier inputs on the left
+        new_cache = a_ext[:, a_ext.shape[1] - conv_cache.shape[1]:]
+        # both depthwise causal convs at once, in the [B, T, D] layout (see `causal_conv_pair`)
+        kern = torch.stack([self.conv_q.weight[:, 0], self.conv_k.weight[:, 0]]).permute(2, 0, 1).to(a.dtype)
+        bias = torch.stack([self.conv_q.bias, self.conv_k.bias]).to(a.dtype)  # kern: [w, 2, D], bias: [2, D]
+        return causal_conv_pair(a_ext, kern, bias), self.wv(x), new_cache
 
     def qkv(self, x: Tensor, conv_cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Projections `[B, T, D]` (before RoPE and head split) and the new conv cache."""
-        if not self.has_conv:
-            return self.wq(x), self.wk(x), self.wv(x), None
-        a = self.wq(x)
-        if conv_cache is None:
-            conv_cache = a.new_zeros(a.shape[0], self.conv_q.weight.shape[-1] - 1, self.width)
-        a_ext = torch.cat([conv_cache.to(a.dtype), a], dim=1)  # causal: w-1 earlier inputs on the left
-        new_cache = a_ext[:, a_ext.shape[1] - conv_cache.shape[1]:]
-        return self._causal_conv(self.conv_q, a_ext), self._causal_conv(self.conv_k, a_ext), self.wv(x), new_cache
+        qk, v, new_cache = self.qk_v(x, conv_cache)
+        return qk[:, :, 0], qk[:, :, 1], v, new_cache
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -248,7 +301,8 @@ class TTTBase(nn.Module):
         elif position_ids.shape != (B, T):
             raise ValueError(f"position_ids must be [B, T] = {(B, T)}, got {tuple(position_ids.shape)}")
 
-        XQ, XK, XV, new_cache = self.qkv(hidden_states, state.conv_cache)
+        QK, XV, new_cache = self.qk_v(hidden_states, state.conv_cache)
+        XQ, XK = QK[:, :, 0], QK[:, :, 1]
         stat0 = None
         if output_ttt_stats:
             # official ssl_tgt_last_in_mini_batch_from_mean_mse: rows at the *start* of each
@@ -258,8 +312,8 @@ class TTTBase(nn.Module):
             stat0 = ((dlt[:, starts] - dlt.mean(dim=1, keepdim=True)) ** 2).mean(dim=(0, 2))
 
         pos = position_ids.long() % m
-        XQ = rope_interleaved(XQ.reshape(B, T, H, d), pos, self.config.rope_theta, m).transpose(1, 2)
-        XK = rope_interleaved(XK.reshape(B, T, H, d), pos, self.config.rope_theta, m).transpose(1, 2)
+        QK = rope_interleaved(QK.reshape(B, T, 2, H, d), pos, self.config.rope_theta, m)
+        XQ, XK = QK[:, :, 0].transpose(1, 2), QK[:, :, 1].transpose(1, 2)
         XV = XV.reshape(B, T, H, d).transpose(1, 2)
 
         # The inner loop always runs in float32 (or float64): under bf16 autocast the carried

@@ -63,6 +63,12 @@ def _ln(z: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
     return torch.addcmul(beta, F.layer_norm(z, z.shape[-1:], eps=LN_EPS), gamma)
 
 
+def _finite_rows(G: Tensor) -> tuple[Tensor, Tensor]:
+    """`[BH, m, c]` -> (G with its non-finite rows set to 0 by selection, `[BH, m, 1]` bool: row bad)."""
+    bad = ~torch.isfinite(G).all(-1, keepdim=True)
+    return G.masked_fill(bad, 0.0), bad
+
+
 def _blocks(x: Tensor, n: int, m: int) -> Tensor:
     """[B, H, n*m, ...] -> [n, B*H, m, ...]: mini-batch leading so each scan step reads contiguous memory."""
     B, H = x.shape[:2]
@@ -141,11 +147,20 @@ def dual_ttt(
     # eta[i, s] = token_eta[i] * gate[s], lower-triangular (row i sees columns s <= i)
     E = (token_eta[:, None] * _blocks(gp.unsqueeze(-1), n, m).transpose(-1, -2)).tril()  # [n, BH, m, m]
     e_last = E[:, :, -1, :, None]  # [n, BH, m, 1]
-    M1 = E * (Qa @ Ka.transpose(-1, -2))  # E * tril(Q K^T + 1): dual-form attention + bias term
+    # E * tril(Q K^T + 1): dual-form attention + bias term. The causal mask selects (tril) rather
+    # than multiplies: a NaN key at row s must not turn the 0 of row i < s into 0 * NaN.
+    M1 = (E * (Qa @ Ka.transpose(-1, -2))).tril()
     eKt = (e_last * Ka).transpose(-1, -2)  # [n, BH, d+1, m]: the update (e*K)^T
     # Per-mini-batch views, split once: indexing `x[j]` inside the scan would make autograd
     # scatter every step's gradient into a zero tensor of the full size (quadratic in n).
     Ka, tgt, E, e_last, M1, KQa, eKt = (t.unbind(0) for t in (Ka, tgt, E, e_last, M1, KQa, eKt))
+    # A non-finite key/value/gate at row s of a mini-batch makes G[s] non-finite; the products
+    # `M @ G` would then spread it to rows i < s through M[i, s] = 0 (0 * NaN = NaN). Only then
+    # (one check per call) the scan zeroes such rows of G before those products (rows i < s
+    # multiply them by an exact 0, so they keep their values bit for bit) and sets rows >= s to NaN.
+    # (A sum is one cheap pass; it is non-finite if any term is, and a finite-input overflow only
+    # takes the guarded path, which gives the same values.)
+    guard = not bool(torch.isfinite(K.sum() + V.sum() + g.sum()))
     gamma = ln_weight.unsqueeze(0).expand(B, H, d).reshape(BH, 1, d)
     beta = ln_bias.unsqueeze(0).expand(B, H, d).reshape(BH, 1, d)
 
@@ -170,12 +185,18 @@ def dual_ttt(
         G1 = _gelu_grad(G2 @ Wc[1][:, :hidden].transpose(-1, -2), Z1)
         return (G1, G2, X2a), R
 
+    # Without autograd the scan owns its params (fresh from `fold`): updates go in place and each
+    # step's outputs straight into one buffer (same values; no per-step copies, no final stack).
+    in_place = not torch.is_grad_enabled()
+
+    def sub_prod(Wc, A, G):  # Wc - A @ G
+        return Wc.baddbmm_(A, G, alpha=-1) if in_place else torch.baddbmm(Wc, A, G, alpha=-1)
+
     def apply_update(Wc, grads, j):
         if kind == "linear":
-            return (torch.baddbmm(Wc[0], eKt[j], grads[0], alpha=-1),)
+            return (sub_prod(Wc[0], eKt[j], grads[0]),)
         G1, G2, X2a = grads
-        return (torch.baddbmm(Wc[0], eKt[j], G1, alpha=-1),
-                torch.baddbmm(Wc[1], (e_last[j] * X2a).transpose(-1, -2), G2, alpha=-1))
+        return (sub_prod(Wc[0], eKt[j], G1), sub_prod(Wc[1], (e_last[j] * X2a).transpose(-1, -2), G2))
 
     def mse_last(Wc, j):  # official stat: loss of the last token of mini-batch j at params Wc
         k_last = Ka[j][:, -1:]
@@ -185,13 +206,15 @@ def dual_ttt(
             z = _with_ones(F.gelu(k_last @ Wc[0], approximate="tanh")) @ Wc[1]
         return ((_ln(z, gamma, beta) - tgt[j][:, -1:]) ** 2).mean(dim=(-1, -2))
 
-    def step(Wc, j):
-        """Mini-batch j: pre-LN outputs Zb of its rows, and the params after it (if complete)."""
+    def step(Wc, j, out=None):
+        """Mini-batch j: pre-LN outputs Zb of its rows (written to `out` if given), and the params
+        after it (if complete)."""
         if kind == "linear":
             ZZ = KQa[j] @ Wc[0]
             Z, Zq = ZZ[:, :m], ZZ[:, m:]
             G, R = _ln_fwd_vjp(Z, tgt[j], gamma, beta)
-            Zb = torch.baddbmm(Zq, M1[j], G, alpha=-1)
+            Gc, bad = _finite_rows(G) if guard else (G, None)
+            Zb = torch.baddbmm(Zq, M1[j], Gc, alpha=-1, out=out)
             grads = (G,)
         else:
             ZZ = KQa[j] @ Wc[0]
@@ -199,10 +222,15 @@ def dual_ttt(
             X2a = _with_ones(F.gelu(Z1, approximate="tanh"))
             G2, R = _ln_fwd_vjp(X2a @ Wc[1], tgt[j], gamma, beta)
             G1 = _gelu_grad(G2 @ Wc[1][:, :hidden].transpose(-1, -2), Z1)
-            Xb2a = _with_ones(F.gelu(torch.baddbmm(Zq1, M1[j], G1, alpha=-1), approximate="tanh"))
-            M2 = E[j] * (Xb2a @ X2a.transpose(-1, -2))  # E * tril(Xb2 X2^T + 1)
-            Zb = torch.baddbmm(Xb2a @ Wc[1], M2, G2, alpha=-1)
+            G1c, bad = _finite_rows(G1) if guard else (G1, None)
+            Xb2a = _with_ones(F.gelu(torch.baddbmm(Zq1, M1[j], G1c, alpha=-1), approximate="tanh"))
+            M2 = (E[j] * (Xb2a @ X2a.transpose(-1, -2))).tril()  # E * tril(Xb2 X2^T + 1), by selection
+            G2c, bad2 = _finite_rows(G2) if guard else (G2, None)
+            Zb = torch.baddbmm(Xb2a @ Wc[1], M2, G2c, alpha=-1, out=out)
+            bad = bad | bad2 if guard else None
             grads = (G1, G2, X2a)
+        if guard:  # rows at and after a non-finite row are NaN (their inputs were)
+            Zb = Zb.masked_fill_(bad.cumsum(-2) > 0, float("nan"))  # Zb is fresh: in place is safe
         stat = None
         if j < n_full:
             Wc = apply_update(Wc, grads, j)
@@ -214,12 +242,13 @@ def dual_ttt(
 
     def run(j0, j1, *Wc):
         zbs, st = [], []
+        buf = Qb.new_empty(j1 - j0, BH, m, d) if in_place else None
         for j in range(j0, j1):
-            Wc, Zb, stat = step(Wc, j)
+            Wc, Zb, stat = step(Wc, j, None if buf is None else buf[j - j0])
             zbs.append(Zb)
             if stat is not None:
                 st.extend(stat)
-        return (*Wc, torch.stack(zbs), *st)
+        return (*Wc, torch.stack(zbs) if buf is None else buf, *st)
 
     use_remat = remat_group_size > 0 and torch.is_grad_enabled()
     group = remat_group_size if use_remat else n

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from official_port.configuration_ttt import TTTConfig
-from official_port.layers import TTT_LAYERS, TTTMLP, TTTLinear, flax_layer_params_to_torch
+from official_port.layers import TTT_LAYERS, TTTMLP, TTTLinear, causal_conv_pair, flax_layer_params_to_torch
 from parity.fixtures import BUNDLED, find_cases, load_case
 from parity.official_layer import build_layer, handles, run_case
 
@@ -80,6 +80,39 @@ def test_layer_causality(name, t):
         out, _, _ = layer(y)
     assert torch.equal(out[:, :t + 1], base[:, :t + 1])
     assert (out[:, t + 1:] - base[:, t + 1:]).abs().max() > 1e-3
+
+
+def test_causal_conv_pair_matches_conv1d_and_gradcheck():
+    """The shifted multiply-add convs (hand-written backward) against F.conv1d and float64 gradcheck."""
+    g = torch.Generator().manual_seed(0)
+    B, T, D, w = 2, 9, 6, 4
+    a_ext = torch.randn(B, T + w - 1, D, generator=g, dtype=torch.float64, requires_grad=True)
+    kern = torch.randn(w, 2, D, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, D, generator=g, dtype=torch.float64, requires_grad=True)
+    out = causal_conv_pair(a_ext, kern, bias)
+    ref = torch.stack([torch.nn.functional.conv1d(a_ext.transpose(1, 2), kern[:, c].T[:, None], bias[c], groups=D)
+                       .transpose(1, 2) for c in range(2)], dim=2)
+    cot = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    assert (out - ref).abs().max() < 1e-13
+    for a, b in zip(torch.autograd.grad((out * cot).sum(), (a_ext, kern, bias)),
+                    torch.autograd.grad((ref * cot).sum(), (a_ext, kern, bias))):
+        assert (a - b).abs().max() < 1e-12
+    assert torch.autograd.gradcheck(causal_conv_pair, (a_ext, kern, bias))
+
+
+@pytest.mark.parametrize("name", list(TTT_LAYERS))
+def test_layer_nan_at_t_leaves_earlier_outputs_and_other_rows_identical(name):
+    t = 6  # mid mini-batch (m = 4)
+    layer = small_layer(name)
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+    with torch.no_grad():
+        base, _, _ = layer(x)
+        y = x.clone()
+        y[0, t] = float("nan")
+        out, _, _ = layer(y)
+    assert torch.isfinite(out[0, :t]).all() and torch.equal(out[0, :t], base[0, :t])
+    assert torch.isnan(out[0, t:]).all()
+    assert torch.equal(out[1], base[1])  # sequences of a batch never mix
 
 
 def test_carried_state_gradients_equal_whole_sequence():

@@ -122,6 +122,24 @@ def test_causality(kind, t):
     assert (out[:, :, t + 1:] - base[:, :, t + 1:]).abs().max() > 1e-3  # the perturbation is seen later
 
 
+@pytest.mark.parametrize("op", [dual_ttt, naive_ttt], ids=["dual", "naive"])
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("name", ["XK", "XV", "gate"])
+def test_nan_at_t_leaves_earlier_outputs_finite_and_identical(op, kind, name):
+    """A NaN input at token t (mid mini-batch) must not reach outputs before t: causal masks select,
+    they do not multiply (0 * NaN = NaN). Outputs from t on are NaN (their inputs were)."""
+    t = 12  # row 4 of the second mini-batch: rows 8..11 share its mini-batch
+    inp, init = make_inputs(kind, 21, seed=8)
+    with torch.no_grad():
+        base, _, _ = run(op, kind, inp, init)
+        bad = {k: v.clone() for k, v in inp.items()}
+        bad[name][:, :, t] = float("nan")
+        out, _, _ = run(op, kind, bad, init)
+    assert torch.isfinite(out[:, :, :t]).all()
+    assert torch.equal(out[:, :, :t], base[:, :, :t])
+    assert torch.isnan(out[:, :, t:]).all()
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_inner_steps_change_only_later_mini_batches(kind):
     inp, init = make_inputs(kind, 24, seed=6)

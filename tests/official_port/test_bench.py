@@ -1,0 +1,21 @@
+"""The official-layer benchmark's FLOP model and its `--ref` argument checks (no timing here)."""
+
+import pytest
+
+from official_port.bench import layer_matmul_flops_per_token, main
+
+
+def test_flops_per_token_match_hand_count():
+    # 125m layer, 2048 tokens: four D x D projections = 4 * 2 * 768^2 * 2048 = 9.66 GFLOP, and the
+    # dual form adds per head and mini-batch (d = 64, m = 16): [K;Q] W 2*32*65*64, Q K^T 2*16*16*65,
+    # M G 2*16*16*64, update 2*65*16*64 -> 0.72 GFLOP over 128 mini-batches x 12 heads.
+    proj = 4 * 2 * 768 ** 2 * 2048
+    inner = 128 * 12 * (2 * 32 * 65 * 64 + 2 * 16 * 16 * 65 + 2 * 16 * 16 * 64 + 2 * 65 * 16 * 64)
+    assert layer_matmul_flops_per_token("ttt_linear", 768, 12, 16) * 2048 == pytest.approx(proj + inner, rel=1e-12)
+    assert (proj + inner) / 1e9 == pytest.approx(10.38, abs=0.01)
+    assert layer_matmul_flops_per_token("ttt_mlp", 768, 12, 16) > layer_matmul_flops_per_token("ttt_linear", 768, 12, 16)
+
+
+def test_ref_without_checkout_is_a_clear_error(tmp_path, capsys):
+    assert main(["--ref", str(tmp_path)]) == 2
+    assert "no ttt.py there" in capsys.readouterr().err
