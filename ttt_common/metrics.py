@@ -90,12 +90,19 @@ class MetricsLogger:
             self._file.flush()
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
-                                  tok_s=f"{metrics.get('tokens_per_s', 0):.0f}")
-        if step % self.log_every == 0:
+            if "eval_loss" in metrics:
+                self._last_eval = metrics["eval_loss"]
+            post = {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
+            if getattr(self, "_last_eval", None) is not None:
+                post["eval"] = f"{self._last_eval:.4f}"
+                post["ppl"] = f"{math.exp(min(self._last_eval, 50.0)):.1f}"
+            post["tok_s"] = f"{metrics.get('tokens_per_s', 0):.0f}"
+            self._bar.set_postfix(**post)
+        if step % self.log_every == 0 or "eval_loss" in metrics:
             parts = [f"step {step}"]
             for key, fmt in (("loss", ".4f"), ("grad_norm", ".3f"), ("lr", ".3e"), ("tokens_per_s", ".0f"),
-                             ("peak_mem_gib", ".2f"), ("skipped_steps", "d")):
+                             ("peak_mem_gib", ".2f"), ("skipped_steps", "d"), ("eval_loss", ".4f"),
+                             ("eval_ppl", ".2f")):
                 if key in metrics:
                     parts.append(f"{key} {format(metrics[key], fmt)}")
             self.write(" | ".join(parts))
@@ -138,12 +145,17 @@ def plot_loss(jsonl: str | os.PathLike, png: str | os.PathLike) -> Path | None:
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in records], color="tab:blue", lw=1.2, label="train loss")
+    evals = [r for r in records if isinstance(r.get("eval_loss"), (int, float)) and math.isfinite(r["eval_loss"])]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="tab:green", lw=1.5, ms=3,
+                label="held-out loss")
+        ax.legend(loc="upper right")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     if all("lr" in r for r in records):
         ax2 = ax.twinx()
-        ax2.plot(steps, [r["lr"] for r in records], color="tab:orange", lw=0.8, alpha=0.7, label="lr")
+        ax2.plot(steps, [r["lr"] for r in records], color="tab:orange", lw=0.8, alpha=0.5, ls="--", label="lr")
         ax2.set_ylabel("learning rate")
     ax.set_title(Path(jsonl).parent.name or "training")
     fig.tight_layout()

@@ -26,7 +26,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
+import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -35,9 +38,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ttt_common.checkpoint import Checkpointer, CheckpointError, model_fingerprint
+from ttt_common.cli import EXIT_BAD_INPUT, EXIT_PREEMPTED, UsageError
 from ttt_common.config_files import resolve_config
 from ttt_common.metrics import MetricsLogger, peak_memory_gib
 from ttt_common.packing import PackedLoader, tokenize_and_pack
@@ -52,13 +57,17 @@ MODELS = {
     "llama": ("transformers", "LlamaForCausalLM", "LlamaConfig"),
 }
 
+# keys the official configs carry that the model keeps as plain attributes without using them (the upstream
+# LaCT configs hold `attention_bias`); accepted so those files load unchanged
+_CARRIED_CONFIG_KEYS = {"lact": {"attention_bias"}}
+
 # config keys that differ between saves of the same model and must not fail a resume
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype",
                          "_attn_implementation_autoset", "output_attentions", "output_hidden_states", "use_cache")
 
 
-class UsageError(ValueError):
-    """A bad command-line argument or config: reported as `error: ...`, exit code 2."""
+# a bad command-line argument or config: reported as one line, exit code 2 (ttt_common/cli.py)
+__all__ = ["UsageError", "main", "build_parser", "run"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-docs", type=int, default=None, help="use at most this many documents")
     d.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id; default: GPT-2 BPE, offline")
     d.add_argument("--seq-len", type=int, default=2048, help="tokens per packed sequence (default 2048)")
+    d.add_argument("--eval-data", default=None,
+                   help="held-out data (same forms as --dataset); default: the eval split of --dataset")
+    d.add_argument("--eval-every", type=int, default=0,
+                   help="held-out loss / perplexity every N steps and at the end (0: never; default 0)")
+    d.add_argument("--eval-batches", type=int, default=8,
+                   help="micro-batches per rank in each evaluation (a fixed held-out set; default 8)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch PER RANK (default 1)")
     o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
@@ -94,13 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="bf16 compute (FSDP2 MixedPrecisionPolicy, fp32 master weights); default on CUDA")
     prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="fp32; default on CPU")
     s.add_argument("--compile", action="store_true", help="torch.compile each block")
+    s.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads per process (torch.set_num_threads); default: torch's choice. "
+                        "On a shared CPU 1-2 is often much faster than the default")
     s.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     s.add_argument("--no-fsdp", action="store_true",
                    help="single process only: plain module (autocast for bf16) instead of a 1-rank FSDP2 model")
     c = p.add_argument_group("checkpoints and logs")
     c.add_argument("--checkpoint-dir", default=None, help="DCP checkpoint folder (default: <out>/checkpoints)")
     c.add_argument("--checkpoint-interval", type=int, default=0,
-                   help="save every N steps (0: only at the end and on SIGTERM)")
+                   help="also save every N steps (0: no step-based saves; default 0)")
+    c.add_argument("--checkpoint-minutes", type=float, default=30.0,
+                   help="save when this many minutes passed since the last save (0: never by time; default 30). "
+                        "Saves also happen at the end and on SIGTERM/SIGINT (then exit code 75)")
     c.add_argument("--keep-checkpoints", type=int, default=3, help="complete checkpoints kept (default 3)")
     c.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (start fresh if none)")
     c.add_argument("--log-every", type=int, default=10, help="stdout line every N steps (JSONL: every step)")
@@ -139,8 +160,14 @@ def validate_args(args: argparse.Namespace) -> None:
              ("--min-lr-ratio", args.min_lr_ratio, 0.0 <= args.min_lr_ratio <= 1.0, "in [0, 1]"),
              ("--weight-decay", args.weight_decay, args.weight_decay >= 0, ">= 0"),
              ("--checkpoint-interval", args.checkpoint_interval, args.checkpoint_interval >= 0, ">= 0"),
+             ("--checkpoint-minutes", args.checkpoint_minutes,
+              args.checkpoint_minutes >= 0 and math.isfinite(args.checkpoint_minutes), ">= 0"),
              ("--keep-checkpoints", args.keep_checkpoints, args.keep_checkpoints >= 1, ">= 1"),
-             ("--log-every", args.log_every, args.log_every >= 1, ">= 1")]
+             ("--log-every", args.log_every, args.log_every >= 1, ">= 1"),
+             ("--eval-every", args.eval_every, args.eval_every >= 0, ">= 0"),
+             ("--eval-batches", args.eval_batches, args.eval_batches >= 1, ">= 1")]
+    if args.threads is not None:
+        rules.append(("--threads", args.threads, args.threads >= 1, ">= 1"))
     if args.max_docs is not None:
         rules.append(("--max-docs", args.max_docs, args.max_docs >= 1, ">= 1"))
     for flag, value, ok, rule in rules:
@@ -165,16 +192,20 @@ def load_model_config(args: argparse.Namespace):
         raise UsageError(f"--config {args.config} is not valid JSON: {err}") from err
     if not isinstance(raw, dict):
         raise UsageError(f"--config {args.config} must hold a JSON object, got {type(raw).__name__}")
-    for item in args.set:
-        if "=" not in item:
-            raise UsageError(f"--set {item!r} must look like key=value")
-        key, value = item.split("=", 1)
-        raw[key] = _parse_value(value)
     try:
         module = importlib.import_module(module_name)
         model_cls, config_cls = getattr(module, model_name), getattr(module, config_name)
     except (ImportError, AttributeError) as err:
         raise UsageError(f"--model {args.model}: cannot import {module_name}.{model_name}/{config_name} ({err})") from err
+    known = config_keys(config_cls) | _CARRIED_CONFIG_KEYS.get(args.model, set())
+    for key in raw:
+        check_config_key(key, known, f"--config {args.config}", config_name)
+    for item in args.set:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        check_config_key(key, known, f"--set {item}", config_name)
+        raw[key] = _parse_value(value)
     expected = getattr(config_cls, "model_type", None)
     given = raw.get("model_type")
     if given is not None and expected and given != expected:
@@ -189,6 +220,29 @@ def load_model_config(args: argparse.Namespace):
     except (TypeError, ValueError) as err:
         raise UsageError(f"--config {args.config} is not a valid {config_name}: {err}") from err
     return model_cls, config
+
+
+def config_keys(config_cls) -> set[str]:
+    """Every key `config_cls` understands: its __init__ arguments and the attributes of a default instance
+    (for Hugging Face configs that includes the PretrainedConfig base keys such as `bos_token_id`)."""
+    params = inspect.signature(config_cls.__init__).parameters
+    keys = {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    try:
+        default = config_cls()
+        keys |= set(default.to_dict() if hasattr(default, "to_dict") else vars(default))
+    except (TypeError, ValueError):
+        pass
+    keys.add("model_type")
+    return keys
+
+
+def check_config_key(key: str, known: set[str], where: str, config_name: str) -> None:
+    """UsageError for a key `config_cls` would silently ignore, naming the closest valid key."""
+    if key in known:
+        return
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(known))}"
+    raise UsageError(f"{where}: unknown {config_name} key {key!r}{hint}")
 
 
 def config_dict(config) -> dict:
@@ -247,14 +301,15 @@ def build_model(model_cls, config, args, rank: int, world: int, device: torch.de
     return model
 
 
-def load_data(args, tokenizer, rank: int, world: int):
+def load_data(args, tokenizer, rank: int, world: int, split: str = "train", dataset: str | None = None):
     """Packed `[N, seq_len]` token array; rank 0 tokenises (cached), the others read its cache."""
     import torch.distributed as dist
 
     from ttt_common.data import load_texts
     from ttt_common.tokenizer import cache_dir
 
-    texts = load_texts(args.dataset, text_field=args.text_field, split="train", max_docs=args.max_docs)
+    texts = load_texts(dataset if dataset is not None else args.dataset, text_field=args.text_field, split=split,
+                       max_docs=args.max_docs if split == "train" else None)
     folder = cache_dir() / "packed"
     if rank == 0:
         data = tokenize_and_pack(texts, tokenizer, args.seq_len, cache_dir=folder)
@@ -265,35 +320,65 @@ def load_data(args, tokenizer, rank: int, world: int):
     return data
 
 
+def data_fingerprint(args, tokenizer, data, source: str | None) -> dict:
+    """What identifies the training data: source spec, tokenizer, and a content hash of the packed tokens
+    (so a resume on other data is refused even when the number and length of sequences match)."""
+    h = hashlib.sha256()
+    step = 1 << 16  # rows per chunk: hashes a memory-mapped array without loading it whole
+    for i in range(0, data.shape[0], step):
+        h.update(np.ascontiguousarray(data[i:i + step]).tobytes())
+    return {"source": source or "stdlib", "max_docs": args.max_docs,
+            "tokenizer": f"{getattr(tokenizer, 'name_or_path', '') or 'gpt2'}|{len(tokenizer)}",
+            "shape": [int(x) for x in data.shape], "sha256": h.hexdigest()}
+
+
+def check_data_fingerprint(saved: dict | None, current: dict) -> None:
+    if saved is None:
+        return  # a checkpoint from before fingerprints: the loader still checks count and length
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+             if saved.get(k) != current.get(k)]
+    if diffs:
+        raise UsageError("--resume: the training data differ from the checkpoint's (" + "; ".join(diffs) + "); resume "
+                         "with the same --dataset, --max-docs, --tokenizer and --seq-len, or start a new --out")
+
+
 # --------------------------------------------------------------------------------------------- loop
 class StopFlag:
-    """Set by SIGTERM (torchrun forwards it to every rank); agreed on by all ranks after each step so they
-    stop at the same step and save one consistent checkpoint."""
+    """Set by SIGTERM or SIGINT (torchrun forwards both to every rank; Ctrl-C reaches the whole process
+    group); agreed on by all ranks after each step so they stop at the same step and save one consistent
+    checkpoint. The same all-reduce carries rank 0's "a time-based save is due", so clocks that differ
+    between ranks never split the ranks."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.raised = False
         self.signal = None
+        self._previous = {}
 
     def install(self) -> None:
         def handler(signum, frame):
             self.raised = True
             self.signal = signum
 
-        self._previous = signal.signal(signal.SIGTERM, handler)
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, handler)
 
     def uninstall(self) -> None:
-        if getattr(self, "_previous", None) is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
-    def agreed(self, device: torch.device) -> bool:
+    def agreed(self, device: torch.device, save_due: bool = False) -> tuple[bool, bool]:
+        """(stop now, save now) as agreed by all ranks: any rank's signal, rank 0's clock."""
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            return self.raised
-        t = torch.tensor([1.0 if self.raised else 0.0], device=device)
+            return self.raised, save_due
+        due = save_due and dist.get_rank() == 0
+        t = torch.tensor([1.0 if self.raised else 0.0, 1.0 if due else 0.0], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return bool(t[0].item() > 0), bool(t[1].item() > 0)
 
 
 def train_step(model, optimizer, loader, args, device, step: int, autocast) -> tuple[float, float]:
@@ -327,6 +412,35 @@ def train_step(model, optimizer, loader, args, device, step: int, autocast) -> t
     return loss_value, norm
 
 
+@torch.no_grad()
+def evaluate(model, eval_data, args, device, rank: int, world: int, autocast) -> dict:
+    """Held-out mean loss (nats/token) and perplexity over a fixed set of sequences.
+
+    The set is the first `eval_batches * batch_size * world` sequences of `eval_data` (fewer when it holds
+    fewer, rounded down to whole global micro-batches), the same at every evaluation; rank r reads its
+    slice of each global micro-batch. Every micro-batch has the same number of targets, so the mean of
+    the per-batch means is the token mean.
+    """
+    import torch.distributed as dist
+
+    global_batch = args.batch_size * world
+    n_batches = min(args.eval_batches, eval_data.shape[0] // global_batch)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device, dtype=torch.float32)
+    for b in range(n_batches):
+        start = b * global_batch + rank * args.batch_size
+        batch = torch.from_numpy(eval_data[start:start + args.batch_size].astype("int64")).to(device)
+        with autocast:
+            total += model(input_ids=batch, labels=batch).loss.detach().float()
+    if dist.is_initialized():
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    model.train(was_training)
+    loss = float(total) / (n_batches * world)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": n_batches * global_batch *
+            (args.seq_len - 1)}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
@@ -358,17 +472,29 @@ def run(args: argparse.Namespace) -> int:
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoints"
     checkpointer = Checkpointer(ckpt_dir, keep=args.keep_checkpoints)
     # decided before any process group exists, so a refused start costs nothing
+    if not distributed or int(os.environ.get("RANK", 0)) == 0:
+        for line in checkpointer.clean_stale():
+            print(f"checkpoints: {line} (left by an interrupted save)", file=sys.stderr)
     existing = checkpointer.latest_step() if ckpt_dir.exists() else None
     if existing is not None and not args.resume:
         raise UsageError(f"--checkpoint-dir {ckpt_dir} already holds a checkpoint (step {existing}); pass --resume "
                          "to continue it, or choose another --checkpoint-dir / --out")
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(force_pg=use_fsdp)
     stop = StopFlag()
     try:
         torch.manual_seed(args.seed)
         data = load_data(args, tokenizer, rank, world)
         loader = PackedLoader(data, args.batch_size, rank=rank, world_size=world, seed=args.seed)
+        data_fp = data_fingerprint(args, tokenizer, data, args.dataset)
+        eval_data = None
+        if args.eval_every:
+            eval_data = load_data(args, tokenizer, rank, world, split="eval", dataset=args.eval_data)
+            if eval_data.shape[0] < args.batch_size * world:
+                raise UsageError(f"the eval data hold {eval_data.shape[0]} sequences, fewer than one global micro-batch "
+                                 f"({args.batch_size} x {world} ranks); give more --eval-data or a shorter --seq-len")
         model = build_model(model_cls, config, args, rank, world, device, use_fsdp)
         optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
                                       betas=(args.beta1, args.beta2), eps=1e-8)
@@ -379,6 +505,7 @@ def run(args: argparse.Namespace) -> int:
         start_step, skipped, tokens_seen = 0, 0, 0
         if args.resume and existing is not None:
             start_step, state = checkpointer.load(model, optimizer, step=existing, fingerprint=fingerprint)
+            check_data_fingerprint(state.get("data_fingerprint"), data_fp)
             loader.load_state_dict(state["loader"])
             set_rng_state(state["rng"], device)
             skipped, tokens_seen = int(state["skipped_steps"]), int(state["tokens_seen"])
@@ -404,7 +531,8 @@ def run(args: argparse.Namespace) -> int:
 
         def save(step: int) -> None:
             state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(device),
-                     "skipped_steps": skipped, "tokens_seen": tokens_seen, "trajectory_args": trajectory_args}
+                     "skipped_steps": skipped, "tokens_seen": tokens_seen, "trajectory_args": trajectory_args,
+                     "data_fingerprint": data_fp}
             path = checkpointer.save(step, model, optimizer, state, fingerprint)
             logger.write(f"saved checkpoint {path}")
 
@@ -415,6 +543,7 @@ def run(args: argparse.Namespace) -> int:
         step = start_step
         stopped_by_signal = False
         last_saved = start_step if start_step else None
+        last_save_time = time.monotonic()
         while step < args.steps:
             lr = lr_at(step, lr=args.lr, warmup_steps=args.warmup_steps, total_steps=args.steps,
                        min_lr_ratio=args.min_lr_ratio)
@@ -432,24 +561,32 @@ def run(args: argparse.Namespace) -> int:
                 skipped += 1
                 logger.write(f"step {step}: non-finite loss {loss} / grad norm {norm}: optimizer step skipped "
                              f"({skipped} skipped so far)")
-            logger.log({"loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": tokens_per_step / dt,
-                        "step_time_s": dt, "peak_mem_gib": peak_memory_gib(device), "skipped_steps": skipped,
-                        "tokens_seen": tokens_seen, "skipped": not finite}, step)
-            if stop.agreed(device):
+            record = {"loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": tokens_per_step / dt,
+                      "step_time_s": dt, "peak_mem_gib": peak_memory_gib(device), "skipped_steps": skipped,
+                      "tokens_seen": tokens_seen, "skipped": not finite}
+            if eval_data is not None and (step % args.eval_every == 0 or step == args.steps):
+                record.update(evaluate(model, eval_data, args, device, rank, world, autocast))
+            logger.log(record, step)
+            time_due = bool(args.checkpoint_minutes) and time.monotonic() - last_save_time >= 60 * args.checkpoint_minutes
+            stop_now, save_now = stop.agreed(device, time_due)
+            if stop_now:
                 stopped_by_signal = True
                 break
-            if args.checkpoint_interval and step % args.checkpoint_interval == 0 and step < args.steps:
+            step_due = bool(args.checkpoint_interval) and step % args.checkpoint_interval == 0
+            if (step_due or save_now) and step < args.steps:
                 save(step)
                 last_saved = step
+                last_save_time = time.monotonic()
         if last_saved != step:
             save(step)
         if stopped_by_signal:
-            logger.write(f"stopped by signal at step {step}; resume with the same command plus --resume")
+            logger.write(f"stopped by signal at step {step}; resume with the same command plus --resume "
+                         f"(exit code {EXIT_PREEMPTED})")
         logger.close(plot=True)
         if rank == 0 and not stopped_by_signal:
             print(f"done: {step} steps, {skipped} skipped; metrics in {out / 'metrics.jsonl'}, plot {out / 'loss.png'}",
                   flush=True)
-        return 0
+        return EXIT_PREEMPTED if stopped_by_signal else 0
     finally:
         stop.uninstall()
         if dist.is_initialized():
@@ -463,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError, FileNotFoundError, ValueError) as err:
         prefix = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
         print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":
