@@ -72,9 +72,14 @@ __all__ = ["UsageError", "main", "build_parser", "run"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--job", default=None, metavar="TOML",
+                   help="job file holding any of these options (tables [model], [data], ... or top level; keys are "
+                        "option names with '_' or '-'); options given on the command line override it")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=sorted(MODELS), default="lact", help="model family (default lact)")
-    m.add_argument("--config", required=True, help="JSON model config (e.g. configs/lact_debug_r2.json)")
+    m.add_argument("--config", default=None,
+                   help="model config: a JSON file, a bundled config name (e.g. lact_debug_r2), or with --model ttt "
+                        "an official preset (125m, 125m-TTT, ..., 1b-TTT)")
     m.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override model-config keys, values parsed as JSON (e.g. --set num_hidden_layers=2)")
     d = p.add_argument_group("data")
@@ -182,14 +187,16 @@ def validate_args(args: argparse.Namespace) -> None:
 def load_model_config(args: argparse.Namespace):
     """The config object of `--model` built from `--config` (+ `--set`), with readable errors."""
     module_name, model_name, config_name = MODELS[args.model]
-    try:
-        path = resolve_config(args.config)
-    except FileNotFoundError as err:
-        raise UsageError(f"--config: {err}") from err
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as err:
-        raise UsageError(f"--config {args.config} is not valid JSON: {err}") from err
+    raw = _preset(args)
+    if raw is None:
+        try:
+            path = resolve_config(args.config)
+        except FileNotFoundError as err:
+            raise UsageError(f"--config: {err}") from err
+        try:
+            raw = json.loads(path.read_text())
+        except ValueError as err:
+            raise UsageError(f"--config {args.config} is not valid JSON: {err}") from err
     if not isinstance(raw, dict):
         raise UsageError(f"--config {args.config} must hold a JSON object, got {type(raw).__name__}")
     try:
@@ -220,6 +227,15 @@ def load_model_config(args: argparse.Namespace):
     except (TypeError, ValueError) as err:
         raise UsageError(f"--config {args.config} is not a valid {config_name}: {err}") from err
     return model_cls, config
+
+
+def _preset(args) -> dict | None:
+    """The config dict of an official TTT preset named by --config (`125m-TTT`, ...), else None."""
+    if args.model != "ttt" or Path(args.config).suffix == ".json" or Path(args.config).exists():
+        return None
+    from official_port.configuration_ttt import CONFIGS
+
+    return dict(CONFIGS[args.config]) if args.config in CONFIGS else None
 
 
 def config_keys(config_cls) -> set[str]:
@@ -593,8 +609,90 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
+def _load_toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the `toml` extra installs tomli
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError as err:
+            raise UsageError("--job needs Python >= 3.11 or the tomli package (pip install 'ttt-toolkit[toml]')") from err
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as err:
+        raise UsageError(f"--job {path}: no such file") from err
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"--job {path} is not valid TOML: {err}") from err
+
+
+def job_defaults(parser: argparse.ArgumentParser, job: str) -> dict:
+    """The options a TOML job file sets, as argparse dests; unknown keys are refused naming the closest option.
+
+    Tables only group keys for the reader (`[model]`, `[data]`, `[optimisation]`, ...): every key must be an
+    option of this CLI, spelt with `_` or `-` (`seq_len` or `seq-len`); `set` is a list of KEY=VALUE strings.
+    """
+    path = resolve_job(job)
+    options = {a.dest: a for a in parser._actions if a.dest not in ("help", "job")}
+    flat: dict = {}
+    for key, value in _load_toml(path).items():
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        for k, v in items:
+            flat[k.replace("-", "_")] = v
+    for key, value in flat.items():
+        if key not in options:
+            close = difflib.get_close_matches(key, sorted(options), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UsageError(f"--job {job}: unknown option {key!r}{hint}")
+        action = options[key]
+        if action.const is not None and action.nargs == 0 and key == "precision":
+            continue
+        if isinstance(action, argparse._StoreTrueAction) and not isinstance(value, bool):
+            raise UsageError(f"--job {job}: {key} must be true or false, got {value!r}")
+        if action.choices is not None and value not in action.choices:
+            raise UsageError(f"--job {job}: {key}={value!r} must be one of {sorted(action.choices)}")
+        if action.type is not None and not isinstance(value, bool) and value is not None:
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError) as err:
+                raise UsageError(f"--job {job}: {key}={value!r} is not a valid {action.type.__name__}") from err
+        flat[key] = value
+    if "precision" in flat and flat["precision"] not in ("bf16", "fp32"):
+        raise UsageError(f"--job {job}: precision={flat['precision']!r} must be 'bf16' or 'fp32'")
+    return flat
+
+
+def resolve_job(job: str) -> Path:
+    """A job file path, or the name of a bundled one (configs/jobs/<name>.toml)."""
+    path = Path(job)
+    if path.is_file():
+        return path
+    bundled = Path(__file__).resolve().parent / "configs" / "jobs" / f"{job}.toml"
+    if bundled.is_file():
+        return bundled
+    return path  # _load_toml reports it missing
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line over job file over defaults."""
+    parser = build_parser()
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--job", default=None)
+    known, _ = peek.parse_known_args(argv)
+    if known.job is not None:
+        parser.set_defaults(**job_defaults(parser, known.job))
+    args = parser.parse_args(argv)
+    if args.config is None:
+        raise UsageError("--config is required (on the command line or in the --job file)")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     try:
         return run(args)
     except (UsageError, CheckpointError, FileNotFoundError, ValueError) as err:

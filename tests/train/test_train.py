@@ -281,6 +281,31 @@ def test_time_based_checkpoints(train_mod, env, tmp_path):
     assert train_mod.build_parser().parse_args(["--config", "x"]).checkpoint_minutes == 30.0
 
 
+def test_job_file_sets_options_cli_overrides_and_typos_are_refused(train_mod, env, tmp_path, capsys):
+    job = tmp_path / "job.toml"
+    job.write_text('[model]\nmodel = "lact"\nconfig = "train_debug_lact"\n[data]\nseq_len = 64\nmax_docs = 20\n'
+                   '[optimisation]\nbatch_size = 1\nsteps = 5\nlr = 3e-3\n[checkpoint]\nno_progress = true\n'
+                   f'out = "{(tmp_path / "run").as_posix()}"\n')
+    args = train_mod.parse_args(["--job", str(job), "--steps", "2"])
+    assert (args.config, args.seq_len, args.batch_size, args.lr, args.steps) == ("train_debug_lact", 64, 1, 3e-3, 2)
+    assert _main(train_mod, ["--job", str(job), "--steps", "2"]) == 0
+    assert [r["step"] for r in _records(tmp_path / "run")] == [1, 2]
+    # the bundled 8-GPU recipe parses and names its model config
+    recipe = train_mod.parse_args(["--job", "tttdr_2-layer-mlp_8gpu"])
+    assert (recipe.seq_len, recipe.grad_accum, recipe.steps, recipe.precision) == (32768, 4, 40960, "bf16")
+    assert train_mod.load_model_config(recipe)[1].r == 2
+    job.write_text(job.read_text().replace("seq_len", "seq_lne"))
+    assert _main(train_mod, ["--job", str(job)]) == 2
+    assert "unknown option 'seq_lne'; did you mean 'seq_len'?" in capsys.readouterr().err
+
+
+def test_official_preset_names_build_the_official_sizes(train_mod):
+    args = train_mod.build_parser().parse_args(["--model", "ttt", "--config", "125m-TTT"])
+    _, config = train_mod.load_model_config(args)
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (12, 768, 12)
+    assert config.seq_modeling_block == "ttt_linear"
+
+
 def test_wrong_text_field_of_local_jsonl(train_mod, env, tmp_path, capsys):
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"content": f"def f{i}(x):\n    return x + {i}\n" * 20}) + "\n" for i in range(8)))
