@@ -318,13 +318,25 @@ def build_model(model_cls, config, args, rank: int, world: int, device: torch.de
 
 
 def load_data(args, tokenizer, rank: int, world: int, split: str = "train", dataset: str | None = None):
-    """Packed `[N, seq_len]` token array; rank 0 tokenises (cached), the others read its cache."""
+    """`[N, seq_len]` token rows: a prepared corpus (memory-mapped shards, streamed), or raw text packed in
+    memory (rank 0 tokenises and caches, the others read its cache)."""
     import torch.distributed as dist
 
     from ttt_common.data import load_texts
+    from ttt_common.shards import TokenShards, is_prepared
     from ttt_common.tokenizer import cache_dir
 
-    texts = load_texts(dataset if dataset is not None else args.dataset, text_field=args.text_field, split=split,
+    source = dataset if dataset is not None else args.dataset
+    if is_prepared(source):
+        shards = TokenShards(source, args.seq_len)
+        ours = f"{getattr(tokenizer, 'name_or_path', '') or 'gpt2'}|{len(tokenizer)}"
+        if shards.index.get("tokenizer") != ours:
+            raise UsageError(f"{source} was tokenised with {shards.index.get('tokenizer')!r} but this run uses "
+                             f"{ours!r} (--tokenizer {args.tokenizer or 'gpt2'}); pass the same --tokenizer")
+        return shards
+    if split == "eval" and dataset is None and is_prepared(args.dataset):
+        raise UsageError(f"--dataset {args.dataset} is a prepared corpus (no eval split): pass --eval-data")
+    texts = load_texts(source, text_field=args.text_field, split=split,
                        max_docs=args.max_docs if split == "train" else None)
     folder = cache_dir() / "packed"
     if rank == 0:
@@ -339,13 +351,17 @@ def load_data(args, tokenizer, rank: int, world: int, split: str = "train", data
 def data_fingerprint(args, tokenizer, data, source: str | None) -> dict:
     """What identifies the training data: source spec, tokenizer, and a content hash of the packed tokens
     (so a resume on other data is refused even when the number and length of sequences match)."""
-    h = hashlib.sha256()
-    step = 1 << 16  # rows per chunk: hashes a memory-mapped array without loading it whole
-    for i in range(0, data.shape[0], step):
-        h.update(np.ascontiguousarray(data[i:i + step]).tobytes())
+    if hasattr(data, "fingerprint"):  # prepared shards: hashed when written, nothing to read now
+        digest = data.fingerprint
+    else:
+        h = hashlib.sha256()
+        step = 1 << 16  # rows per chunk
+        for i in range(0, data.shape[0], step):
+            h.update(np.ascontiguousarray(data[i:i + step]).tobytes())
+        digest = h.hexdigest()
     return {"source": source or "stdlib", "max_docs": args.max_docs,
             "tokenizer": f"{getattr(tokenizer, 'name_or_path', '') or 'gpt2'}|{len(tokenizer)}",
-            "shape": [int(x) for x in data.shape], "sha256": h.hexdigest()}
+            "shape": [int(x) for x in data.shape], "sha256": digest}
 
 
 def check_data_fingerprint(saved: dict | None, current: dict) -> None:
@@ -475,6 +491,8 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(max_pos, int) and args.seq_len > max_pos:
         print(f"warning: --seq-len {args.seq_len} exceeds the config's max_position_embeddings={max_pos}; "
               "positions beyond it were never seen by such a model's design", file=sys.stderr)
+    if args.eval_data is not None and _looks_like_path(args.eval_data) and not Path(args.eval_data).exists():
+        raise UsageError(f"--eval-data {args.eval_data}: no such file or directory")
     if args.dataset is not None and _looks_like_path(args.dataset) and not Path(args.dataset).exists():
         raise UsageError(f"--dataset {args.dataset}: no such file or directory (pass an existing local path, a "
                          "Hugging Face dataset id, or nothing for the standard-library code corpus)")
