@@ -29,6 +29,7 @@ import dataclasses
 import difflib
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import math
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--log-every", type=int, default=10, help="stdout line every N steps (JSONL: every step)")
     c.add_argument("--out", default="results/train", help="run folder: metrics.jsonl, loss.png, checkpoints/")
     c.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    c.add_argument("--log-backend", default="", metavar="NAMES",
+                   help="extra metric sinks, comma-separated: tensorboard (<out>/tensorboard), wandb; "
+                        "metrics.jsonl is always written")
     c.add_argument("--inject-nonfinite", default="", metavar="STEPS",
                    help="debugging: comma-separated 1-based steps whose loss is multiplied by NaN (the step "
                         "must be skipped and counted)")
@@ -178,6 +182,16 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag, value, ok, rule in rules:
         if not ok:
             raise UsageError(f"{flag}={value} must be {rule}")
+    from ttt_common.metrics import BACKENDS
+
+    args.log_backends = [b.strip() for b in args.log_backend.split(",") if b.strip()]
+    for b in args.log_backends:
+        if b not in BACKENDS:
+            close = difflib.get_close_matches(b, sorted(BACKENDS), n=1)
+            raise UsageError(f"--log-backend {b!r} is not one of {sorted(BACKENDS)}"
+                             + (f"; did you mean {close[0]!r}?" if close else ""))
+        if importlib.util.find_spec(b) is None:
+            raise UsageError(f"--log-backend {b} needs the {b} package: pip install {b}")
     try:
         args.nonfinite_steps = {int(s) for s in args.inject_nonfinite.split(",") if s.strip()}
     except ValueError as err:
@@ -548,7 +562,9 @@ def run(args: argparse.Namespace) -> int:
                     print(f"warning: resuming with --{key.replace('_', '-')}={getattr(args, key)} but the checkpoint was "
                           f"written with {value}; the loss trajectory will differ", file=sys.stderr)
         logger = MetricsLogger(out, total_steps=args.steps, start_step=start_step, enabled=rank == 0,
-                               log_every=args.log_every, progress=not args.no_progress)
+                               log_every=args.log_every, progress=not args.no_progress,
+                               backends=args.log_backends, run_config={k: v for k, v in vars(args).items()
+                                                                       if isinstance(v, (int, float, str, bool))})
         n_params = sum(p.numel() for p in model.parameters())
         logger.write(f"model {args.model} ({type(config).__name__}) {n_params / 1e6:.2f}M params | world {world} | "
                      f"device {device.type} | {args.precision} | fsdp {use_fsdp} | AC {args.activation_checkpointing} | "
@@ -558,7 +574,7 @@ def run(args: argparse.Namespace) -> int:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "run_args.json").write_text(json.dumps({k: v for k, v in vars(args).items()
-                                                           if k != "nonfinite_steps"}, indent=1, sort_keys=True))
+                                                           if k not in ("nonfinite_steps", "log_backends")}, indent=1, sort_keys=True))
 
         trajectory_args = {k: getattr(args, k) for k in ("batch_size", "grad_accum", "seq_len", "lr", "warmup_steps",
                                                          "steps", "min_lr_ratio", "clip", "weight_decay", "seed")}

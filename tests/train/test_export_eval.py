@@ -122,3 +122,31 @@ def test_two_rank_sharded_checkpoint_exports_and_evaluates_like_one_process(env,
     m_one, _ = load_checkpoint_model(tmp_path / "one" / "checkpoints")
     for (k, a), (_, b) in zip(m_two.state_dict().items(), m_one.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_tensorboard_backend_records_the_same_numbers_as_the_jsonl(env, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ttt_common import trainer
+
+    out = tmp_path / "tb"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert trainer.main(["--model", "lact", "--config", str(ROOT / "configs/train_debug_lact.json"), *BASE,
+                             "--batch-size", "1", "--log-backend", "tensorboard", "--out", str(out)]) == 0
+    recs = read_jsonl(out / "metrics.jsonl")
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    loss = [(e.step, e.value) for e in acc.Scalars("loss_metrics/loss")]
+    assert [s for s, _ in loss] == [1, 2]
+    assert [v for _, v in loss] == pytest.approx([r["loss"] for r in recs], rel=1e-6)  # stored as float32
+    assert acc.Scalars("eval/loss")[0].value == pytest.approx(recs[-1]["eval_loss"], rel=1e-6)
+
+
+def test_unknown_or_missing_log_backend_is_refused(env, tmp_path, capsys):
+    from ttt_common import trainer
+
+    argv = ["--config", "train_debug_lact", "--steps", "1", "--out", str(tmp_path / "x")]
+    assert trainer.main(argv + ["--log-backend", "tensorbord"]) == 2
+    assert "did you mean 'tensorboard'?" in capsys.readouterr().err
