@@ -421,3 +421,26 @@ def test_activation_checkpointing_keeps_names_outputs_and_gradients():
     assert len(find_blocks(net)) == 3  # still found once wrapped (compile / FSDP come after AC)
     with pytest.raises(ValueError, match="declares no `_no_split_modules`"):
         find_blocks(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_packed_cache_is_capped_lru_and_cleanable(tmp_path, monkeypatch):
+    from ttt_common.packing import main as packing_main
+    from ttt_common.packing import prune_cache
+
+    folder = tmp_path / "packed"
+    folder.mkdir()
+    for i in range(4):
+        f = folder / f"packed-{i}.npy"
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (1000 + i, 1000 + i))  # packed-0 used longest ago
+    stale = folder / ".packed-9.npy.123.tmp"
+    stale.write_bytes(b"x")
+    os.utime(stale, (0, 0))
+    fresh = folder / ".packed-8.npy.456.tmp"  # a writer at work right now: left alone
+    fresh.write_bytes(b"x")
+    removed = prune_cache(folder, max_bytes=2500, keep=folder / "packed-0.npy")
+    assert sorted(p.name for p in removed) == [".packed-9.npy.123.tmp", "packed-1.npy", "packed-2.npy"]
+    assert sorted(p.name for p in folder.iterdir()) == [".packed-8.npy.456.tmp", "packed-0.npy", "packed-3.npy"]
+    monkeypatch.setenv("TTT_CACHE_DIR", str(tmp_path))
+    assert packing_main(["clean"]) == 0
+    assert not list(folder.glob("packed-*.npy"))
