@@ -118,11 +118,12 @@ def test_two_rank_sharded_checkpoint_exports_and_evaluates_like_one_process(env,
         assert trainer.main([*common, "--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
     rec_two, rec_one = (read_jsonl(tmp_path / n / "metrics.jsonl")[-1] for n in ("two", "one"))
     assert abs(rec_two["eval_loss"] - rec_one["eval_loss"]) <= 1e-5 * rec_one["eval_loss"]
-    m_two, _ = load_checkpoint_model(tmp_path / "two" / "checkpoints")
-    m_one, _ = load_checkpoint_model(tmp_path / "one" / "checkpoints")
-    for (k, a), (_, b) in zip(m_two.state_dict().items(), m_one.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
-
+    # the sharded checkpoint exports to a model whose held-out loss is the 2-rank trainer's
+    # (weights are not compared with the 1-process run: Adam's first steps, g / sqrt(g^2), amplify the
+    # reduction-order differences of near-zero gradients; the losses above already agree to 1e-5)
+    loaded = load_checkpoint_model(tmp_path / "two" / "checkpoints")[0]
+    got = _loss(loaded, _eval_sequences(4), batch=2)
+    assert abs(got - rec_two["eval_loss"]) <= 1e-5 * rec_two["eval_loss"], (got, rec_two["eval_loss"])
 
 def test_tensorboard_backend_records_the_same_numbers_as_the_jsonl(env, tmp_path):
     pytest.importorskip("tensorboard")
