@@ -15,6 +15,10 @@ rank sharding, seeded order and exact `(epoch, position)` resume state of packed
 unchanged. The corpus fingerprint (sha256 over the shard hashes, tokenizer and source) is what the
 trainer stores to refuse a resume on other data; it costs nothing at start-up because the shard hashes
 were computed when writing.
+
+Reading needs no data-loader worker processes: a batch is B memcpy's of `seq_len` tokens from the page
+cache (the kernel's read-ahead does the I/O), microseconds against a training step of milliseconds or
+more, and keeping it in the training process keeps the resume state one `(epoch, position)` pair.
 """
 
 from __future__ import annotations

@@ -85,14 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override model-config keys, values parsed as JSON (e.g. --set num_hidden_layers=2)")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default=None,
-                   help="HF dataset id or local file/dir/glob (jsonl, json, txt, arrow, parquet, csv); "
-                        "default: the Python standard library's code")
+                   help="a prepared corpus folder (python -m ttt_common.prepare_data: streamed from memory-mapped "
+                        "shards), an HF dataset id or a local file/dir/glob (jsonl, json, txt, arrow, parquet, csv; "
+                        "read whole into memory); default: the Python standard library's code")
     d.add_argument("--text-field", default="text", help="column holding the text (default text)")
     d.add_argument("--max-docs", type=int, default=None, help="use at most this many documents")
     d.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id; default: GPT-2 BPE, offline")
     d.add_argument("--seq-len", type=int, default=2048, help="tokens per packed sequence (default 2048)")
     d.add_argument("--eval-data", default=None,
-                   help="held-out data (same forms as --dataset); default: the eval split of --dataset")
+                   help="held-out data: a prepared corpus folder (all of it is held out) or a --dataset spec (its "
+                        "eval split); default: the eval split of --dataset")
     d.add_argument("--eval-every", type=int, default=0,
                    help="held-out loss / perplexity every N steps and at the end (0: never; default 0)")
     d.add_argument("--eval-batches", type=int, default=8,
