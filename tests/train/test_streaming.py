@@ -185,3 +185,14 @@ def test_kill9_then_resume_on_a_prepared_corpus_is_bit_exact_and_other_data_refu
     assert [r["step"] for r in got] == list(range(1, 9))
     assert [r["loss"] for r in got] == [r["loss"] for r in ref]
     assert [r.get("eval_loss") for r in got] == [r.get("eval_loss") for r in ref]
+
+
+def test_prepare_data_cli_bad_input_is_one_line_exit_2(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.rs").write_text("fn main() {}\n")
+    proc = subprocess.run([sys.executable, "-m", "ttt_common.prepare_data", "--dataset", str(tmp_path / "src"),
+                           "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "name the file extensions to read with --ext" in proc.stderr
+    assert not (tmp_path / "o").exists()
