@@ -7,6 +7,7 @@
 #                                                     # cosine over 40,960 steps, clip 1.0, compile, AC
 #   bash scripts/train_tttdr_2-layer-mlp.sh cpu       # tiny LaCT r=2 on the CPU, under a minute
 #
+# GPU mode runs the job file configs/jobs/tttdr_2-layer-mlp_8gpu.toml (every option of the recipe).
 # Anything after the mode is passed on to scripts/train.py (e.g. --steps 100 --no-progress).
 # Environment overrides (GPU mode): NGPU (8), CONFIG, DATASET (HF id or local path; default: the
 # Python standard library, far too small for 40,960 x 1M tokens: set it), TEXT_FIELD (text),
@@ -40,21 +41,13 @@ case "$MODE" in
     CONFIG="${CONFIG:-configs/816M_lact_swiglu_nh4_fwlow_rank_momentum_r2_e2e.json}"
     TOKENIZER="${TOKENIZER:-fla-hub/transformer-1.3B-100B}"
     OUT="${OUT:-results/tttdr_2-layer-mlp}"
-    BS=1            # sequences per GPU per micro-batch
-    SEQ_LEN=32768   # tokens per sequence
-    ACCUM=4         # micro-batches per optimizer step: 8 GPUs x 4 x 32K = 1M tokens per step
-    LR=1e-3
-    WARMUP=1024
-    STEPS=40960
+    # every training option lives in the job file; the environment overrides above go on the command line
     DATA_ARGS=()
     if [[ -n "${DATASET:-}" ]]; then DATA_ARGS=(--dataset "$DATASET" --text-field "${TEXT_FIELD:-text}"); fi
     export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((NGPU - 1)))}"
     exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" scripts/train.py \
-      --model lact --config "$CONFIG" --tokenizer "$TOKENIZER" "${DATA_ARGS[@]}" \
-      --seq-len "$SEQ_LEN" --batch-size "$BS" --grad-accum "$ACCUM" \
-      --lr "$LR" --warmup-steps "$WARMUP" --steps "$STEPS" --min-lr-ratio 0.1 \
-      --clip 1.0 --weight-decay 0.1 --bf16 --compile --activation-checkpointing \
-      --checkpoint-interval 1000 --log-every 10 --out "$OUT" --resume "$@"
+      --job configs/jobs/tttdr_2-layer-mlp_8gpu.toml \
+      --config "$CONFIG" --tokenizer "$TOKENIZER" "${DATA_ARGS[@]}" --out "$OUT" "$@"
     ;;
   cpu)
     OUT="${OUT:-results/tttdr_2-layer-mlp_cpu}"

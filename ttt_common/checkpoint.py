@@ -178,6 +178,35 @@ class Checkpointer:
         steps = self.complete_steps()
         return steps[-1] if steps else None
 
+    def clean_stale(self) -> list[str]:
+        """Remove what a crash mid-save left behind; rank 0 only, before training. Returns what it did.
+
+        `step-N.tmp` folders were never complete (meta.json is written into them last and they are never
+        read), so they are deleted. A `step-N.old` folder exists only between the two renames that replace
+        a re-saved step: when `step-N` is missing, `.old` is the complete previous save and is moved back;
+        otherwise it is a leftover and is deleted.
+        """
+        done: list[str] = []
+        if _rank() != 0 or not self.folder.is_dir():
+            return done
+        for p in sorted(self.folder.iterdir()):
+            if not p.is_dir():
+                continue
+            if p.name.endswith(".tmp") and _STEP_RE.match(p.name[:-4]):
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed incomplete {p.name}")
+            elif p.name.endswith(".old") and _STEP_RE.match(p.name[:-4]):
+                final = p.with_name(p.name[:-4])
+                if not final.exists() and (p / META).is_file():
+                    os.rename(p, final)
+                    done.append(f"restored {final.name} from {p.name}")
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+                    done.append(f"removed leftover {p.name}")
+        if done:
+            _fsync_dir(self.folder)
+        return done
+
     # ---------------------------------------------------------------- save
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
              train_state: dict, fingerprint: dict) -> Path:

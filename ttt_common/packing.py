@@ -17,10 +17,51 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# the packed-array cache is keyed by content (texts, tokenizer, seq_len), so its entries never go stale, but
+# every new corpus / seq_len adds one: least recently used entries beyond this size are deleted
+DEFAULT_CACHE_CAP_BYTES = int(float(os.environ.get("TTT_PACKED_CACHE_GB", "4")) * 2**30)
+_TMP_MAX_AGE_S = 3600  # a `.tmp` older than this was left by a killed writer (live writers take seconds)
+
+
+def prune_cache(folder: str | os.PathLike, max_bytes: int = DEFAULT_CACHE_CAP_BYTES, keep: Path | None = None) -> list[Path]:
+    """Delete least recently used `packed-*.npy` entries until the folder holds <= `max_bytes`, and `.tmp`
+    files left by killed writers. `keep` (the entry just used) is never deleted. Returns what was deleted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for tmp in folder.glob(".packed-*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > _TMP_MAX_AGE_S:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    entries = []
+    for f in folder.glob("packed-*.npy"):
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            continue
+        entries.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in entries)
+    for _, size, f in sorted(entries):  # oldest use first
+        if total <= max_bytes:
+            break
+        if keep is not None and f == keep:
+            continue
+        f.unlink(missing_ok=True)
+        removed.append(f)
+        total -= size
+    return removed
 
 
 def tokenize_and_pack(texts: list[str], tokenizer, seq_len: int, cache_dir: str | os.PathLike | None = None,
@@ -56,6 +97,7 @@ def tokenize_and_pack(texts: list[str], tokenizer, seq_len: int, cache_dir: str 
                 # memory-mapped: ranks share the page cache instead of each holding a copy
                 arr = np.load(cache_file, mmap_mode="r")
                 if arr.ndim == 2 and arr.shape[1] == seq_len:
+                    os.utime(cache_file)  # mark as recently used for prune_cache
                     return arr
             except (OSError, ValueError):
                 pass  # a damaged cache entry is rebuilt below
@@ -76,6 +118,7 @@ def tokenize_and_pack(texts: list[str], tokenizer, seq_len: int, cache_dir: str 
         with open(tmp, "wb") as f:  # file object: np.save would otherwise append ".npy" to the tmp name
             np.save(f, arr)
         os.replace(tmp, cache_file)  # atomic: concurrent ranks never read half a file
+        prune_cache(cache_file.parent, keep=cache_file)
     return arr
 
 
@@ -149,3 +192,28 @@ class PackedLoader:
         self.position = int(state["position"])
         self.seed = int(state.get("seed", self.seed))
         self._order = self._permutation(self.epoch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ttt_common.packing clean [--max-gb G]`: empty (or shrink) the packed-data cache."""
+    import argparse
+
+    from ttt_common.tokenizer import cache_dir
+
+    p = argparse.ArgumentParser(prog="python -m ttt_common.packing", description=main.__doc__)
+    p.add_argument("command", choices=["clean"])
+    p.add_argument("--max-gb", type=float, default=0.0, help="keep the most recently used entries up to this size "
+                                                             "(default 0: delete all)")
+    args = p.parse_args(argv)
+    if args.max_gb < 0:
+        raise ValueError(f"--max-gb={args.max_gb} must be >= 0")
+    folder = cache_dir() / "packed"
+    removed = prune_cache(folder, int(args.max_gb * 2**30))
+    print(f"{folder}: removed {len(removed)} files")
+    return 0
+
+
+if __name__ == "__main__":
+    from ttt_common.cli import run_cli
+
+    sys.exit(run_cli(main, prog="python -m ttt_common.packing"))

@@ -130,3 +130,20 @@ def test_keep_prunes_oldest_and_meta_records_files(tmp_path):
     assert meta["step"] == 3 and meta["world_size"] == 1
     assert set(meta["files"]) == set(meta["crc32"]) and ".metadata" in meta["files"]
     assert any(name.endswith(".distcp") for name in meta["files"])
+
+
+def test_clean_stale_removes_tmp_and_old_and_restores_an_interrupted_replace(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ck")
+    _save(ckpt, 1)
+    _save(ckpt, 2)
+    # a crash mid-save of step 3 (.tmp), a leftover .old of step 1, and a crash between the two renames that
+    # replace step 2 (step-2 moved to .old, the new one not yet in place)
+    shutil.copytree(ckpt.step_dir(1), tmp_path / "ck" / "step-00000003.tmp")
+    shutil.copytree(ckpt.step_dir(1), tmp_path / "ck" / "step-00000001.old")
+    (tmp_path / "ck" / "step-00000002").rename(tmp_path / "ck" / "step-00000002.old")
+    done = ckpt.clean_stale()
+    assert done == ["removed leftover step-00000001.old", "restored step-00000002 from step-00000002.old",
+                    "removed incomplete step-00000003.tmp"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [LATEST, "step-00000001", "step-00000002"]
+    assert _load(ckpt)[0] == 2
+    assert ckpt.clean_stale() == []

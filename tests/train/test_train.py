@@ -181,11 +181,14 @@ def test_kill9_then_resume_reproduces_uninterrupted_losses(train_mod, env, tmp_p
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in reference_run]
 
 
-@pytest.mark.slow  # ~10 s on two idle cores, up to ~40 s on a loaded machine
-def test_sigterm_saves_a_checkpoint_then_resume_continues(train_mod, env, tmp_path, reference_run):
+@pytest.mark.slow  # ~10 s each on two idle cores, up to ~40 s on a loaded machine
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_signal_saves_a_checkpoint_exits_75_then_resume_continues(train_mod, env, tmp_path, reference_run, sig):
+    from ttt_common.cli import EXIT_PREEMPTED
+
     out = tmp_path / "terminated"
-    proc = _start_and_interrupt(out, env, signal.SIGTERM)
-    assert proc.returncode == 0, proc.stderr_text[-2000:]
+    proc = _start_and_interrupt(out, env, sig)
+    assert proc.returncode == EXIT_PREEMPTED == 75, proc.stderr_text[-2000:]
     stopped = _records(out)[-1]["step"]
     assert stopped < 8 and f"stopped by signal at step {stopped}" in proc.stdout_text
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{stopped:08d}"  # saved at exit
@@ -232,13 +235,75 @@ def test_mid_save_crash_is_ignored_and_bad_checkpoints_refused(train_mod, env, t
     (["--set", "vocab_size=1000"], "vocab_size=1000 does not cover the tokenizer's 50257 tokens"),
     (["--dataset", "missing_dir/data.jsonl"], "--dataset missing_dir/data.jsonl: no such file"),
     (["--steps", "0"], "--steps=0 must be >= 1"),
+    (["--set", "hidden_sise=128"], "unknown LaCTSWIGLUConfig key 'hidden_sise'; did you mean 'hidden_size'?"),
+    (["--threads", "0"], "--threads=0 must be >= 1"),
     (["--max-docs", "1", "--seq-len", "1000000"], "fewer than one sequence of seq_len=1000000"),
 ], ids=["missing-config", "invalid-config", "wrong-model-type", "vocab-too-small", "missing-data", "bad-steps",
-        "too-little-data"])
+        "unknown-set-key", "bad-threads", "too-little-data"])
 def test_bad_inputs_exit_2_with_a_clear_message(train_mod, env, tmp_path, capsys, extra, message):
     argv = BASE + ["--steps", "1", "--out", str(tmp_path / "x")] + extra
     assert _main(train_mod, argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_unknown_key_in_a_json_config_is_refused(train_mod, env, tmp_path, capsys):
+    cfg = json.loads(LACT_CFG.read_text())
+    cfg["num_attn_head"] = 4  # typo of num_attn_heads: once silently ignored
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(cfg))
+    argv = BASE + ["--steps", "1", "--out", str(tmp_path / "x")]
+    assert _main(train_mod, [*argv, "--config", str(path)]) == 2
+    assert "unknown LaCTSWIGLUConfig key 'num_attn_head'; did you mean 'num_attn_heads'?" in capsys.readouterr().err
+
+
+def test_resume_on_other_data_of_the_same_size_is_refused(train_mod, env, tmp_path, capsys):
+    """Two corpora with the same token count (one digit differs per document): count and length match,
+    the content hash does not."""
+    docs = [f"def f{i}(x):\n    return x + {i % 10}\n" * 30 for i in range(6)]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    b.write_text("".join(json.dumps({"text": d.replace("x + 3", "x + 4")}) + "\n" for d in docs))
+    argv = BASE + ["--batch-size", "1", "--out", str(tmp_path / "run")]
+    assert _main(train_mod, argv + ["--steps", "1", "--dataset", str(a)]) == 0
+    assert _main(train_mod, argv + ["--steps", "2", "--dataset", str(b), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "the training data differ from the checkpoint's" in err and "sha256" in err and "source" in err
+    assert _main(train_mod, argv + ["--steps", "2", "--dataset", str(a), "--resume"]) == 0
+
+
+def test_time_based_checkpoints(train_mod, env, tmp_path):
+    """--checkpoint-minutes (default 30) saves once that much time passed since the last save."""
+    out = tmp_path / "timed"
+    argv = BASE + ["--batch-size", "1", "--steps", "3", "--checkpoint-minutes", "1e-9", "--keep-checkpoints", "5",
+                   "--out", str(out)]
+    assert _main(train_mod, argv) == 0
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == [f"step-0000000{i}" for i in (1, 2, 3)]
+    assert train_mod.build_parser().parse_args(["--config", "x"]).checkpoint_minutes == 30.0
+
+
+def test_job_file_sets_options_cli_overrides_and_typos_are_refused(train_mod, env, tmp_path, capsys):
+    job = tmp_path / "job.toml"
+    job.write_text('[model]\nmodel = "lact"\nconfig = "train_debug_lact"\n[data]\nseq_len = 64\nmax_docs = 20\n'
+                   '[optimisation]\nbatch_size = 1\nsteps = 5\nlr = 3e-3\n[checkpoint]\nno_progress = true\n'
+                   f'out = "{(tmp_path / "run").as_posix()}"\n')
+    args = train_mod.parse_args(["--job", str(job), "--steps", "2"])
+    assert (args.config, args.seq_len, args.batch_size, args.lr, args.steps) == ("train_debug_lact", 64, 1, 3e-3, 2)
+    assert _main(train_mod, ["--job", str(job), "--steps", "2"]) == 0
+    assert [r["step"] for r in _records(tmp_path / "run")] == [1, 2]
+    # the bundled 8-GPU recipe parses and names its model config
+    recipe = train_mod.parse_args(["--job", "tttdr_2-layer-mlp_8gpu"])
+    assert (recipe.seq_len, recipe.grad_accum, recipe.steps, recipe.precision) == (32768, 4, 40960, "bf16")
+    assert train_mod.load_model_config(recipe)[1].r == 2
+    job.write_text(job.read_text().replace("seq_len", "seq_lne"))
+    assert _main(train_mod, ["--job", str(job)]) == 2
+    assert "unknown option 'seq_lne'; did you mean 'seq_len'?" in capsys.readouterr().err
+
+
+def test_official_preset_names_build_the_official_sizes(train_mod):
+    args = train_mod.build_parser().parse_args(["--model", "ttt", "--config", "125m-TTT"])
+    _, config = train_mod.load_model_config(args)
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (12, 768, 12)
+    assert config.seq_modeling_block == "ttt_linear"
 
 
 def test_wrong_text_field_of_local_jsonl(train_mod, env, tmp_path, capsys):
@@ -356,3 +421,26 @@ def test_activation_checkpointing_keeps_names_outputs_and_gradients():
     assert len(find_blocks(net)) == 3  # still found once wrapped (compile / FSDP come after AC)
     with pytest.raises(ValueError, match="declares no `_no_split_modules`"):
         find_blocks(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_packed_cache_is_capped_lru_and_cleanable(tmp_path, monkeypatch):
+    from ttt_common.packing import main as packing_main
+    from ttt_common.packing import prune_cache
+
+    folder = tmp_path / "packed"
+    folder.mkdir()
+    for i in range(4):
+        f = folder / f"packed-{i}.npy"
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (1000 + i, 1000 + i))  # packed-0 used longest ago
+    stale = folder / ".packed-9.npy.123.tmp"
+    stale.write_bytes(b"x")
+    os.utime(stale, (0, 0))
+    fresh = folder / ".packed-8.npy.456.tmp"  # a writer at work right now: left alone
+    fresh.write_bytes(b"x")
+    removed = prune_cache(folder, max_bytes=2500, keep=folder / "packed-0.npy")
+    assert sorted(p.name for p in removed) == [".packed-9.npy.123.tmp", "packed-1.npy", "packed-2.npy"]
+    assert sorted(p.name for p in folder.iterdir()) == [".packed-8.npy.456.tmp", "packed-0.npy", "packed-3.npy"]
+    monkeypatch.setenv("TTT_CACHE_DIR", str(tmp_path))
+    assert packing_main(["clean"]) == 0
+    assert not list(folder.glob("packed-*.npy"))
