@@ -24,7 +24,7 @@ import json
 import math
 from pathlib import Path
 
-from ponder.runner import add_arguments, run_experiment
+from ponder.runner import add_arguments, identity_hash, run_experiment, run_identity
 from ponder.types import ACTIONS
 
 DEFAULT_LAYERS = ("official-linear", "official-mlp", "ponder-simple")
@@ -139,7 +139,11 @@ def _load_summary(run_dir: Path, returned: dict) -> dict:
 
 def compare(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    tag = args.tag or (f"{Path(args.base).name}-c{args.chunk_size}-s{args.steps}-r{args.target_rate:g}")
+    opts = copy.copy(args)
+    del opts.layers, opts.tag
+    opts.ttt_layer = ",".join(args.layers)  # every option but the layer is shared: hash them all
+    tag = args.tag or (f"{Path(args.base).name}-c{args.chunk_size}-s{args.steps}-r{args.target_rate:g}-"
+                       f"{identity_hash(run_identity(opts))}")
     out_dir = Path(args.out) / f"compare_{tag}"
     runs: dict[str, dict] = {}
     for layer in args.layers:

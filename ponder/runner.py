@@ -22,6 +22,7 @@ budgeted oracle only), then per eval document `reset` and per chunk: context (+ 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -61,7 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--train-mode", default="UPDATE_1", choices=[a for a in ACTIONS if a != "SKIP"])
     g.add_argument("--aux-recon-weight", type=float, default=0.0)
-    g.add_argument("--retrain", action="store_true", help="ignore a finished checkpoint in the run folder")
+    g.add_argument("--overwrite", "--retrain", dest="overwrite", action="store_true",
+                   help="delete the run folder's earlier results (checkpoint, tables) when its options differ, "
+                        "and train afresh; without it a run folder is only ever resumed with identical options")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--mode", default="UPDATE_1", choices=MODES,
                    help="the requested mode (ADAPTIVE: the --gate specs); all fixed modes are always run too")
@@ -89,18 +92,57 @@ def default_args(**overrides) -> argparse.Namespace:
     return args
 
 
+# options that change no number of the run: they are not part of its identity
+NOT_IDENTITY = ("out", "run_name", "cache_dir", "threads", "no_progress", "overwrite")
+
+
+def run_identity(args: argparse.Namespace) -> dict:
+    """Every option that can change a number of the run (all but `NOT_IDENTITY`), JSON-normalised."""
+    return json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in NOT_IDENTITY}))
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or any(s.endswith(e) for e in (".json", ".jsonl", ".txt", ".py", ".arrow",
+                                                                          ".parquet", ".csv", "*"))
+
+
 def _validate(args: argparse.Namespace) -> None:
+    """Check every option, file and gate spec before anything expensive (loading, caching, training)."""
     if args.chunk_size < 2:
         raise ValueError(f"--chunk-size {args.chunk_size} must be >= 2")
-    for name in ("max_train_docs", "max_eval_docs", "max_chunks_per_doc", "min_doc_chunks"):
+    for name in ("max_train_docs", "max_eval_docs", "max_chunks_per_doc", "min_doc_chunks", "mini_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    for name in ("steps", "num_heads", "threads"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
+    for name in ("lr", "ttt_base_lr", "simple_inner_lr"):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"--{name.replace('_', '-')} {v} must be a finite number > 0")
+    for name in ("weight_decay", "aux_recon_weight"):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} {v} must be a finite number >= 0")
     if args.min_doc_chunks > args.max_chunks_per_doc:
         raise ValueError(f"--min-doc-chunks {args.min_doc_chunks} > --max-chunks-per-doc {args.max_chunks_per_doc}")
     if not 0.0 < args.target_rate <= 1.0:
         raise ValueError(f"--target-rate {args.target_rate} must be in (0, 1]")
     if args.mode != "ADAPTIVE" and args.gate:
         raise ValueError(f"--gate is for --mode ADAPTIVE (got --mode {args.mode}); the fixed modes need no gate")
+    if args.base not in ("auto",) and _looks_like_path(args.base) and not Path(args.base).expanduser().exists():
+        raise FileNotFoundError(f"--base {args.base}: no such folder (give a model folder, a hub id or 'auto')")
+    if args.dataset and args.dataset != "stdlib" and _looks_like_path(args.dataset):
+        import glob
+
+        if not glob.glob(str(Path(args.dataset).expanduser())):
+            raise FileNotFoundError(f"--dataset {args.dataset}: no such file, folder or glob match")
+    for spec in _gate_specs(args):  # builds each gate (cheap): an unknown spec fails now, not after training
+        _build_gate(spec, args)
 
 
 def _short(name: str) -> str:
@@ -179,6 +221,7 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
     from ponder.adaptive import AdaptiveConfig, AdaptiveLM
     from ponder.backbone import default_cache_dir, load_backbone
     from ponder.env import PonderEnv
+    from ponder.storage import DamagedFileError
     from ponder.train import TrainConfig, load_checkpoint, train
 
     if isinstance(args, dict):
@@ -189,18 +232,22 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    identity = run_identity(args)
+    run_name = args.run_name or (f"{args.ttt_layer}-{_short(args.base)}-c{args.chunk_size}-s{args.steps}-"
+                                 f"{identity_hash(identity)}")
+    run_dir = Path(args.out) / run_name
+    claim_run_dir(run_dir, identity, args.overwrite)  # before the expensive part: a clash stops here
 
     backbone = load_backbone(args.base, cache_dir)
     print(f"[run] base model: {backbone.name} -- {backbone.reason}", flush=True)
+    from ponder.cache import model_fingerprint
+
+    claim_run_dir(run_dir, identity, args.overwrite, model=model_fingerprint(backbone))
     train_docs, eval_docs = _load_data(args, backbone, cache_dir)
     n_train = sum(len(d.chunks) for d in train_docs)
     n_eval = sum(len(d.chunks) for d in eval_docs)
     print(f"[run] data: {len(train_docs)} train docs ({n_train} chunks), {len(eval_docs)} held-out docs "
           f"({n_eval} chunks), chunk size {args.chunk_size}", flush=True)
-
-    run_name = args.run_name or f"{args.ttt_layer}-{_short(backbone.name)}-c{args.chunk_size}-s{args.steps}"
-    run_dir = Path(args.out) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     acfg = AdaptiveConfig(hidden_size=backbone.hidden_size, layer=args.ttt_layer, num_heads=args.num_heads,
                           mini_batch_size=args.mini_batch_size, ttt_base_lr=args.ttt_base_lr,
@@ -210,12 +257,25 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
                        seed=args.seed, save_every=max(1, min(25, args.steps)))
     model = AdaptiveLM(acfg, backbone.embedding)
     data_id = [d.doc_id for d in train_docs]
-    ck = load_checkpoint(run_dir)
-    if ck is not None and (args.retrain or ck.get("adaptive_config") != acfg.to_dict()
+    try:
+        ck = load_checkpoint(run_dir)
+    except DamagedFileError as err:
+        if not args.overwrite:
+            raise ValueError(f"{err}; rerun with --overwrite to delete it and train afresh") from err
+        print(f"[run] --overwrite: deleting the damaged {run_dir / 'ckpt.pt'}", flush=True)
+        (run_dir / "ckpt.pt").unlink()
+        ck = None
+    if ck is not None and (ck.get("adaptive_config") != acfg.to_dict()
                            or json.loads(json.dumps(ck.get("train_config"))) != _jsonable(tcfg)
                            or (ck.get("extra") or {}).get("data_id") != data_id):
-        print(f"[run] {run_dir}/ckpt.pt does not match this configuration (or --retrain): training afresh", flush=True)
+        if not args.overwrite:
+            raise ValueError(f"{run_dir / 'ckpt.pt'} was trained with another configuration or other training "
+                             "documents than this run's options give (the data changed?); rerun with --overwrite "
+                             "to delete it and train afresh, or choose another --run-name")
+        print(f"[run] --overwrite: {run_dir / 'ckpt.pt'} does not match this configuration: training afresh",
+              flush=True)
         (run_dir / "ckpt.pt").unlink()
+        ck = None
     start_step = ck["step"] if ck is not None and (run_dir / "ckpt.pt").exists() else 0
     t0 = time.perf_counter()
     if ck is not None and (run_dir / "ckpt.pt").exists():
@@ -279,6 +339,59 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
     print((run_dir / "results.md").read_text(), flush=True)
     print(f"[run] wrote {run_dir} ({summary['total_s']:.0f} s total)", flush=True)
     return summary
+
+
+RUN_FILE = "run.json"
+
+
+def claim_run_dir(run_dir: Path, identity: dict, overwrite: bool = False, model: str | None = None) -> None:
+    """Make `run_dir` this run's folder: resume it when its recorded options are `identity`, else stop.
+
+    `run.json` records the options (and, once loaded, the base model's content fingerprint `model`).
+    A folder holding results of other options (or of an unknown run) is left untouched and a
+    ValueError names the differing options, unless `overwrite`: then its contents are deleted.
+    """
+    path = run_dir / RUN_FILE
+    record = {"options": identity, "model_fingerprint": model}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {"options": None}
+        diff = sorted(k for k in set(identity) | set(old.get("options") or {})
+                      if (old.get("options") or {}).get(k, "<unset>") != identity.get(k, "<unset>"))
+        if old.get("options") is None:
+            diff = ["<unreadable run.json>"]
+        if model is not None and old.get("model_fingerprint") not in (None, model):
+            diff.append("base model weights")
+        if not diff:
+            if model is not None and old.get("model_fingerprint") is None:
+                _write_json_atomic(path, record)
+            return
+        if not overwrite:
+            shown = ", ".join(f"{k}: {(old.get('options') or {}).get(k, '<unset>')!r} -> {identity.get(k, '<unset>')!r}"
+                              if k in identity or k in (old.get("options") or {}) else k for k in diff[:6])
+            raise ValueError(f"run folder {run_dir} holds a run with other options ({shown}); choose another "
+                             "--run-name (or leave it unset: the default name hashes the options) or pass "
+                             "--overwrite to delete its results")
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise ValueError(f"run folder {run_dir} holds results without a {RUN_FILE} (an older version or another "
+                         "program); choose another --run-name or pass --overwrite to delete them")
+    if overwrite and run_dir.exists() and (path.exists() or any(run_dir.iterdir())):
+        old_ok = path.exists() and json.loads(path.read_text()).get("options") == identity
+        if not old_ok:
+            print(f"[run] --overwrite: deleting the earlier results in {run_dir}", flush=True)
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(path, record)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def _jsonable(cfg) -> dict:

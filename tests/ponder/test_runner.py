@@ -4,6 +4,7 @@ random GPT-2, plus the evaluation protocol with a stand-in gate."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,12 +109,81 @@ def test_run_writes_all_outputs(tiny_run):
 
 def test_rerun_reuses_checkpoint_and_cache(tiny_run, capsys):
     summary, run_dir, args = tiny_run
-    again = run_experiment(dict(args, compare_gates=""))
+    again = run_experiment(dict(args))
     printed = capsys.readouterr().out
     assert "[cache] train: reused" in printed and "reusing" in printed
     for mode in ("fixed:SKIP", "fixed:UPDATE_1"):
         key = mode if mode in again["gates"] else mode.split(":")[1]
         assert again["gates"][key]["loss"] == pytest.approx(summary["gates"][key]["loss"], abs=1e-9)
+
+
+def test_run_folder_with_other_options_is_never_overwritten(tiny_run):
+    _, run_dir, args = tiny_run
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    for change in (dict(seed=1), dict(lr=2e-3), dict(compare_gates="")):
+        with pytest.raises(ValueError, match="holds a run with other options") as err:
+            run_experiment(dict(args, **change))
+        assert next(iter(change)) in str(err.value)
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert after == before  # nothing deleted or rewritten
+
+
+def test_default_run_names_differ_by_every_numeric_option():
+    from ponder.runner import identity_hash, run_identity
+
+    base = identity_hash(run_identity(default_args()))
+    for change in (dict(seed=1), dict(lr=2e-3), dict(dataset="x.jsonl"), dict(max_train_docs=9),
+                   dict(aux_recon_weight=0.1), dict(target_rate=0.3)):
+        assert identity_hash(run_identity(default_args(**change))) != base, change
+    for same in (dict(out="elsewhere"), dict(threads=1), dict(no_progress=True), dict(overwrite=True)):
+        assert identity_hash(run_identity(default_args(**same))) == base, same
+
+
+def test_overwrite_deletes_and_retrains(tmp_path, tiny_run):
+    _, run_dir, args = tiny_run
+    out = tmp_path / "res"
+    shutil.copytree(run_dir, out / "tiny")
+    summary = run_experiment(dict(args, out=str(out), seed=1, compare_gates="", overwrite=True))
+    assert summary["train_config"]["seed"] == 1
+    assert json.loads((out / "tiny" / "run.json").read_text())["options"]["seed"] == 1
+
+
+def test_damaged_checkpoint_is_refused_and_damaged_cache_rebuilt(tmp_path, tiny_run, capsys):
+    _, run_dir, args = tiny_run
+    out = tmp_path / "res"
+    shutil.copytree(run_dir, out / "tiny")
+    shutil.copytree(Path(args["cache_dir"]), tmp_path / "cache")
+    run_args = dict(args, out=str(out), cache_dir=str(tmp_path / "cache"))  # same identity: out/cache are not in it
+    ck = out / "tiny" / "ckpt.pt"
+    data = bytearray(ck.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    ck.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="ckpt.pt is damaged"):
+        run_experiment(run_args)
+    assert ck.read_bytes() == bytes(data)  # refused, not deleted
+    # damaged cache entries: truncated; a leftover temporary file from a killed writer
+    entries = sorted((tmp_path / "cache" / "ponder").glob("*.pt"))
+    assert entries
+    for e in entries:
+        e.write_bytes(e.read_bytes()[:100])
+    (tmp_path / "cache" / "ponder" / ".x.pt.999999999.tmp").write_bytes(b"half")
+    capsys.readouterr()
+    run_experiment(dict(run_args, overwrite=True))
+    printed = capsys.readouterr().out
+    assert "rebuilding it" in printed and "leftover temporary file" in printed
+    assert not list((tmp_path / "cache" / "ponder").glob(".*.tmp"))
+
+
+def test_bad_specs_and_files_fail_before_anything_expensive(tmp_path):
+    cache = tmp_path / "cache"
+    for kw, msg in ((dict(compare_gates="recon,nope"), "unknown gate spec 'nope'"),
+                    (dict(mode="ADAPTIVE", gate=["recon:UPDATE_9"]), "UPDATE_9"),
+                    (dict(dataset="./missing.jsonl"), "--dataset ./missing.jsonl"),
+                    (dict(base="./no-such-model"), "--base ./no-such-model"),
+                    (dict(lr=-1.0), "--lr -1.0"), (dict(mini_batch_size=0), "--mini-batch-size 0")):
+        with pytest.raises((ValueError, FileNotFoundError), match=msg.replace(".", r"\.")):
+            run_experiment(dict(kw, cache_dir=str(cache), out=str(tmp_path / "out")))
+    assert not cache.exists() and not (tmp_path / "out").exists()  # nothing loaded, cached or written
 
 
 def test_bad_arguments():
