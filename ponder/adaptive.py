@@ -104,7 +104,9 @@ class _OfficialAdapter(nn.Module):
         self.layer = TTT_LAYERS[name](self.config)
 
     def forward(self, x, state, inner_steps):
-        out, stats, new_state = self.layer(x, state=state, output_ttt_stats=True, inner_steps=inner_steps)
+        # STATIC (inner_steps=0): every inner learning rate x 0, so each update subtracts exactly 0
+        out, stats, new_state = self.layer(x, state=state, output_ttt_stats=True, inner_steps=max(1, inner_steps),
+                                           ttt_lr_mult=1.0 if inner_steps else 0.0)
         return out, official_recon_loss(stats, x.shape[0]), new_state
 
 
@@ -143,7 +145,9 @@ class AdaptiveLM(nn.Module):
         Args:
             hidden: [B, T, D] backbone last hidden states.
             state: carried TTT state (None: fresh from the slow weights).
-            inner_steps: k of UPDATE_k (>= 1).
+            inner_steps: k of UPDATE_k (>= 1), or 0 for STATIC: the layer with its inner updates
+                off (every token read by the carried fast weights; the returned state's fast weights
+                are the carried ones).
 
         Returns:
             adapted hidden [B, T, D], per-sequence reconstruction loss [B] (each mini-batch's
@@ -151,8 +155,9 @@ class AdaptiveLM(nn.Module):
         """
         if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
             raise ValueError(f"hidden must be [B, T, D={self.config.hidden_size}], got {tuple(hidden.shape)}")
-        if not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(f"inner_steps={inner_steps!r} must be an int >= 1 (SKIP does not call the layer)")
+        if not isinstance(inner_steps, int) or inner_steps < 0:
+            raise ValueError(f"inner_steps={inner_steps!r} must be an int >= 0 (0: STATIC; SKIP does not call "
+                             "the layer)")
         out, recon, new_state = self.ttt(self.norm(hidden), state, inner_steps)
         return hidden + self.residual_gain * out, recon, new_state
 

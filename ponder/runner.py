@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from ponder.types import ACTIONS, INNER_STEPS
+from ponder.types import ACTIONS, ALL_ACTIONS, INNER_STEPS, is_update
 
 DEFAULT_COMPARE = ("random", "recon", "recon-lookahead", "oracle", "budgeted-oracle", "ppo")
-MODES = (*ACTIONS, "ADAPTIVE")
+MODES = (*ALL_ACTIONS, "ADAPTIVE")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -153,10 +153,26 @@ def _summarise(records: list[dict]) -> dict:
     n_tok = sum(r["n_tokens"] for r in records)
     loss = sum(r["loss"] * r["n_tokens"] for r in records) / n_tok
     return {"loss": loss, "ppl": math.exp(loss), "n_chunks": len(records), "n_tokens": n_tok,
-            "cost": sum(r["cost"] for r in records) / len(records),
-            "update_rate": sum(r["action"] != "SKIP" for r in records) / len(records),
+            # counted FLOPs of everything that ran over those of SKIP on the same chunks
+            "cost": sum(r["flops"] for r in records) / sum(r["skip_flops"] for r in records),
+            "update_rate": sum(is_update(r["action"]) for r in records) / len(records),
             "wall_s_per_chunk": sum(r["wall_s"] for r in records) / len(records),
-            "actions": {a: sum(r["action"] == a for r in records) for a in ACTIONS}}
+            "actions": {a: sum(r["action"] == a for r in records) for a in ALL_ACTIONS}}
+
+
+def backbone_flop_counter(backbone):
+    """n_tokens -> counted matmul FLOPs of one backbone forward. A transformer's matmul FLOPs are
+    exactly b T + c T^2 (projections and MLP: linear; attention scores and mixing: quadratic), so
+    two counted forwards (T = 16 and 32) give every length; checked against a third in the tests."""
+    from ponder.env import count_flops
+
+    def at(n):
+        return count_flops(lambda: backbone.forward_chunk(torch.zeros(1, n, dtype=torch.int64)))
+
+    f1, f2 = at(16), at(32)
+    c = (f2 - 2 * f1) / (32 * 32 - 2 * 16 * 16)
+    b = (f1 - c * 16 * 16) / 16
+    return lambda n: b * n + c * n * n
 
 
 def evaluate_gate(env, gate, doc_ids: list[str], target_rate: float | None = None) -> list[dict]:
@@ -179,9 +195,10 @@ def evaluate_gate(env, gate, doc_ids: list[str], target_rate: float | None = Non
             action = gate.decide(ctx)
             signal = getattr(gate, "last_signal", None)
             chunk = env.docs[doc_id].chunks[ctx.chunk_idx]
-            record, ctx = env.step(action, gate_signal=None if signal is None else float(signal))
+            record, ctx = env.step(action, gate_signal=None if signal is None else float(signal),
+                                   signal_pass=bool(getattr(gate, "needs_recon_pass", False)))
             gate.observe(record)
-            used += int(action != "SKIP")
+            used += int(is_update(action))
             row = record.to_dict()
             row.update(gate=gate.name, lookahead=bool(getattr(gate, "lookahead", False)),
                        uses_labels=bool(getattr(gate, "uses_labels", False)), skip_loss=chunk.skip_loss)
@@ -204,7 +221,7 @@ def _load_data(args, backbone, cache_dir):
 
 
 def _gate_specs(args) -> list[str]:
-    specs = [f"fixed:{a}" for a in ACTIONS]
+    specs = [f"fixed:{a}" for a in ALL_ACTIONS]
     if args.mode == "ADAPTIVE":
         specs += list(args.gate or ["recon"])
     specs += [s.strip() for s in (args.compare_gates or "").split(",") if s.strip()]
@@ -292,8 +309,9 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
     if result["step"] != start_step and (run_dir / "gates").exists():
         shutil.rmtree(run_dir / "gates")  # calibrated for other slow weights: refit below
 
-    eval_env = PonderEnv(model, eval_docs)
-    train_env = PonderEnv(model, train_docs)
+    bb_flops = backbone_flop_counter(backbone)
+    eval_env = PonderEnv(model, eval_docs, backbone_flops=bb_flops)
+    train_env = PonderEnv(model, train_docs, backbone_flops=bb_flops)
     eval_ids = eval_env.doc_ids()
     records: list[dict] = []
     gates_summary: dict[str, dict] = {}

@@ -76,7 +76,7 @@ def test_aggregate_is_token_weighted():
 
 def test_oracle_recovery_at_equal_rate_by_hand():
     stats = aggregate(_all_records())
-    add_oracle_recovery(stats)
+    add_oracle_recovery(stats, _all_records(), n_boot=200)
     l_skip = sum(SKIP) / 8
     l_bo = l_skip - (0.5 + 0.4 + 0.2 + 0.1) / 8  # the budgeted run updates 0, 1, 3, 6
     assert stats["budgeted-oracle"]["loss"] == pytest.approx(l_bo)
@@ -86,11 +86,23 @@ def test_oracle_recovery_at_equal_rate_by_hand():
     assert stats["recon"]["oracle_recovery"] == pytest.approx((l_skip - l_recon) / (l_skip - l_bo))
     assert stats["recon"]["oracle_recovery"] == pytest.approx(0.4 / 1.2)
     assert stats["recon-lookahead"]["oracle_recovery"] == pytest.approx(1.2 / 1.2)
-    # rate 0.25: halfway between (0, L_skip) and (0.5, L_bo)
-    l_or = 0.5 * (l_skip + l_bo)
+    # rate 0.25 (2 of 8): the oracle at exactly 2 updates (chunks 6 and 0), no interpolation
+    l_or = l_skip - (0.5 + 0.4) / 8
     assert stats["random"]["oracle_loss"] == pytest.approx(l_or)
     l_rand = l_skip - (0.4 - 0.1) / 8
     assert stats["random"]["oracle_recovery"] == pytest.approx((l_skip - l_rand) / (l_skip - l_or))
+    # the expected random gate at 2 of 8: every chunk gains a quarter of its gain
+    l_exp = l_skip - 0.25 * sum(GAINS) / 8
+    assert stats["random"]["random_loss"] == pytest.approx(l_exp)
+    assert stats["recon"]["recovery_vs_random"] == pytest.approx(
+        (l_skip - 0.5 * sum(GAINS) / 8 - l_recon) / (l_skip - 0.5 * sum(GAINS) / 8 - l_bo))
+    # paired bootstrap intervals bracket the point values
+    for name in ("recon", "budgeted-oracle", "fixed:UPDATE_1"):
+        lo, hi = stats[name]["loss_ci"]
+        assert lo <= stats[name]["loss"] <= hi
+        lo, hi = stats[name]["gain_vs_skip_ci"]
+        assert lo <= stats[name]["gain_vs_skip"] <= hi
+    assert stats["fixed:SKIP"]["gain_vs_skip_ci"] == (0.0, 0.0)  # paired: SKIP minus itself is exactly 0
     assert math.isnan(stats["fixed:SKIP"]["oracle_recovery"])  # rate 0
     assert stats["fixed:UPDATE_1"]["wall_vs_skip"] == pytest.approx(3.0)
 
@@ -188,7 +200,7 @@ def test_compare_script_table_and_plot(tmp_path):
     from ponder import compare as mod
 
     stats = aggregate(_all_records())
-    add_oracle_recovery(stats)
+    add_oracle_recovery(stats, _all_records(), n_boot=100)
     runs = {layer: {"base": "tiny", "target_rate": 0.5, "data": {"eval_chunks": 8}, "training": {"seconds": 1.0},
                     "gates": {k: dict(v, loss=v["loss"] + 0.01 * i) for k, v in stats.items()}}
             for i, layer in enumerate(("official-linear", "ponder-simple"))}

@@ -88,13 +88,21 @@ def tiny_run(tmp_path_factory):
 def test_run_writes_all_outputs(tiny_run):
     summary, run_dir, _ = tiny_run
     gates = summary["gates"]
-    assert len(gates) == 9  # 4 fixed modes + 5 gates
+    assert len(gates) == 10  # 4 fixed modes + STATIC + 5 gates
     n_chunks = summary["data"]["eval_chunks"]
     rows = [json.loads(line) for line in (run_dir / "chunks.jsonl").read_text().splitlines()]
-    assert len(rows) == 9 * n_chunks
+    assert len(rows) == 10 * n_chunks
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["base_reason"].endswith("(local folder)") and saved["ttt_layer"] == "official-linear"
     assert (run_dir / "results.md").exists() and (run_dir / "ckpt.pt").exists()
+    md = (run_dir / "results.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| fixed:UPDATE_1 |"))
+    assert row.count("[") >= 3  # loss, gain vs SKIP, gain vs STATIC with intervals
+    assert "fixed:STATIC" in gates and gates["fixed:STATIC"]["update_rate"] == 0.0
+    # the causal recon gate pays for the layer pass its signal needs: costlier than fixed:SKIP even
+    # on the chunks it skips
+    recon_skips = [r for r in rows if r["gate"] == "recon" and r["action"] == "SKIP"]
+    assert all(r["flops"] > r["skip_flops"] for r in recon_skips)
     # summary numbers are the token-weighted means of the per-chunk records
     skip_rows = [r for r in rows if r["action"] == "SKIP" and r["gate"] == rows[0]["gate"]]
     mean = sum(r["loss"] * r["n_tokens"] for r in skip_rows) / sum(r["n_tokens"] for r in skip_rows)
