@@ -206,18 +206,53 @@ def evaluate_gate(env, gate, doc_ids: list[str], target_rate: float | None = Non
     return rows
 
 
+def _line_set(text: str, min_len: int = 20) -> set[str]:
+    """The distinctive lines of a document: stripped, at least `min_len` characters (short lines such
+    as `return x` or `else:` are common to unrelated files)."""
+    return {ln.strip() for ln in text.splitlines() if len(ln.strip()) >= min_len}
+
+
+def content_split(train_texts: list[str], eval_texts: list[str], max_shared: float = 0.5) -> tuple[list[str], int]:
+    """Drop held-out documents that share more than `max_shared` of their distinctive lines with the
+    training documents (near-duplicates, e.g. generated codec tables; exact copies share all).
+
+    Returns:
+        (kept held-out texts, number dropped). A held-out document without distinctive lines is kept
+        unless it is an exact copy of a training document.
+    """
+    train_lines: set[str] = set()
+    exact = set()
+    for t in train_texts:
+        train_lines |= _line_set(t)
+        exact.add(hashlib.sha256(t.encode("utf-8", "replace")).hexdigest())
+    kept, dropped = [], 0
+    for t in eval_texts:
+        lines = _line_set(t)
+        copy = hashlib.sha256(t.encode("utf-8", "replace")).hexdigest() in exact
+        if copy or (lines and len(lines & train_lines) / len(lines) > max_shared):
+            dropped += 1
+        else:
+            kept.append(t)
+    return kept, dropped
+
+
 def _load_data(args, backbone, cache_dir):
     from ponder.cache import build_cache, select_documents
     from ttt_common.data import load_texts
 
+    texts = {split: load_texts(args.dataset, text_field=args.text_field, split=split) for split in ("train", "eval")}
+    if not texts["eval"]:
+        raise ValueError(f"--dataset {args.dataset or 'stdlib'}: its held-out split is empty")
+    texts["eval"], dropped = content_split(texts["train"], texts["eval"])
+    print(f"[run] content split: dropped {dropped} held-out documents sharing > 50% of their distinctive lines "
+          "with the training documents (near-duplicates and exact copies)", flush=True)
     out = {}
     for split, n in (("train", args.max_train_docs), ("eval", args.max_eval_docs)):
-        texts = load_texts(args.dataset, text_field=args.text_field, split=split)
-        docs = select_documents(texts, backbone.tokenizer, n, args.chunk_size, min_chunks=args.min_doc_chunks,
+        docs = select_documents(texts[split], backbone.tokenizer, n, args.chunk_size, min_chunks=args.min_doc_chunks,
                                 max_chunks=args.max_chunks_per_doc, seed=args.seed, prefix=split)
         out[split] = build_cache(backbone, docs, args.chunk_size, cache_dir, desc=split,
                                  progress=not args.no_progress)
-    return out["train"], out["eval"]
+    return out["train"], out["eval"], dropped
 
 
 def _gate_specs(args) -> list[str]:
@@ -260,7 +295,7 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
     from ponder.cache import model_fingerprint
 
     claim_run_dir(run_dir, identity, args.overwrite, model=model_fingerprint(backbone))
-    train_docs, eval_docs = _load_data(args, backbone, cache_dir)
+    train_docs, eval_docs, n_dropped = _load_data(args, backbone, cache_dir)
     n_train = sum(len(d.chunks) for d in train_docs)
     n_eval = sum(len(d.chunks) for d in eval_docs)
     print(f"[run] data: {len(train_docs)} train docs ({n_train} chunks), {len(eval_docs)} held-out docs "
@@ -346,7 +381,9 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
         "run": run_name, "mode": args.mode, "requested": requested, "base": backbone.name, "base_reason": backbone.reason,
         "ttt_layer": args.ttt_layer, "adaptive_config": acfg.to_dict(), "train_config": _jsonable(tcfg),
         "data": {"dataset": args.dataset or "stdlib", "chunk_size": args.chunk_size, "train_docs": len(train_docs),
-                 "train_chunks": n_train, "eval_docs": len(eval_docs), "eval_chunks": n_eval},
+                 "train_chunks": n_train, "eval_docs": len(eval_docs), "eval_chunks": n_eval,
+                 "eval_tokens": sum(c.n_scored for d in eval_docs for c in d.chunks),
+                 "eval_dropped_near_duplicates": n_dropped},
         "training": {"steps": result["step"], "seconds": train_s,
                      "final_loss": sum(losses[-tail:]) / tail if losses else None,
                      "final_skip_loss": sum(skips[-tail:]) / tail if losses else None},

@@ -207,3 +207,15 @@ def test_cli_help():
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_ponder.py"), "--help"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "--ttt-layer" in res.stdout and "ADAPTIVE" in res.stdout
+
+
+def test_content_split_keeps_near_duplicates_on_the_train_side():
+    from ponder.runner import content_split
+
+    codec = "\n".join(f"    0x{i:04x}: 0x{(i * 7) % 65536:04x},  # LATIN LETTER {i}" for i in range(60))
+    train = ["def helper_function_one(argument):\n    return argument * 2\n" * 3, "# cp437 codec\n" + codec]
+    near = "# cp865 codec\n" + codec.replace("LETTER 59", "LETTER FIFTY-NINE")  # 59 of 60 lines shared
+    exact = train[0]
+    fresh = "class Unrelated:\n    def method_with_a_long_name(self):\n        return 'something else'\n"
+    kept, dropped = content_split(train, [near, exact, fresh])
+    assert kept == [fresh] and dropped == 2
