@@ -110,10 +110,13 @@ def test_run_writes_all_outputs(tiny_run):
     flags = {k: (v["lookahead"], v["uses_labels"]) for k, v in gates.items()}
     assert flags["recon-lookahead"] == (True, False) and flags["oracle"] == (False, True)
     assert flags["recon"] == (False, False)
-    # the oracle is never worse than the fixed modes it chooses among (STATIC is a baseline, not an action)
-    best = min(g["loss"] for k, g in gates.items() if not g["uses_labels"] and not g["lookahead"]
-               and k != "fixed:STATIC")
-    assert gates["oracle"]["loss"] <= best + 1e-9
+    # the oracle is never worse than the fixed modes it chooses among (STATIC is a baseline, not an
+    # action) on every document's first chunk, where all of them start from the same fresh state (later
+    # chunks follow the oracle's own greedy trajectory, which need not beat a fixed mode's on a random model)
+    first = {(r["gate"], r["doc_id"]): r["loss"] for r in rows if r["chunk_idx"] == 0}
+    for (g, doc), loss in first.items():
+        if g.startswith("fixed:") and g != "fixed:STATIC":
+            assert first[("oracle", doc)] <= loss + 1e-9
 
 
 def test_rerun_reuses_checkpoint_and_cache(tiny_run, capsys):
