@@ -24,6 +24,8 @@ from ponder.adaptive import AdaptiveLM
 from ponder.cache import CachedDoc
 from ponder.types import ACTIONS, INNER_STEPS, ChunkContext, ChunkRecord, check_action, is_update
 
+PROTOCOLS = ("causal", "paper")
+
 
 def count_flops(fn) -> float:
     """Matmul FLOPs of `fn()` as counted by `torch.utils.flop_counter` (elementwise ops are not
@@ -50,13 +52,17 @@ class PonderEnv:
         max_memo: most chunk results kept (oldest evicted first; each holds a carried state).
         backbone_flops: n_tokens -> counted FLOPs of one backbone forward on a chunk of that many
             tokens (the SKIP cost; default `head_only_flops`, for tests).
+        protocol: "causal" (default, leak-free) or "paper": the paper's evaluation, which READS THE
+            SCORED TOKENS: UPDATE_k steps on chunk c and then scores chunk c re-forwarded through the
+            updated weights (`AdaptiveLM.paper_reforward`), and SKIP is the paper's SKIP, the trained
+            layer without an update (our STATIC). Gate contexts stay causal in both.
 
     Costs: every record carries the counted FLOPs of what ran for its chunk (`count_flops` on the
     adaptive layer and head, once per action and chunk length) and the SKIP FLOPs of the chunk.
     """
 
     def __init__(self, model: AdaptiveLM, cached_docs: list[CachedDoc], max_memo: int = 128,
-                 backbone_flops=None):
+                 backbone_flops=None, protocol: str = "causal"):
         if not cached_docs:
             raise ValueError("PonderEnv needs at least one cached document")
         self.model = model.eval()
@@ -66,6 +72,9 @@ class PonderEnv:
         self._memo: OrderedDict[tuple, dict] = OrderedDict()
         self.max_memo = max_memo
         self._doc: CachedDoc | None = None
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol={protocol!r} must be one of {PROTOCOLS}")
+        self.protocol = protocol
         D, V = model.head_weight.shape[1], model.head_weight.shape[0]
         self.backbone_flops = backbone_flops or head_only_flops(D, V)
         self._flops: dict[tuple, float] = {}
@@ -136,8 +145,14 @@ class PonderEnv:
             D = self.model.config.hidden_size
             h = torch.zeros(1, n_tokens, D)
             ids = torch.zeros(1, n_tokens, dtype=torch.int64)
-            if what == "SKIP":
+            if what == "SKIP" and self.protocol == "paper":
+                self._flops[key] = self.extra_flops("STATIC", n_tokens)
+            elif what == "SKIP":
                 self._flops[key] = 0.0
+            elif self.protocol == "paper" and what != "signal" and is_update(what):
+                k = INNER_STEPS[what]
+                self._flops[key] = count_flops(
+                    lambda: self.model.lm_loss(self.model.paper_reforward(h, None, k)[0], ids))
             elif what == "signal":
                 self._flops[key] = count_flops(lambda: self.model.adapt(h, None, 1))
             else:
@@ -170,6 +185,15 @@ class PonderEnv:
             return self._memo[key]
         chunk = self._doc.chunks[self._c]
         recon = self._layer_pass(1)["recon"]
+        if self.protocol == "paper":
+            if action == "SKIP":  # the paper's SKIP: the layer without an update
+                return self._memoise(key, dict(self._result("STATIC")))
+            if is_update(action):
+                t0 = time.perf_counter()
+                adapted, _, state = self.model.paper_reforward(chunk.hidden[None], self._state, INNER_STEPS[action])
+                loss = float(self.model.lm_loss(adapted, chunk.input_ids[None]))
+                wall = chunk.backbone_s + (time.perf_counter() - t0)
+                return self._memoise(key, {"loss": loss, "state": state, "wall_s": wall, "recon": recon})
         if action == "SKIP":
             return self._memoise(key, {"loss": chunk.skip_loss, "state": self._state, "wall_s": chunk.backbone_s,
                                        "recon": recon})

@@ -35,6 +35,10 @@ from ponder.types import ACTIONS, ALL_ACTIONS, INNER_STEPS, is_update
 
 DEFAULT_COMPARE = ("random", "recon", "recon-lookahead", "oracle", "budgeted-oracle", "ppo")
 MODES = (*ALL_ACTIONS, "ADAPTIVE")
+# what `--protocol paper` evaluates: the fixed modes, the paper's gate (its own chunk's recon loss),
+# random, and the oracle at the target rate
+PAPER_SPECS = ("fixed:SKIP", "fixed:UPDATE_1", "fixed:UPDATE_2", "fixed:UPDATE_4", "random", "recon-lookahead",
+               "budgeted-oracle")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -73,6 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--compare-gates", default=",".join(DEFAULT_COMPARE),
                    help="comma-separated gates evaluated for comparison ('' for none)")
     g.add_argument("--target-rate", type=float, default=0.5, help="target update rate of the binary gates")
+    g.add_argument("--protocol", default="causal", choices=("causal", "paper"),
+                   help="'paper': ALSO evaluate with the paper's protocol (UPDATE steps on chunk c, re-forwards chunk "
+                        "c and scores it, i.e. reads the scored tokens; SKIP = the layer without an update), "
+                        "reported in its own table beside the leak-free numbers")
     g.add_argument("--seed", type=int, default=0)
     g = parser.add_argument_group("output")
     g.add_argument("--out", default="results")
@@ -372,6 +380,25 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
         print(f"[run] {gate.name:<18} loss {summary['loss']:.4f}  ppl {summary['ppl']:7.3f}  cost {summary['cost']:5.2f}x  "
               f"update rate {summary['update_rate']:.2f}  ({summary['eval_s']:.1f} s)", flush=True)
 
+    if args.protocol == "paper":
+        paper_env = PonderEnv(model, eval_docs, backbone_flops=bb_flops, protocol="paper")
+        for spec in PAPER_SPECS:
+            t0 = time.perf_counter()
+            gate = _build_gate(spec, args)
+            if not (gate.load(run_dir / "gates") if hasattr(gate, "load") else False):
+                gate.fit(train_env, train_env.doc_ids())  # the same unlabeled signal as the causal run
+            rows = evaluate_gate(paper_env, gate, eval_ids, args.target_rate)
+            name = f"paper:{gate.name}"
+            for r in rows:
+                r.update(gate=name, protocol="paper", lookahead=True)
+            summary = _summarise(rows)
+            summary.update(spec=spec, protocol="paper", lookahead=True, uses_labels=bool(gate.uses_labels),
+                           eval_s=time.perf_counter() - t0)
+            gates_summary[name] = summary
+            records += rows
+            print(f"[run] {name:<24} loss {summary['loss']:.4f}  update rate {summary['update_rate']:.2f}  "
+                  "(paper protocol: reads the scored tokens)", flush=True)
+
     skip = gates_summary.get("SKIP") or gates_summary.get("fixed:SKIP")
     if skip is not None:
         for s in gates_summary.values():
@@ -379,7 +406,8 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
     requested = args.mode if args.mode != "ADAPTIVE" else (args.gate or ["recon"])[0]
     summary = {
         "run": run_name, "mode": args.mode, "requested": requested, "base": backbone.name, "base_reason": backbone.reason,
-        "ttt_layer": args.ttt_layer, "adaptive_config": acfg.to_dict(), "train_config": _jsonable(tcfg),
+        "ttt_layer": args.ttt_layer, "protocol": args.protocol,
+        "ttt_loss_weight": args.aux_recon_weight, "adaptive_config": acfg.to_dict(), "train_config": _jsonable(tcfg),
         "data": {"dataset": args.dataset or "stdlib", "chunk_size": args.chunk_size, "train_docs": len(train_docs),
                  "train_chunks": n_train, "eval_docs": len(eval_docs), "eval_chunks": n_eval,
                  "eval_tokens": sum(c.n_scored for d in eval_docs for c in d.chunks),

@@ -254,3 +254,45 @@ def test_adaptive_config_errors():
     with pytest.raises(ValueError, match="not divisible by num_heads=5"):
         AdaptiveConfig(hidden_size=32, num_heads=5)
     assert AdaptiveConfig(hidden_size=576).num_heads == 9
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_paper_protocol_reads_the_scored_tokens_and_default_does_not(kind):
+    torch.manual_seed(0)
+    emb = torch.randn(30, 16)
+    model = AdaptiveLM(AdaptiveConfig(hidden_size=16, layer=kind, num_heads=2, mini_batch_size=4,
+                                      simple_inner_lr=0.1), emb).eval()
+    with torch.no_grad():
+        model.residual_gain.fill_(0.5)
+    h = torch.randn(1, 16, 16)
+    bad = h.clone()
+    bad[:, 12:] += 3.0 * torch.randn(1, 4, 16)  # change only the chunk's last mini-batch
+    with torch.no_grad():
+        causal, causal_bad = model.adapt(h, None, 1)[0], model.adapt(bad, None, 1)[0]
+        paper, paper_bad = model.paper_reforward(h, None, 1)[0], model.paper_reforward(bad, None, 1)[0]
+    torch.testing.assert_close(causal_bad[:, :12], causal[:, :12], rtol=0, atol=0)  # default: leak-free
+    # paper: earlier outputs read later tokens (the causal outputs above are bit-identical, so any
+    # difference well above float32 rounding is the dependence)
+    assert (paper_bad[:, :12] - paper[:, :12]).abs().max() > 1e-6
+    # and it is the chunk re-read through the weights the update produced, with no further update
+    with torch.no_grad():
+        _, _, after = model.adapt(h, None, 1)
+        ref, _, _ = model.adapt(h, model.ttt.rewind(None, after, 1), 0)
+    torch.testing.assert_close(paper, ref, rtol=0, atol=0)
+
+
+def test_env_paper_protocol_skip_is_static():
+    from tests.ponder.synthetic import synthetic_env
+
+    causal = synthetic_env()
+    from ponder.env import PonderEnv
+
+    paper = PonderEnv(causal.model, list(causal.docs.values()), protocol="paper")
+    doc = causal.doc_ids()[0]
+    for env in (causal, paper):
+        env.reset(doc)
+    static = causal.step("STATIC")[0]
+    skip_paper = paper.step("SKIP")[0]
+    assert skip_paper.loss == static.loss and skip_paper.cost == static.cost  # the paper's SKIP = STATIC
+    with pytest.raises(ValueError, match="protocol='leaky'"):
+        PonderEnv(causal.model, list(causal.docs.values()), protocol="leaky")

@@ -223,3 +223,17 @@ def test_content_split_keeps_near_duplicates_on_the_train_side():
     fresh = "class Unrelated:\n    def method_with_a_long_name(self):\n        return 'something else'\n"
     kept, dropped = content_split(train, [near, exact, fresh])
     assert kept == [fresh] and dropped == 2
+
+
+def test_paper_protocol_gets_its_own_labelled_table(tiny_run, tmp_path):
+    _, _, args = tiny_run
+    summary = run_experiment(dict(args, out=str(tmp_path), protocol="paper", compare_gates="random"))
+    assert summary["protocol"] == "paper" and "ttt_loss_weight" in summary
+    paper = {k for k in summary["gates"] if k.startswith("paper:")}
+    assert {"paper:fixed:SKIP", "paper:fixed:UPDATE_1", "paper:recon-lookahead", "paper:budgeted-oracle"} <= paper
+    md = (tmp_path / "tiny" / "results.md").read_text()
+    assert "READS THE SCORED TOKENS" in md
+    section = md[md.index("## Paper protocol"):]
+    assert "| paper:fixed:UPDATE_1 |" in section and "| fixed:UPDATE_1 |" not in section
+    # the default protocol evaluates nothing of the kind
+    assert not any(k.startswith("paper:") for k in tiny_run[0]["gates"])
