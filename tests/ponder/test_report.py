@@ -207,6 +207,8 @@ def test_compare_script_table_and_plot(tmp_path):
     md = mod.comparison_markdown(runs, "unit")
     row = next(line for line in md.splitlines() if line.startswith("| ponder-simple |") and "OR" in line)
     assert "OR 33.3%" in row  # recon's oracle recovery, copied from the run summary
+    head = next(line for line in md[md.index("## Headline"):].splitlines() if line.startswith("| ponder-simple |"))
+    assert head.count("[") >= 4  # losses and gains with their bootstrap intervals
     assert "| official-linear | 2.5000 (1.00x) | 2.3625 (3.00x)" in md
     mod.plot_comparison(runs, tmp_path / "compare.png")
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
