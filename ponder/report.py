@@ -287,6 +287,27 @@ def signal_correlations(records: list[dict], stats: dict[str, dict]) -> dict[str
     return out
 
 
+def gain_by_chunk_index(records: list[dict], n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Per chunk index c: mean per-chunk gain of fixed:UPDATE_1 over fixed:SKIP and over fixed:STATIC
+    (nats/token) with 95% bootstrap intervals over the documents that have a chunk c. Does the
+    carried state make later chunks gain more (memory the backbone's window lacks)?"""
+    from ponder.stats import interval
+
+    upd, skip, static = (_chunk_map(records, f"fixed:{a}") for a in ("UPDATE_1", "SKIP", "STATIC"))
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in sorted({k[1] for k in upd}):
+        keys = [k for k in upd if k[1] == c and k in skip]
+        row = {"chunk_idx": c, "n_docs": len(keys)}
+        for name, ref in (("vs_skip", skip), ("vs_static", static)):
+            g = np.array([ref[k] - upd[k] for k in keys if k in ref])
+            if g.size:
+                boots = g[rng.integers(0, g.size, (n_boot, g.size))].mean(1)
+                row[name], row[f"{name}_ci"] = float(g.mean()), interval(boots)
+        out.append(row)
+    return out
+
+
 # -- Markdown --------------------------------------------------------------------------------------
 def _fmt(x, spec: str) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -316,7 +337,8 @@ def _sections(stats: dict[str, dict]) -> list[tuple[str, list[str]]]:
              "'gain vs STATIC' and recoveries use that SKIP. Compare with the leak-free tables above", paper)]
 
 
-def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict] | None = None) -> str:
+def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict] | None = None,
+                     records: list[dict] | None = None) -> str:
     """The results.md text: one table per section, the causal-vs-lookahead difference, definitions."""
     lines = [f"# PonderTTT results: {summary.get('run', '')}".rstrip(), ""]
     meta = [(k, summary.get(k)) for k in ("base", "ttt_layer", "target_rate") if summary.get(k) is not None]
@@ -381,6 +403,14 @@ def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict
                 lines.append(f"| {n} | {_fmt(c['signal_gain_corr'], '+.3f')} | {_fmt(c['mean_gain_updated'], '+.4f')} | "
                              f"{_fmt(c['mean_gain_skipped'], '+.4f')} |")
             lines.append("")
+    by_idx = gain_by_chunk_index(records) if records else []
+    if by_idx:
+        lines += ["## Gain of UPDATE_1 by chunk index (does the carried state add memory?)", "",
+                  "| chunk index | documents | gain vs SKIP [95% CI] | gain vs STATIC [95% CI] |", "| ---: | ---: | ---: | ---: |"]
+        for r in by_idx:
+            lines.append(f"| {r['chunk_idx']} | {r['n_docs']} | {fmt_ci(r.get('vs_skip'), *(r.get('vs_skip_ci') or (None, None)), '+.4f')} | "
+                         f"{fmt_ci(r.get('vs_static'), *(r.get('vs_static_ci') or (None, None)), '+.4f')} |")
+        lines.append("")
     lines += ["## Definitions", "",
               "* loss: token-weighted mean next-token cross-entropy on the held-out chunks; ppl = exp(loss).",
               "* SKIP: the backbone alone. STATIC: the trained adaptive layer with its inner updates off (the "
@@ -567,7 +597,8 @@ def write_report(run_dir: str | Path, records: list[dict], summary: dict) -> Non
     out["gates"] = gates
     out["report"] = {"oracle_recovery": "(L_SKIP - L_gate) / (L_SKIP - L_budgeted_oracle(u_gate)), see results.md",
                      "files": ["summary.json", "results.md", "pareto.png", "gains.png"]}
-    _write_atomic(run_dir / "results.md", results_markdown(stats, summary, corr))
+    out["gain_by_chunk_index"] = gain_by_chunk_index(records)
+    _write_atomic(run_dir / "results.md", results_markdown(stats, summary, corr, records))
     plot_pareto(stats, run_dir / "pareto.png")
     if not plot_gains(records, stats, run_dir / "gains.png"):
         out["report"]["files"].remove("gains.png")

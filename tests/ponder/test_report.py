@@ -214,3 +214,16 @@ def test_compare_script_table_and_plot(tmp_path):
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):
         mod.parse_args(["--layers", "nope"])
+
+
+def test_gain_by_chunk_index_by_hand():
+    from ponder.report import gain_by_chunk_index
+
+    rows = gain_by_chunk_index(_all_records(), n_boot=200)
+    assert [r["chunk_idx"] for r in rows] == [0, 1, 2, 3] and all(r["n_docs"] == 2 for r in rows)
+    for r in rows:  # chunk c of d0 and of d1
+        want = (GAINS[r["chunk_idx"]] + GAINS[4 + r["chunk_idx"]]) / 2
+        assert r["vs_skip"] == pytest.approx(want)
+        lo, hi = r["vs_skip_ci"]
+        assert lo <= want <= hi
+        assert "vs_static" not in r  # no fixed:STATIC run in these records
