@@ -87,6 +87,12 @@ class _SimpleAdapter(nn.Module):
         out, stats, new_state = self.layer.forward_causal(x, state=state, inner_steps=inner_steps)
         return out, stats["recon_loss"].mean(-1), new_state
 
+    def rewind(self, before, after, batch_size: int):
+        from ponder.simple_layer import SimpleTTTState
+
+        seen = before.seen_tokens if before is not None else 0
+        return SimpleTTTState(after.w0, after.w1, after.w2, seen)
+
 
 class _OfficialAdapter(nn.Module):
     """Uniform interface over `official_port.layers.TTT_LAYERS[...]`."""
@@ -104,8 +110,19 @@ class _OfficialAdapter(nn.Module):
         self.layer = TTT_LAYERS[name](self.config)
 
     def forward(self, x, state, inner_steps):
-        out, stats, new_state = self.layer(x, state=state, output_ttt_stats=True, inner_steps=inner_steps)
+        # STATIC (inner_steps=0): every inner learning rate x 0, so each update subtracts exactly 0
+        out, stats, new_state = self.layer(x, state=state, output_ttt_stats=True, inner_steps=max(1, inner_steps),
+                                           ttt_lr_mult=1.0 if inner_steps else 0.0)
         return out, official_recon_loss(stats, x.shape[0]), new_state
+
+    def rewind(self, before, after, batch_size: int):
+        import dataclasses
+
+        from official_port.layers import TTTState
+
+        before = before if before is not None else self.layer.initial_state(batch_size)
+        inner = dataclasses.replace(before.inner, params=after.inner.params)
+        return TTTState(inner, before.conv_cache, before.seen_tokens)
 
 
 def official_recon_loss(stats, batch_size: int) -> torch.Tensor:
@@ -143,7 +160,9 @@ class AdaptiveLM(nn.Module):
         Args:
             hidden: [B, T, D] backbone last hidden states.
             state: carried TTT state (None: fresh from the slow weights).
-            inner_steps: k of UPDATE_k (>= 1).
+            inner_steps: k of UPDATE_k (>= 1), or 0 for STATIC: the layer with its inner updates
+                off (every token read by the carried fast weights; the returned state's fast weights
+                are the carried ones).
 
         Returns:
             adapted hidden [B, T, D], per-sequence reconstruction loss [B] (each mini-batch's
@@ -151,10 +170,25 @@ class AdaptiveLM(nn.Module):
         """
         if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
             raise ValueError(f"hidden must be [B, T, D={self.config.hidden_size}], got {tuple(hidden.shape)}")
-        if not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(f"inner_steps={inner_steps!r} must be an int >= 1 (SKIP does not call the layer)")
+        if not isinstance(inner_steps, int) or inner_steps < 0:
+            raise ValueError(f"inner_steps={inner_steps!r} must be an int >= 0 (0: STATIC; SKIP does not call "
+                             "the layer)")
         out, recon, new_state = self.ttt(self.norm(hidden), state, inner_steps)
         return hidden + self.residual_gain * out, recon, new_state
+
+    def paper_reforward(self, hidden: torch.Tensor, state=None, inner_steps: int = 1):
+        """The paper's UPDATE_k (NOT causal): k inner steps on the chunk, then the SAME chunk is
+        re-forwarded through the updated fast weights (no further updates) and that output is scored,
+        so every token is predicted by weights that were fitted on it and on the tokens after it.
+
+        Returns:
+            re-forwarded adapted hidden [B, T, D], reconstruction loss [B] of the update pass, and the
+            state after the update (carried to the next chunk).
+        """
+        _, recon, after = self.adapt(hidden, state, inner_steps)
+        rewound = self.ttt.rewind(state, after, hidden.shape[0])  # updated weights, positions as before
+        out, _, _ = self.adapt(hidden, rewound, 0)
+        return out, recon, after
 
     def logits(self, adapted: torch.Tensor) -> torch.Tensor:
         """Tied LM head: [..., D] -> [..., V]."""

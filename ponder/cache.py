@@ -15,8 +15,11 @@ and SKIP need:
 
 Each chunk is its own backbone window (the backbone sees no earlier chunk; the adaptive layer's
 carried state is what links the chunks of a document), and is scored on its n - 1 within-window
-next-token predictions. The cache key hashes the model identity (name, config, a weight
-fingerprint), the tokenizer, the documents' text and the chunking.
+next-token predictions. The cache key hashes the weights by content (every tensor, and the config
+without its path: moving a model or `--cache-dir` does not duplicate entries), the documents'
+token ids and the chunking. Entries are checked files (`ponder.storage`): a damaged one is rebuilt,
+saying so. The cache folder is capped at $TTT_PONDER_CACHE_MAX_GB (default 8) by evicting the least
+recently used entries; `rm -rf .cache/ponder` clears it.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from ponder.backbone import Backbone, default_cache_dir
+from ponder.storage import DamagedFileError, clean_stale_tmp, load_checked, prune_cache, save_checked
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: checked files, key by weight content (no model path)
+DEFAULT_MAX_CACHE_GB = 8.0
 
 
 @dataclass
@@ -101,14 +106,28 @@ def select_documents(texts: list[str], tokenizer, n_docs: int, chunk_size: int, 
 
 
 def model_fingerprint(backbone: Backbone) -> str:
-    """Identity of the weights: name, config and a hash of part of the embedding matrix."""
-    emb = backbone.embedding.detach().float().flatten()[:65536].contiguous()
+    """Identity of the weights by content: sha256 over every parameter and buffer (name, shape,
+    dtype, bytes) and the model config without its path, so a moved or renamed copy of the same
+    weights reuses the cache and a change anywhere in the weights does not. Memoised on the
+    backbone object (hashing 135M parameters takes about a second)."""
+    cached = getattr(backbone, "_content_fingerprint", None)
+    if cached is not None:
+        return cached
     h = hashlib.sha256()
-    h.update(backbone.name.encode())
-    h.update(backbone.model.config.to_json_string().encode())
-    h.update(emb.numpy().tobytes())
+    cfg = backbone.model.config.to_dict()
+    cfg.pop("_name_or_path", None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, t in sorted(backbone.model.state_dict(keep_vars=False).items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"|{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     h.update(str(len(backbone.tokenizer)).encode())
-    return h.hexdigest()[:16]
+    fp = h.hexdigest()[:20]
+    try:
+        backbone._content_fingerprint = fp
+    except AttributeError:
+        pass
+    return fp
 
 
 def cache_key(backbone: Backbone, docs: list[tuple[str, list[list[int]]]], chunk_size: int) -> str:
@@ -147,12 +166,19 @@ def build_cache(backbone: Backbone, docs: list[tuple[str, list[list[int]]]], chu
         cache_dir: root (default `.cache/`); files go to `<root>/ponder/<key>.pt`.
     """
     root = Path(cache_dir or default_cache_dir()) / "ponder"
+    for p in clean_stale_tmp(root):
+        print(f"[cache] removed a leftover temporary file {p}", flush=True)
     key = cache_key(backbone, docs, chunk_size)
     path = root / f"{key}.pt"
     if path.exists():
-        payload = torch.load(path, weights_only=False)
-        print(f"[cache] {desc}: reused {path} ({sum(len(d.chunks) for d in payload['docs'])} chunks)", flush=True)
-        return payload["docs"]
+        try:
+            payload = load_checked(path)
+        except DamagedFileError as err:
+            print(f"[cache] {desc}: {err}; rebuilding it", flush=True)
+        else:
+            os.utime(path)  # most recently used: the size cap evicts others first
+            print(f"[cache] {desc}: reused {path} ({sum(len(d.chunks) for d in payload['docs'])} chunks)", flush=True)
+            return payload["docs"]
     from tqdm.auto import tqdm
 
     n_total = sum(len(c) for _, c in docs)
@@ -167,10 +193,11 @@ def build_cache(backbone: Backbone, docs: list[tuple[str, list[list[int]]]], chu
             bar.update(1)
         out.append(CachedDoc(doc_id, cached))
     bar.close()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    meta = {"base": backbone.name, "chunk_size": chunk_size, "n_docs": len(docs), "n_chunks": n_total}
-    torch.save({"docs": out, "meta": meta}, tmp)
-    os.replace(tmp, path)  # atomic: readers never see half a file
+    meta = {"base": backbone.name, "model_fingerprint": model_fingerprint(backbone), "chunk_size": chunk_size,
+            "n_docs": len(docs), "n_chunks": n_total}
+    save_checked({"docs": out, "meta": meta}, path)
     (root / f"{key}.json").write_text(json.dumps(meta, indent=1))
+    max_gb = float(os.environ.get("TTT_PONDER_CACHE_MAX_GB", DEFAULT_MAX_CACHE_GB))
+    for p in prune_cache(root, int(max_gb * 2**30), keep=(path,)):
+        print(f"[cache] size cap {max_gb:g} GB (TTT_PONDER_CACHE_MAX_GB): evicted {p}", flush=True)
     return out

@@ -24,7 +24,8 @@ import json
 import math
 from pathlib import Path
 
-from ponder.runner import add_arguments, run_experiment
+from ponder.runner import add_arguments, identity_hash, run_experiment, run_identity
+from ponder.stats import fmt_ci
 from ponder.types import ACTIONS
 
 DEFAULT_LAYERS = ("official-linear", "official-mlp", "ponder-simple")
@@ -60,6 +61,12 @@ def _pct(x) -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.1f}%"
 
 
+def _ci(d: dict, key: str, spec: str = ".4f", scale: float = 1.0) -> str:
+    """`d[key] [lo, hi]` from a gate's summary entry (its `<key>_ci`), times `scale`."""
+    v, (lo, hi) = d.get(key), (d.get(f"{key}_ci") or (None, None))
+    return fmt_ci(*(None if x is None else scale * x for x in (v, lo, hi)), spec)
+
+
 def comparison_markdown(runs: dict[str, dict], tag: str) -> str:
     """One table: per layer the fixed modes' losses, and per gate loss / update rate / oracle recovery."""
     first = next(iter(runs.values()))
@@ -69,6 +76,18 @@ def comparison_markdown(runs: dict[str, dict], tag: str) -> str:
              "## Fixed modes (held-out loss, nats/token; wall-clock per chunk relative to SKIP in brackets)", "",
              "| layer | " + " | ".join(ACTIONS) + " | training (s) |",
              "| --- | " + " | ".join("---:" for _ in ACTIONS) + " | ---: |"]
+    head = ["## Headline (95% paired bootstrap intervals over held-out documents and chunks, per layer)", "",
+            "| layer | SKIP | STATIC | UPDATE_1 | UPDATE_1 gain vs SKIP | UPDATE_1 gain vs STATIC | "
+            "recon oracle recovery (%) | recon recovery vs random (%) | UPDATE_1 wall vs SKIP |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for layer, s in runs.items():
+        g = s["gates"]
+        skip, static, upd, recon = (g.get(k) or {} for k in ("fixed:SKIP", "fixed:STATIC", "fixed:UPDATE_1", "recon"))
+        head.append(f"| {layer} | {_ci(skip, 'loss')} | {_ci(static, 'loss')} | {_ci(upd, 'loss')} | "
+                    f"{_ci(upd, 'gain_vs_skip', '+.4f')} | {_ci(upd, 'gain_vs_static', '+.4f')} | "
+                    f"{_ci(recon, 'oracle_recovery', '.1f', 100.0)} | {_ci(recon, 'recovery_vs_random', '.1f', 100.0)} | "
+                    f"{_fmt(upd.get('wall_vs_skip'), '.2f')} |")
+    lines[4:4] = head + [""]
     for layer, s in runs.items():
         cells = []
         for a in ACTIONS:
@@ -139,7 +158,11 @@ def _load_summary(run_dir: Path, returned: dict) -> dict:
 
 def compare(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    tag = args.tag or (f"{Path(args.base).name}-c{args.chunk_size}-s{args.steps}-r{args.target_rate:g}")
+    opts = copy.copy(args)
+    del opts.layers, opts.tag
+    opts.ttt_layer = ",".join(args.layers)  # every option but the layer is shared: hash them all
+    tag = args.tag or (f"{Path(args.base).name}-c{args.chunk_size}-s{args.steps}-r{args.target_rate:g}-"
+                       f"{identity_hash(run_identity(opts))}")
     out_dir = Path(args.out) / f"compare_{tag}"
     runs: dict[str, dict] = {}
     for layer in args.layers:

@@ -22,7 +22,25 @@ import torch
 
 from ponder.adaptive import AdaptiveLM
 from ponder.cache import CachedDoc
-from ponder.types import ACTIONS, INNER_STEPS, ChunkContext, ChunkRecord, check_action, flops_multiplier
+from ponder.types import ACTIONS, INNER_STEPS, ChunkContext, ChunkRecord, check_action, is_update
+
+PROTOCOLS = ("causal", "paper")
+
+
+def count_flops(fn) -> float:
+    """Matmul FLOPs of `fn()` as counted by `torch.utils.flop_counter` (elementwise ops are not
+    counted: they are a small share here and the same rule applies to every action)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def head_only_flops(hidden_size: int, vocab_size: int):
+    """A stand-in backbone FLOP count (the tied LM head alone, 2 T D V) for environments built
+    without a backbone (tests); the runner passes the counted backbone instead."""
+    return lambda n_tokens: 2.0 * n_tokens * hidden_size * vocab_size
 
 
 class PonderEnv:
@@ -32,9 +50,19 @@ class PonderEnv:
         model: the trained adaptive model (used under `torch.no_grad`).
         cached_docs: documents with cached backbone outputs (`ponder.cache.build_cache`).
         max_memo: most chunk results kept (oldest evicted first; each holds a carried state).
+        backbone_flops: n_tokens -> counted FLOPs of one backbone forward on a chunk of that many
+            tokens (the SKIP cost; default `head_only_flops`, for tests).
+        protocol: "causal" (default, leak-free) or "paper": the paper's evaluation, which READS THE
+            SCORED TOKENS: UPDATE_k steps on chunk c and then scores chunk c re-forwarded through the
+            updated weights (`AdaptiveLM.paper_reforward`), and SKIP is the paper's SKIP, the trained
+            layer without an update (our STATIC). Gate contexts stay causal in both.
+
+    Costs: every record carries the counted FLOPs of what ran for its chunk (`count_flops` on the
+    adaptive layer and head, once per action and chunk length) and the SKIP FLOPs of the chunk.
     """
 
-    def __init__(self, model: AdaptiveLM, cached_docs: list[CachedDoc], max_memo: int = 128):
+    def __init__(self, model: AdaptiveLM, cached_docs: list[CachedDoc], max_memo: int = 128,
+                 backbone_flops=None, protocol: str = "causal"):
         if not cached_docs:
             raise ValueError("PonderEnv needs at least one cached document")
         self.model = model.eval()
@@ -44,6 +72,12 @@ class PonderEnv:
         self._memo: OrderedDict[tuple, dict] = OrderedDict()
         self.max_memo = max_memo
         self._doc: CachedDoc | None = None
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol={protocol!r} must be one of {PROTOCOLS}")
+        self.protocol = protocol
+        D, V = model.head_weight.shape[1], model.head_weight.shape[0]
+        self.backbone_flops = backbone_flops or head_only_flops(D, V)
+        self._flops: dict[tuple, float] = {}
 
     def doc_ids(self) -> list[str]:
         return list(self.docs)
@@ -102,6 +136,31 @@ class PonderEnv:
         return res
 
     @torch.no_grad()
+    def extra_flops(self, what: str, n_tokens: int) -> float:
+        """Counted FLOPs beyond the backbone on an `n_tokens` chunk: `what` = an action (its layer
+        pass + head; 0 for SKIP) or "signal" (the UPDATE_1 layer pass alone, no head: what a
+        reconstruction-reading gate needs on a chunk it does not update with UPDATE_1)."""
+        key = (what, n_tokens)
+        if key not in self._flops:
+            D = self.model.config.hidden_size
+            h = torch.zeros(1, n_tokens, D)
+            ids = torch.zeros(1, n_tokens, dtype=torch.int64)
+            if what == "SKIP" and self.protocol == "paper":
+                self._flops[key] = self.extra_flops("STATIC", n_tokens)
+            elif what == "SKIP":
+                self._flops[key] = 0.0
+            elif self.protocol == "paper" and what != "signal" and is_update(what):
+                k = INNER_STEPS[what]
+                self._flops[key] = count_flops(
+                    lambda: self.model.lm_loss(self.model.paper_reforward(h, None, k)[0], ids))
+            elif what == "signal":
+                self._flops[key] = count_flops(lambda: self.model.adapt(h, None, 1))
+            else:
+                k = INNER_STEPS[check_action(what)]
+                self._flops[key] = count_flops(lambda: self.model.lm_loss(self.model.adapt(h, None, k)[0], ids))
+        return self._flops[key]
+
+    @torch.no_grad()
     def _layer_pass(self, inner_steps: int) -> dict:
         """The adaptive layer on the current chunk from the carried state (memoised; no LM head)."""
         key = (self._doc.doc_id, self._history, "pass", inner_steps)
@@ -126,18 +185,27 @@ class PonderEnv:
             return self._memo[key]
         chunk = self._doc.chunks[self._c]
         recon = self._layer_pass(1)["recon"]
+        if self.protocol == "paper":
+            if action == "SKIP":  # the paper's SKIP: the layer without an update
+                return self._memoise(key, dict(self._result("STATIC")))
+            if is_update(action):
+                t0 = time.perf_counter()
+                adapted, _, state = self.model.paper_reforward(chunk.hidden[None], self._state, INNER_STEPS[action])
+                loss = float(self.model.lm_loss(adapted, chunk.input_ids[None]))
+                wall = chunk.backbone_s + (time.perf_counter() - t0)
+                return self._memoise(key, {"loss": loss, "state": state, "wall_s": wall, "recon": recon})
         if action == "SKIP":
             return self._memoise(key, {"loss": chunk.skip_loss, "state": self._state, "wall_s": chunk.backbone_s,
                                        "recon": recon})
-        p = self._layer_pass(INNER_STEPS[action])
+        p = self._layer_pass(INNER_STEPS[action])  # STATIC: inner_steps=0
         t0 = time.perf_counter()
         loss = float(self.model.lm_loss(p["adapted"], chunk.input_ids[None]))
         wall = chunk.backbone_s + p["seconds"] + (time.perf_counter() - t0)
         return self._memoise(key, {"loss": loss, "state": p["state"], "wall_s": wall, "recon": recon})
 
     def peek_losses(self) -> dict[str, float]:
-        """LM loss of the current chunk under every action from the current state. Uses LABELS:
-        for oracle gates only."""
+        """LM loss of the current chunk under every gate action (`ACTIONS`) from the current state.
+        Uses LABELS: for oracle gates only."""
         self._require_active()
         return {a: self._result(a)["loss"] for a in ACTIONS}
 
@@ -148,18 +216,31 @@ class PonderEnv:
         return {"recon_loss": self._layer_pass(1)["recon"], "entropy": float(chunk.entropy.mean()),
                 "max_prob": float(chunk.max_prob.mean())}
 
-    def step(self, action: str, gate_signal: float | None = None) -> tuple[ChunkRecord, ChunkContext | None]:
-        """Process the current chunk under `action`; returns its record and the next context (None at the end)."""
+    def step(self, action: str, gate_signal: float | None = None, signal_pass: bool = False,
+             ) -> tuple[ChunkRecord, ChunkContext | None]:
+        """Process the current chunk under `action`; returns its record and the next context (None at the end).
+
+        `signal_pass`: the deciding gate reads the reconstruction loss of the UPDATE_1 pass on this
+        chunk (its own, or the next chunk's feature), so that pass is charged (FLOPs and seconds)
+        whenever `action` is not UPDATE_1 (whose pass it is).
+        """
         check_action(action)
         self._require_active()
         res = self._result(action)
         chunk = self._doc.chunks[self._c]
+        n = int(chunk.input_ids.numel())
+        skip_flops = float(self.backbone_flops(n))
+        flops = skip_flops + self.extra_flops(action, n)
+        wall = res["wall_s"]
+        if signal_pass and action != "UPDATE_1":
+            flops += self.extra_flops("signal", n)
+            wall += self._layer_pass(1)["seconds"]
         record = ChunkRecord(doc_id=self._doc.doc_id, chunk_idx=self._c, action=action, loss=res["loss"],
-                             n_tokens=chunk.n_scored, cost=flops_multiplier(action), wall_s=res["wall_s"],
-                             gate_signal=gate_signal, recon_loss=res["recon"])
+                             n_tokens=chunk.n_scored, cost=flops / skip_flops, wall_s=wall,
+                             gate_signal=gate_signal, recon_loss=res["recon"], flops=flops, skip_flops=skip_flops)
         self._state = res["state"]
         self._history = self._history + (action,)
-        self._n_updates += int(action != "SKIP")
+        self._n_updates += int(is_update(action))
         self._prev = {"recon_loss": res["recon"], "loss": res["loss"], "skip_loss": chunk.skip_loss,
                       "entropy": float(chunk.entropy.mean()), "max_prob": float(chunk.max_prob.mean()),
                       "hidden_norm": float(chunk.hidden.norm(dim=-1).mean()),

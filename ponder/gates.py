@@ -38,7 +38,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from ponder.types import ACTIONS, flops_multiplier
+from ponder.types import ACTIONS, ALL_ACTIONS, flops_multiplier, is_update
 
 # the names build_gate understands (a trailing ":UPDATE_k" picks the update action of the binary gates)
 GATE_SPECS = (
@@ -115,11 +115,15 @@ class Gate:
         uses_labels: True if `decide` reads `ctx.oracle_losses` (chunk c's LM losses): an upper bound.
         target_rate: target fraction of chunks that are not SKIP (None for fixed modes / oracle).
         last_signal: the number the last decision was based on (None if none).
+        needs_recon_pass: True if `decide` reads a reconstruction loss (its own chunk's or the
+            previous chunk's), which takes the adaptive layer's UPDATE_1 pass on every chunk: the
+            runner charges that pass to the gate (FLOPs and seconds) on chunks not run with UPDATE_1.
     """
 
     name: str = "gate"
     lookahead: bool = False
     uses_labels: bool = False
+    needs_recon_pass: bool = False
 
     def __init__(self) -> None:
         self.target_rate: float | None = None
@@ -169,11 +173,11 @@ class FixedGate(Gate):
 
     def __init__(self, action: str):
         super().__init__()
-        if action not in ACTIONS:
-            raise ValueError(f"fixed gate action {action!r} must be one of {ACTIONS} (spec 'fixed:UPDATE_1')")
+        if action not in ALL_ACTIONS:
+            raise ValueError(f"fixed gate action {action!r} must be one of {ALL_ACTIONS} (spec 'fixed:UPDATE_1')")
         self.action = action
         self.name = f"fixed:{action}"
-        self.target_rate = 0.0 if action == "SKIP" else 1.0
+        self.target_rate = 1.0 if is_update(action) else 0.0
 
     def decide(self, ctx: Any) -> str:
         self.last_signal = None
@@ -340,6 +344,8 @@ class ReconGate(Gate):
     target and SKIP otherwise.
     """
 
+    needs_recon_pass = True
+
     def __init__(
         self,
         target_rate: float,
@@ -497,8 +503,8 @@ def build_gate(
         raise TypeError(f"gate spec must be a str such as 'recon', got {type(spec).__name__}: {spec!r}")
     base, _, suffix = spec.partition(":")
     if base == "fixed":
-        if suffix not in ACTIONS:
-            raise ValueError(f"gate spec {spec!r}: 'fixed:' must be followed by one of {ACTIONS}")
+        if suffix not in ALL_ACTIONS:
+            raise ValueError(f"gate spec {spec!r}: 'fixed:' must be followed by one of {ALL_ACTIONS}")
         return FixedGate(suffix)
     action = suffix or update_action or "UPDATE_1"
     if base == "random":

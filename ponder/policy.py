@@ -564,6 +564,8 @@ class PPOGate(Gate):
         verbose: print one line per PPO iteration.
     """
 
+    needs_recon_pass = True  # its features include the previous chunk's reconstruction loss
+
     def __init__(self, target_rate: float, update_action: str = "UPDATE_1", seed: int = 0,
                  config: PPOConfig | dict | None = None, verbose: bool = True):
         super().__init__()

@@ -32,7 +32,10 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from ponder.types import ACTIONS
+import numpy as np
+
+from ponder.stats import fmt_ci
+from ponder.types import ACTIONS, ALL_ACTIONS, is_update
 
 SKIP_NAMES = ("fixed:SKIP", "SKIP")
 
@@ -74,10 +77,13 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
         loss = sum(float(r["loss"]) * int(r["n_tokens"]) for r in rows) / n_tok
         out[name] = {
             "loss": loss, "ppl": math.exp(loss), "n_chunks": len(rows), "n_tokens": n_tok,
-            "cost": sum(float(r["cost"]) for r in rows) / len(rows),
-            "update_rate": sum(r["action"] != "SKIP" for r in rows) / len(rows),
+            # counted FLOPs over SKIP's on the same chunks when the records carry them, else the mean cost
+            "cost": (sum(float(r["flops"]) for r in rows) / sum(float(r["skip_flops"]) for r in rows)
+                     if all(r.get("flops") and r.get("skip_flops") for r in rows)
+                     else sum(float(r["cost"]) for r in rows) / len(rows)),
+            "update_rate": sum(is_update(r["action"]) for r in rows) / len(rows),
             "wall_s_per_chunk": sum(float(r.get("wall_s") or 0.0) for r in rows) / len(rows),
-            "actions": {a: sum(r["action"] == a for r in rows) for a in ACTIONS},
+            "actions": {a: sum(r["action"] == a for r in rows) for a in ALL_ACTIONS},
             "lookahead": any(bool(r.get("lookahead")) for r in rows) or name.startswith("recon-lookahead"),
             "uses_labels": any(bool(r.get("uses_labels")) for r in rows) or "oracle" in name,
         }
@@ -125,33 +131,123 @@ def interpolate(curve: list[tuple[float, float]], u: float) -> float:
     return float("nan")
 
 
-def add_oracle_recovery(stats: dict[str, dict]) -> None:
-    """Fill `oracle_loss`, `oracle_recovery` (and `wall_vs_skip`) into every gate's stats, in place."""
-    skip = next((stats[n] for n in SKIP_NAMES if n in stats), None)
-    for name, s in stats.items():
+def exact_rate_references(records: list[dict], gate: str, update_action: str = "UPDATE_1") -> dict[str, list[dict]]:
+    """Per-chunk rows of the two references of `gate` at its EXACT number of updates n_u (no interpolation).
+
+    * `oracle@<gate>`: UPDATE the n_u chunks with the largest token-weighted per-chunk gain
+      (`per_chunk_gains`: SKIP loss - loss under fixed:update_action; ties: earlier chunk first),
+      i.e. `BudgetedOracleGate.make_plan` at rate n_u / N, each chunk scored with its loss on that
+      trajectory. This is the paper's recovery oracle (greedy top-u by per-chunk advantage).
+    * `random@<gate>`: the EXPECTED loss of a gate updating n_u chunks uniformly at random: every
+      chunk at SKIP loss - (n_u / N) x its gain.
+
+    Empty when fixed:SKIP / fixed:update_action did not run on the gate's chunks, or n_u is 0.
+    """
+    from ponder.gates import BudgetedOracleGate
+
+    rows = [r for r in records if _gate_of(r) == gate]
+    prefix = "paper:" if gate.startswith("paper:") else ""
+    gains = per_chunk_gains(records, update_action, prefix)
+    upd = _chunk_map(records, f"{prefix}fixed:{update_action}")
+    keys = [(r["doc_id"], int(r["chunk_idx"])) for r in rows]
+    if not rows or any(k not in gains for k in keys):
+        return {}
+    n_u = sum(is_update(r["action"]) for r in rows)
+    if n_u == 0:
+        return {}
+    ntok = {(r["doc_id"], int(r["chunk_idx"])): int(r["n_tokens"]) for r in rows}
+    plan = BudgetedOracleGate.make_plan({k: gains[k] for k in keys}, n_u / len(keys), n_tokens=ntok)
+    u = n_u / len(keys)
+    out = {f"oracle@{gate}": [], f"random@{gate}": []}
+    for k in keys:
+        skip = upd[k] + gains[k]
+        base = {"doc_id": k[0], "chunk_idx": k[1], "n_tokens": ntok[k]}
+        out[f"oracle@{gate}"].append(dict(base, gate=f"oracle@{gate}", loss=upd[k] if k in plan else skip))
+        out[f"random@{gate}"].append(dict(base, gate=f"random@{gate}", loss=skip - u * gains[k]))
+    return out
+
+
+def add_oracle_recovery(stats: dict[str, dict], records: list[dict] | None = None, n_boot: int = 1000,
+                        seed: int = 0) -> None:
+    """Fill into every gate's stats, in place: `oracle_loss` and `oracle_recovery` against the
+    oracle at the gate's exact update count, `random_loss` and `recovery_vs_random` against the
+    expected random gate at that count (`exact_rate_references`), `wall_vs_skip`, and, with
+    `records`, paired bootstrap intervals `<key>_ci` (`ponder.stats`) for the loss, the gains over
+    SKIP and STATIC and both recoveries. Without `records` (stats only), recoveries are NaN."""
+    skip_name = next((n for n in SKIP_NAMES if n in stats), None)
+    skip = stats.get(skip_name) if skip_name else None
+    static_name = next((n for n in ("fixed:STATIC", "STATIC") if n in stats), None)
+    for s in stats.values():
         if skip is not None and skip.get("wall_s_per_chunk"):
             s.setdefault("wall_vs_skip", s["wall_s_per_chunk"] / skip["wall_s_per_chunk"])
-        if skip is None:
-            s["oracle_loss"], s["oracle_recovery"] = float("nan"), float("nan")
+        s.setdefault("oracle_loss", float("nan"))
+        s.setdefault("oracle_recovery", float("nan"))
+        s.setdefault("random_loss", float("nan"))
+        s.setdefault("recovery_vs_random", float("nan"))
+    if not records or skip is None:
+        return
+    from ponder.stats import Bootstrap, interval
+
+    refs: dict[str, list[dict]] = {}
+    for name, s in stats.items():
+        if name.startswith(("fixed:", "paper:fixed:")) or not (0 < s["update_rate"] < 1):
             continue
-        action = update_action_of(name)
-        curve = oracle_curve(stats, action)
-        has_bo = any(n.startswith("budgeted-oracle") and update_action_of(n) == action for n in stats)
-        l_or = interpolate(curve, float(s["update_rate"])) if has_bo else float("nan")
-        s["oracle_ref"] = f"budgeted-oracle[{action}]"
-        s["oracle_loss"] = l_or
-        s["oracle_recovery"] = oracle_recovery(skip["loss"], s["loss"], l_or) if s["update_rate"] > 0 else float("nan")
+        refs.update(exact_rate_references(records, name, update_action_of(name)))
+    rows = [dict(r, gate=_gate_of(r)) for r in records] + [r for v in refs.values() for r in v]
+    boot = Bootstrap(rows, n_boot=n_boot, seed=seed)
+    L = {g: boot.losses(g) for g in boot.gates()}
+    point = {g: (sum(r["loss"] * r["n_tokens"] for r in v) / sum(r["n_tokens"] for r in v)) for g, v in refs.items()}
+    for name, s in stats.items():
+        s["loss_ci"] = interval(L[name])
+        s["gain_vs_skip"] = skip["loss"] - s["loss"]
+        s["gain_vs_skip_ci"] = interval(L[skip_name] - L[name])
+        if name.startswith("paper:") and "paper:fixed:SKIP" in stats:
+            # the paper's SKIP (the layer without an update) is its own baseline and recovery reference
+            ps = stats["paper:fixed:SKIP"]
+            s["gain_vs_static"] = ps["loss"] - s["loss"]
+            s["gain_vs_static_ci"] = interval(L["paper:fixed:SKIP"] - L[name])
+            o, r = f"oracle@{name}", f"random@{name}"
+            if o in point:
+                s["oracle_ref"] = "paper: greedy top-u chunks by per-chunk advantage"
+                s["oracle_loss"], s["random_loss"] = point[o], point[r]
+                s["oracle_recovery"] = oracle_recovery(ps["loss"], s["loss"], point[o])
+                s["recovery_vs_random"] = oracle_recovery(point[r], s["loss"], point[o])
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    rec = (L["paper:fixed:SKIP"] - L[name]) / (L["paper:fixed:SKIP"] - L[o])
+                    rec_r = (L[r] - L[name]) / (L[r] - L[o])
+                s["oracle_recovery_ci"] = interval(rec)
+                s["recovery_vs_random_ci"] = interval(rec_r)
+            continue
+        if static_name:
+            s["gain_vs_static"] = stats[static_name]["loss"] - s["loss"]
+            s["gain_vs_static_ci"] = interval(L[static_name] - L[name])
+        o, r = f"oracle@{name}", f"random@{name}"
+        if o not in point:
+            continue
+        s["oracle_ref"] = f"top-{s['update_rate']:.3f} chunks by gain under fixed:{update_action_of(name)}"
+        s["oracle_loss"], s["random_loss"] = point[o], point[r]
+        s["oracle_recovery"] = oracle_recovery(skip["loss"], s["loss"], point[o])
+        s["recovery_vs_random"] = oracle_recovery(point[r], s["loss"], point[o])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rec = (L[skip_name] - L[name]) / (L[skip_name] - L[o])
+            rec_r = (L[r] - L[name]) / (L[r] - L[o])
+        s["oracle_recovery_ci"] = interval(rec) if math.isfinite(s["oracle_recovery"]) else (float("nan"),) * 2
+        s["recovery_vs_random_ci"] = interval(rec_r) if math.isfinite(s["recovery_vs_random"]) else (float("nan"),) * 2
+    stats_meta = {"n_docs": boot.n_docs, "n_chunks": boot.n_chunks, "n_boot": n_boot}
+    for s in stats.values():
+        s["bootstrap"] = stats_meta
 
 
 def _chunk_map(records: list[dict], gate: str, field: str = "loss") -> dict[tuple[str, int], float]:
     return {(r["doc_id"], int(r["chunk_idx"])): r.get(field) for r in records if _gate_of(r) == gate}
 
 
-def per_chunk_gains(records: list[dict], update_action: str = "UPDATE_1") -> dict[tuple[str, int], float]:
-    """Gain of every chunk under fixed:update_action: its SKIP loss minus its loss (nats/token)."""
-    upd = _chunk_map(records, f"fixed:{update_action}")
-    skip = _chunk_map(records, "fixed:SKIP")
-    if not skip:  # the runner also stores each chunk's SKIP loss on every record
+def per_chunk_gains(records: list[dict], update_action: str = "UPDATE_1", prefix: str = "") -> dict[tuple[str, int], float]:
+    """Gain of every chunk under fixed:update_action: its SKIP loss minus its loss (nats/token).
+    `prefix` "paper:" reads the paper-protocol runs (`paper:fixed:...`)."""
+    upd = _chunk_map(records, f"{prefix}fixed:{update_action}")
+    skip = _chunk_map(records, f"{prefix}fixed:SKIP")
+    if not skip and not prefix:  # the runner also stores each chunk's SKIP loss on every record
         skip = {(r["doc_id"], int(r["chunk_idx"])): r["skip_loss"] for r in records if r.get("skip_loss") is not None}
     return {k: skip[k] - v for k, v in upd.items() if k in skip and v is not None}
 
@@ -180,14 +276,35 @@ def signal_correlations(records: list[dict], stats: dict[str, dict]) -> dict[str
         rows = [r for r in records if _gate_of(r) == name and (r["doc_id"], int(r["chunk_idx"])) in gains]
         pairs = [(float(r["gate_signal"]), gains[(r["doc_id"], int(r["chunk_idx"]))]) for r in rows
                  if r.get("gate_signal") is not None and math.isfinite(float(r["gate_signal"]))]
-        upd = [gains[(r["doc_id"], int(r["chunk_idx"]))] for r in rows if r["action"] != "SKIP"]
-        skp = [gains[(r["doc_id"], int(r["chunk_idx"]))] for r in rows if r["action"] == "SKIP"]
+        upd = [gains[(r["doc_id"], int(r["chunk_idx"]))] for r in rows if is_update(r["action"])]
+        skp = [gains[(r["doc_id"], int(r["chunk_idx"]))] for r in rows if not is_update(r["action"])]
         out[name] = {
             "signal_gain_corr": _pearson([p[0] for p in pairs], [p[1] for p in pairs]),
             "n_signal": len(pairs),
             "mean_gain_updated": sum(upd) / len(upd) if upd else float("nan"),
             "mean_gain_skipped": sum(skp) / len(skp) if skp else float("nan"),
         }
+    return out
+
+
+def gain_by_chunk_index(records: list[dict], n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Per chunk index c: mean per-chunk gain of fixed:UPDATE_1 over fixed:SKIP and over fixed:STATIC
+    (nats/token) with 95% bootstrap intervals over the documents that have a chunk c. Does the
+    carried state make later chunks gain more (memory the backbone's window lacks)?"""
+    from ponder.stats import interval
+
+    upd, skip, static = (_chunk_map(records, f"fixed:{a}") for a in ("UPDATE_1", "SKIP", "STATIC"))
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in sorted({k[1] for k in upd}):
+        keys = [k for k in upd if k[1] == c and k in skip]
+        row = {"chunk_idx": c, "n_docs": len(keys)}
+        for name, ref in (("vs_skip", skip), ("vs_static", static)):
+            g = np.array([ref[k] - upd[k] for k in keys if k in ref])
+            if g.size:
+                boots = g[rng.integers(0, g.size, (n_boot, g.size))].mean(1)
+                row[name], row[f"{name}_ci"] = float(g.mean()), interval(boots)
+        out.append(row)
     return out
 
 
@@ -207,15 +324,21 @@ def _sections(stats: dict[str, dict]) -> list[tuple[str, list[str]]]:
         return (0 if n.startswith("fixed:") else 1, ACTIONS.index(n[6:]) if n.startswith("fixed:") and n[6:] in ACTIONS else 0, n)
 
     names = sorted(stats, key=order)
+    paper = [n for n in names if n.startswith("paper:")]
+    names = [n for n in names if not n.startswith("paper:")]
     causal = [n for n in names if not stats[n]["lookahead"] and not stats[n]["uses_labels"]]
     look = [n for n in names if stats[n]["lookahead"] and not stats[n]["uses_labels"]]
     labels = [n for n in names if stats[n]["uses_labels"]]
     return [("Fixed modes and causal gates (decide chunk c from tokens before c only)", causal),
             ("Lookahead gates: read chunk c's own statistics before scoring chunk c (NOT causal, reported apart)", look),
-            ("Upper bounds that read the labels (not deployable)", labels)]
+            ("Upper bounds that read the labels (not deployable)", labels),
+            ("Paper protocol (--protocol paper): UPDATE steps on chunk c, then re-forwards and scores chunk c, so "
+             "it READS THE SCORED TOKENS (not causal); its SKIP is the layer without an update (our STATIC), and "
+             "'gain vs STATIC' and recoveries use that SKIP. Compare with the leak-free tables above", paper)]
 
 
-def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict] | None = None) -> str:
+def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict] | None = None,
+                     records: list[dict] | None = None) -> str:
     """The results.md text: one table per section, the causal-vs-lookahead difference, definitions."""
     lines = [f"# PonderTTT results: {summary.get('run', '')}".rstrip(), ""]
     meta = [(k, summary.get(k)) for k in ("base", "ttt_layer", "target_rate") if summary.get(k) is not None]
@@ -223,9 +346,22 @@ def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict
     if meta or data:
         lines.append(" · ".join([f"{k}: `{v}`" for k, v in meta] + [f"{k}: {v}" for k, v in data.items()]))
         lines.append("")
-    header = ("| gate / mode | loss (nats/tok) | ppl | avg cost (x) | wall vs SKIP | update rate | "
-              "L_oracle at rate | oracle recovery |")
-    sep = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    header = ("| gate / mode | loss (nats/tok) [95% CI] | gain vs SKIP | gain vs STATIC | FLOPs vs SKIP | "
+              "wall vs SKIP | update rate | L_oracle at rate | oracle recovery | recovery vs random |")
+    sep = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+
+    def ci(s, key, spec=".4f"):
+        lo, hi = s.get(f"{key}_ci") or (None, None)
+        return fmt_ci(s.get(key), lo, hi, spec)
+
+    def pct_ci(s, key):
+        v = s.get(key)
+        lo, hi = s.get(f"{key}_ci") or (None, None)
+        if v is None or not math.isfinite(v):
+            return "—"
+        ok = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
+        return f"{100 * v:.1f}%" + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if ok else "")
+
     for title, names in _sections(stats):
         if not names:
             continue
@@ -234,10 +370,16 @@ def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict
             s = stats[n]
             label = f"{n} (lookahead)" if s["lookahead"] else n
             lines.append(
-                f"| {label} | {_fmt(s['loss'], '.4f')} | {_fmt(s['ppl'], '.3f')} | {_fmt(s['cost'], '.2f')} | "
-                f"{_fmt(s.get('wall_vs_skip'), '.2f')} | {_fmt(s['update_rate'], '.2f')} | "
-                f"{_fmt(s.get('oracle_loss'), '.4f')} | {_pct(s.get('oracle_recovery'))} |")
+                f"| {label} | {ci(s, 'loss')} | {ci(s, 'gain_vs_skip', '+.4f')} | {ci(s, 'gain_vs_static', '+.4f')} | "
+                f"{_fmt(s['cost'], '.3f')} | {_fmt(s.get('wall_vs_skip'), '.2f')} | {_fmt(s['update_rate'], '.2f')} | "
+                f"{_fmt(s.get('oracle_loss'), '.4f')} | {pct_ci(s, 'oracle_recovery')} | "
+                f"{pct_ci(s, 'recovery_vs_random')} |")
         lines.append("")
+    boot = next((s.get("bootstrap") for s in stats.values() if s.get("bootstrap")), None)
+    if boot:
+        lines += [f"Intervals: 95% paired bootstrap over {boot['n_docs']} held-out documents and the chunks within "
+                  f"them ({boot['n_chunks']} chunks, {boot['n_boot']} replicates); every gate is scored on the same "
+                  "resampled chunks.", ""]
     pairs = [(n, n.replace("-lookahead", "")) for n in stats if "-lookahead" in n and n.replace("-lookahead", "") in stats]
     if pairs:
         lines += ["## Causal vs lookahead", "",
@@ -261,16 +403,31 @@ def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict
                 lines.append(f"| {n} | {_fmt(c['signal_gain_corr'], '+.3f')} | {_fmt(c['mean_gain_updated'], '+.4f')} | "
                              f"{_fmt(c['mean_gain_skipped'], '+.4f')} |")
             lines.append("")
+    by_idx = gain_by_chunk_index(records) if records else []
+    if by_idx:
+        lines += ["## Gain of UPDATE_1 by chunk index (does the carried state add memory?)", "",
+                  "| chunk index | documents | gain vs SKIP [95% CI] | gain vs STATIC [95% CI] |", "| ---: | ---: | ---: | ---: |"]
+        for r in by_idx:
+            lines.append(f"| {r['chunk_idx']} | {r['n_docs']} | {fmt_ci(r.get('vs_skip'), *(r.get('vs_skip_ci') or (None, None)), '+.4f')} | "
+                         f"{fmt_ci(r.get('vs_static'), *(r.get('vs_static_ci') or (None, None)), '+.4f')} |")
+        lines.append("")
     lines += ["## Definitions", "",
               "* loss: token-weighted mean next-token cross-entropy on the held-out chunks; ppl = exp(loss).",
-              "* avg cost: PonderTTT's theoretical FLOPs multiplier per chunk (SKIP 1, UPDATE_k 1 + 2k); wall vs SKIP: "
-              "measured seconds per chunk / those of fixed:SKIP.",
-              "* update rate u: fraction of chunks not SKIPped.",
-              "* L_oracle at rate: the budgeted oracle (labels; UPDATEs the fraction u of chunks with the largest gain) "
-              "at the gate's own u, interpolated linearly in u between its measured runs, (0, L_SKIP) and "
-              "(1, L_fixed:UPDATE_k) for the gate's update action (UPDATE_1 unless named `:UPDATE_k`).",
-              "* oracle recovery = (L_SKIP - L_gate) / (L_SKIP - L_oracle(u_gate)); 100% = the oracle's whole gain at equal "
-              "update rate; — when the oracle gains nothing or u = 0.", ""]
+              "* SKIP: the backbone alone. STATIC: the trained adaptive layer with its inner updates off (the "
+              "paper's SKIP corresponds to this). gain vs X = L_X - L_gate (positive: better than X); gain vs "
+              "STATIC is what test-time training adds beyond a trained adapter.",
+              "* FLOPs vs SKIP: counted matmul FLOPs (torch.utils.flop_counter) of everything that ran for the "
+              "gate's chunks (backbone, adaptive layer, LM head, and the UPDATE_1 layer pass a reconstruction-"
+              "reading gate needs for its signal on chunks it does not UPDATE_1) over the backbone's FLOPs on the "
+              "same chunks. wall vs SKIP: measured seconds per chunk / those of fixed:SKIP (includes that pass).",
+              "* update rate u: fraction of chunks run with an UPDATE_k (SKIP and STATIC take no inner step).",
+              "* L_oracle at rate: the oracle at the gate's EXACT update count (no interpolation): UPDATE the "
+              "n_u chunks with the largest per-chunk gain (SKIP loss - loss under fixed:UPDATE_k; labels), each "
+              "scored with its loss on that trajectory (the paper's greedy top-u recovery oracle).",
+              "* oracle recovery = (L_SKIP - L_gate) / (L_SKIP - L_oracle(u)); recovery vs random = "
+              "(L_random(u) - L_gate) / (L_random(u) - L_oracle(u)), L_random(u) = the expected loss of updating "
+              "n_u chunks uniformly at random (0% = no better than random, 100% = the oracle); — when the oracle "
+              "gains nothing or u is 0 or 1.", ""]
     return "\n".join(lines)
 
 
@@ -425,7 +582,7 @@ def write_report(run_dir: str | Path, records: list[dict], summary: dict) -> Non
                     stats[name][k] = bool(given[k])
             if given.get("wall_vs_skip") is not None:
                 stats[name]["wall_vs_skip"] = given["wall_vs_skip"]
-    add_oracle_recovery(stats)
+    add_oracle_recovery(stats, records)
     corr = signal_correlations(records, stats)
     out = dict(summary)
     gates = {k: dict(v) for k, v in (summary.get("gates") or {}).items()}
@@ -440,7 +597,8 @@ def write_report(run_dir: str | Path, records: list[dict], summary: dict) -> Non
     out["gates"] = gates
     out["report"] = {"oracle_recovery": "(L_SKIP - L_gate) / (L_SKIP - L_budgeted_oracle(u_gate)), see results.md",
                      "files": ["summary.json", "results.md", "pareto.png", "gains.png"]}
-    _write_atomic(run_dir / "results.md", results_markdown(stats, summary, corr))
+    out["gain_by_chunk_index"] = gain_by_chunk_index(records)
+    _write_atomic(run_dir / "results.md", results_markdown(stats, summary, corr, records))
     plot_pareto(stats, run_dir / "pareto.png")
     if not plot_gains(records, stats, run_dir / "gains.png"):
         out["report"]["files"].remove("gains.png")

@@ -11,7 +11,7 @@ Data: the training documents' chunks as one stream, documents in a seeded order 
 chunks in order within a document, the TTT state carried from chunk to chunk of a document and cut
 from the graph between steps (truncated backprop through time). One chunk per optimizer step.
 
-Checkpoints (`<run_dir>/ckpt.pt`, written to a temporary file then `os.replace`d) hold the model,
+Checkpoints (`<run_dir>/ckpt.pt`, checksummed and written atomically by `ponder.storage`) hold the model,
 the optimizer, the RNG states, the stream position and the carried state, so a resumed run is
 identical to an uninterrupted one (tested).
 """
@@ -19,7 +19,6 @@ identical to an uninterrupted one (tested).
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from ponder.adaptive import AdaptiveLM, detach_state
 from ponder.cache import CachedDoc
+from ponder.storage import clean_stale_tmp, load_checked, save_checked
 
 CKPT_NAME = "ckpt.pt"
 
@@ -96,15 +96,17 @@ class ChunkStream:
 
 
 def _save(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+    save_checked(payload, path)  # checksummed, atomic: a crash mid-write leaves the previous checkpoint intact
 
 
 def load_checkpoint(run_dir: str | Path) -> dict | None:
+    """The run's checkpoint, verified against its checksum (None when there is none).
+
+    Raises:
+        DamagedFileError (a ValueError): the file is truncated or altered; it is never loaded.
+    """
     path = Path(run_dir) / CKPT_NAME
-    return torch.load(path, weights_only=False) if path.exists() else None
+    return load_checked(path) if path.exists() else None
 
 
 def train(model: AdaptiveLM, docs: list[CachedDoc], cfg: TrainConfig, run_dir: str | Path | None = None,
@@ -134,8 +136,10 @@ def train(model: AdaptiveLM, docs: list[CachedDoc], cfg: TrainConfig, run_dir: s
     stream = ChunkStream(docs, cfg.seed)
     step, losses, skip_losses, state, state_doc = 0, [], [], None, None
     ckpt_path = Path(run_dir) / CKPT_NAME if run_dir is not None else None
+    if run_dir is not None:
+        clean_stale_tmp(run_dir)  # half-written checkpoints of a killed run
     if resume and ckpt_path is not None and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = load_checked(ckpt_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
         stream.load_state_dict(ck["stream"])

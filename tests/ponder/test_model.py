@@ -114,7 +114,7 @@ def _doc_logits(backbone, model, ids, chunk_size, k):
 def test_causality_across_chunk_boundaries(backbone, kind, t):
     ids = backbone.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:24]
     model = _model(backbone, kind)
-    for k in (1, 4):
+    for k in (0, 1, 4):  # 0: STATIC
         with torch.no_grad():
             ref = _doc_logits(backbone, model, ids, 8, k)
             bad = ids[:t] + [(i * 7 + 11) % 50000 for i in ids[t:]]
@@ -148,7 +148,15 @@ def test_env_skip_update_and_memo_do_not_change_numbers(backbone, cached):
     doc = cached[0]
     recs = _run(env, doc.doc_id, ["SKIP", "UPDATE_2", "UPDATE_1"])
     assert recs[0].loss == pytest.approx(doc.chunks[0].skip_loss)
-    assert [r.cost for r in recs] == [1.0, 5.0, 3.0]
+    # cost = counted FLOPs over SKIP's on the same chunk: every non-SKIP action pays at least the
+    # tied head, 2 (T - 1) D V (counted by hand here), and UPDATE_2 more than UPDATE_1
+    D, V = model.head_weight.shape[1], model.head_weight.shape[0]
+    assert recs[0].cost == 1.0 and recs[0].flops == recs[0].skip_flops
+    for r in recs[1:]:
+        assert r.flops - r.skip_flops >= 2 * r.n_tokens * D * V
+    # STATIC runs the official dual form with every inner learning rate x 0 (the same matmuls as
+    # UPDATE_1), and its count says so: it is charged what actually runs
+    assert env.extra_flops("UPDATE_2", 12) > env.extra_flops("UPDATE_1", 12) >= env.extra_flops("STATIC", 12) > 0
     # SKIP leaves the state untouched: chunk 1 under UPDATE_2 after SKIP == from the fresh state
     with torch.no_grad():
         adapted, _, _ = model.adapt(doc.chunks[1].hidden[None], None, 2)
@@ -160,6 +168,61 @@ def test_env_skip_update_and_memo_do_not_change_numbers(backbone, cached):
     for a, b, c in zip(recs, again, fresh):
         assert a.loss == b.loss == pytest.approx(c.loss, rel=1e-6)
         assert a.recon_loss == b.recon_loss == pytest.approx(c.recon_loss, rel=1e-6)
+
+
+def _fast_weights(state):
+    return tuple(state.inner.params) if hasattr(state, "inner") else (state.w0, state.w1, state.w2)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_static_applies_the_layer_without_inner_updates(backbone, kind):
+    ids = torch.tensor(backbone.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:24])
+    hidden, _ = backbone.forward_chunk(ids[None])
+    model = _model(backbone, kind)
+    with torch.no_grad():
+        _, _, s1 = model.adapt(hidden[:, :12], None, 1)  # a state that has learned something
+        out0, _, s_static = model.adapt(hidden[:, 12:], s1, 0)
+        out1, _, s_upd = model.adapt(hidden[:, 12:], s1, 1)
+    for a, b in zip(_fast_weights(s_static), _fast_weights(s1)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # STATIC never changes the fast weights
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(_fast_weights(s_upd), _fast_weights(s1)))
+    assert (out0 - out1).abs().max() > 1e-6  # and its output differs from UPDATE_1's
+    # piece by piece equals the whole chunk (and the state carries on unchanged)
+    with torch.no_grad():
+        state, parts = s1, []
+        for t in range(12, 24, 4):
+            o, _, state = model.adapt(hidden[:, t:t + 4], state, 0)
+            parts.append(o)
+    torch.testing.assert_close(torch.cat(parts, 1), out0, rtol=1e-5, atol=1e-5)
+
+
+def test_env_static_is_a_baseline_not_an_update(backbone, cached):
+    model = _model(backbone, "official-linear")
+    env = PonderEnv(model, cached)
+    doc = cached[0]
+    recs = _run(env, doc.doc_id, ["UPDATE_1", "STATIC", "STATIC"])
+    ctx = env.reset(doc.doc_id)
+    env.step("UPDATE_1")
+    _, ctx = env.step("STATIC")
+    assert ctx.features["update_rate_so_far"] == pytest.approx(0.5)  # STATIC is no update
+    with torch.no_grad():  # chunk 2 under STATIC reads the state UPDATE_1 left after chunk 0
+        _, _, s0 = model.adapt(doc.chunks[0].hidden[None], None, 1)
+        _, _, s1 = model.adapt(doc.chunks[1].hidden[None], s0, 0)
+        adapted, _, _ = model.adapt(doc.chunks[2].hidden[None], s1, 0)
+        ref = float(model.lm_loss(adapted, doc.chunks[2].input_ids[None]))
+    assert recs[2].loss == pytest.approx(ref, rel=1e-6)
+    assert 1.0 < recs[1].cost <= recs[0].cost
+
+
+def test_backbone_flop_count_is_exact_at_other_lengths(backbone):
+    from ponder.env import count_flops
+    from ponder.runner import backbone_flop_counter
+
+    f = backbone_flop_counter(backbone)
+    direct = count_flops(lambda: backbone.forward_chunk(torch.zeros(1, 48, dtype=torch.int64)))
+    assert f(48) == pytest.approx(direct, rel=1e-9)
+    cfg = backbone.model.config  # the LM head alone is 2 T D V of it
+    assert direct > 2 * 48 * cfg.n_embd * cfg.vocab_size
 
 
 def test_env_context_uses_only_earlier_chunks(backbone, cached):
@@ -191,3 +254,45 @@ def test_adaptive_config_errors():
     with pytest.raises(ValueError, match="not divisible by num_heads=5"):
         AdaptiveConfig(hidden_size=32, num_heads=5)
     assert AdaptiveConfig(hidden_size=576).num_heads == 9
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_paper_protocol_reads_the_scored_tokens_and_default_does_not(kind):
+    torch.manual_seed(0)
+    emb = torch.randn(30, 16)
+    model = AdaptiveLM(AdaptiveConfig(hidden_size=16, layer=kind, num_heads=2, mini_batch_size=4,
+                                      simple_inner_lr=0.1), emb).eval()
+    with torch.no_grad():
+        model.residual_gain.fill_(0.5)
+    h = torch.randn(1, 16, 16)
+    bad = h.clone()
+    bad[:, 12:] += 3.0 * torch.randn(1, 4, 16)  # change only the chunk's last mini-batch
+    with torch.no_grad():
+        causal, causal_bad = model.adapt(h, None, 1)[0], model.adapt(bad, None, 1)[0]
+        paper, paper_bad = model.paper_reforward(h, None, 1)[0], model.paper_reforward(bad, None, 1)[0]
+    torch.testing.assert_close(causal_bad[:, :12], causal[:, :12], rtol=0, atol=0)  # default: leak-free
+    # paper: earlier outputs read later tokens (the causal outputs above are bit-identical, so any
+    # difference well above float32 rounding is the dependence)
+    assert (paper_bad[:, :12] - paper[:, :12]).abs().max() > 1e-6
+    # and it is the chunk re-read through the weights the update produced, with no further update
+    with torch.no_grad():
+        _, _, after = model.adapt(h, None, 1)
+        ref, _, _ = model.adapt(h, model.ttt.rewind(None, after, 1), 0)
+    torch.testing.assert_close(paper, ref, rtol=0, atol=0)
+
+
+def test_env_paper_protocol_skip_is_static():
+    from tests.ponder.synthetic import synthetic_env
+
+    causal = synthetic_env()
+    from ponder.env import PonderEnv
+
+    paper = PonderEnv(causal.model, list(causal.docs.values()), protocol="paper")
+    doc = causal.doc_ids()[0]
+    for env in (causal, paper):
+        env.reset(doc)
+    static = causal.step("STATIC")[0]
+    skip_paper = paper.step("SKIP")[0]
+    assert skip_paper.loss == static.loss and skip_paper.cost == static.cost  # the paper's SKIP = STATIC
+    with pytest.raises(ValueError, match="protocol='leaky'"):
+        PonderEnv(causal.model, list(causal.docs.values()), protocol="leaky")

@@ -76,7 +76,7 @@ def test_aggregate_is_token_weighted():
 
 def test_oracle_recovery_at_equal_rate_by_hand():
     stats = aggregate(_all_records())
-    add_oracle_recovery(stats)
+    add_oracle_recovery(stats, _all_records(), n_boot=200)
     l_skip = sum(SKIP) / 8
     l_bo = l_skip - (0.5 + 0.4 + 0.2 + 0.1) / 8  # the budgeted run updates 0, 1, 3, 6
     assert stats["budgeted-oracle"]["loss"] == pytest.approx(l_bo)
@@ -86,11 +86,23 @@ def test_oracle_recovery_at_equal_rate_by_hand():
     assert stats["recon"]["oracle_recovery"] == pytest.approx((l_skip - l_recon) / (l_skip - l_bo))
     assert stats["recon"]["oracle_recovery"] == pytest.approx(0.4 / 1.2)
     assert stats["recon-lookahead"]["oracle_recovery"] == pytest.approx(1.2 / 1.2)
-    # rate 0.25: halfway between (0, L_skip) and (0.5, L_bo)
-    l_or = 0.5 * (l_skip + l_bo)
+    # rate 0.25 (2 of 8): the oracle at exactly 2 updates (chunks 6 and 0), no interpolation
+    l_or = l_skip - (0.5 + 0.4) / 8
     assert stats["random"]["oracle_loss"] == pytest.approx(l_or)
     l_rand = l_skip - (0.4 - 0.1) / 8
     assert stats["random"]["oracle_recovery"] == pytest.approx((l_skip - l_rand) / (l_skip - l_or))
+    # the expected random gate at 2 of 8: every chunk gains a quarter of its gain
+    l_exp = l_skip - 0.25 * sum(GAINS) / 8
+    assert stats["random"]["random_loss"] == pytest.approx(l_exp)
+    assert stats["recon"]["recovery_vs_random"] == pytest.approx(
+        (l_skip - 0.5 * sum(GAINS) / 8 - l_recon) / (l_skip - 0.5 * sum(GAINS) / 8 - l_bo))
+    # paired bootstrap intervals bracket the point values
+    for name in ("recon", "budgeted-oracle", "fixed:UPDATE_1"):
+        lo, hi = stats[name]["loss_ci"]
+        assert lo <= stats[name]["loss"] <= hi
+        lo, hi = stats[name]["gain_vs_skip_ci"]
+        assert lo <= stats[name]["gain_vs_skip"] <= hi
+    assert stats["fixed:SKIP"]["gain_vs_skip_ci"] == (0.0, 0.0)  # paired: SKIP minus itself is exactly 0
     assert math.isnan(stats["fixed:SKIP"]["oracle_recovery"])  # rate 0
     assert stats["fixed:UPDATE_1"]["wall_vs_skip"] == pytest.approx(3.0)
 
@@ -188,15 +200,30 @@ def test_compare_script_table_and_plot(tmp_path):
     from ponder import compare as mod
 
     stats = aggregate(_all_records())
-    add_oracle_recovery(stats)
+    add_oracle_recovery(stats, _all_records(), n_boot=100)
     runs = {layer: {"base": "tiny", "target_rate": 0.5, "data": {"eval_chunks": 8}, "training": {"seconds": 1.0},
                     "gates": {k: dict(v, loss=v["loss"] + 0.01 * i) for k, v in stats.items()}}
             for i, layer in enumerate(("official-linear", "ponder-simple"))}
     md = mod.comparison_markdown(runs, "unit")
     row = next(line for line in md.splitlines() if line.startswith("| ponder-simple |") and "OR" in line)
     assert "OR 33.3%" in row  # recon's oracle recovery, copied from the run summary
+    head = next(line for line in md[md.index("## Headline"):].splitlines() if line.startswith("| ponder-simple |"))
+    assert head.count("[") >= 4  # losses and gains with their bootstrap intervals
     assert "| official-linear | 2.5000 (1.00x) | 2.3625 (3.00x)" in md
     mod.plot_comparison(runs, tmp_path / "compare.png")
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):
         mod.parse_args(["--layers", "nope"])
+
+
+def test_gain_by_chunk_index_by_hand():
+    from ponder.report import gain_by_chunk_index
+
+    rows = gain_by_chunk_index(_all_records(), n_boot=200)
+    assert [r["chunk_idx"] for r in rows] == [0, 1, 2, 3] and all(r["n_docs"] == 2 for r in rows)
+    for r in rows:  # chunk c of d0 and of d1
+        want = (GAINS[r["chunk_idx"]] + GAINS[4 + r["chunk_idx"]]) / 2
+        assert r["vs_skip"] == pytest.approx(want)
+        lo, hi = r["vs_skip_ci"]
+        assert lo <= want <= hi
+        assert "vs_static" not in r  # no fixed:STATIC run in these records

@@ -4,6 +4,7 @@ random GPT-2, plus the evaluation protocol with a stand-in gate."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,13 +88,21 @@ def tiny_run(tmp_path_factory):
 def test_run_writes_all_outputs(tiny_run):
     summary, run_dir, _ = tiny_run
     gates = summary["gates"]
-    assert len(gates) == 9  # 4 fixed modes + 5 gates
+    assert len(gates) == 10  # 4 fixed modes + STATIC + 5 gates
     n_chunks = summary["data"]["eval_chunks"]
     rows = [json.loads(line) for line in (run_dir / "chunks.jsonl").read_text().splitlines()]
-    assert len(rows) == 9 * n_chunks
+    assert len(rows) == 10 * n_chunks
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["base_reason"].endswith("(local folder)") and saved["ttt_layer"] == "official-linear"
     assert (run_dir / "results.md").exists() and (run_dir / "ckpt.pt").exists()
+    md = (run_dir / "results.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| fixed:UPDATE_1 |"))
+    assert row.count("[") >= 3  # loss, gain vs SKIP, gain vs STATIC with intervals
+    assert "fixed:STATIC" in gates and gates["fixed:STATIC"]["update_rate"] == 0.0
+    # the causal recon gate pays for the layer pass its signal needs: costlier than fixed:SKIP even
+    # on the chunks it skips
+    recon_skips = [r for r in rows if r["gate"] == "recon" and r["action"] == "SKIP"]
+    assert all(r["flops"] > r["skip_flops"] for r in recon_skips)
     # summary numbers are the token-weighted means of the per-chunk records
     skip_rows = [r for r in rows if r["action"] == "SKIP" and r["gate"] == rows[0]["gate"]]
     mean = sum(r["loss"] * r["n_tokens"] for r in skip_rows) / sum(r["n_tokens"] for r in skip_rows)
@@ -101,19 +110,92 @@ def test_run_writes_all_outputs(tiny_run):
     flags = {k: (v["lookahead"], v["uses_labels"]) for k, v in gates.items()}
     assert flags["recon-lookahead"] == (True, False) and flags["oracle"] == (False, True)
     assert flags["recon"] == (False, False)
-    # the oracle is never worse than the fixed modes, chunk by chunk
-    best = min(g["loss"] for k, g in gates.items() if not g["uses_labels"] and not g["lookahead"])
-    assert gates["oracle"]["loss"] <= best + 1e-9
+    # the oracle is never worse than the fixed modes it chooses among (STATIC is a baseline, not an
+    # action) on every document's first chunk, where all of them start from the same fresh state (later
+    # chunks follow the oracle's own greedy trajectory, which need not beat a fixed mode's on a random model)
+    first = {(r["gate"], r["doc_id"]): r["loss"] for r in rows if r["chunk_idx"] == 0}
+    for (g, doc), loss in first.items():
+        if g.startswith("fixed:") and g != "fixed:STATIC":
+            assert first[("oracle", doc)] <= loss + 1e-9
 
 
 def test_rerun_reuses_checkpoint_and_cache(tiny_run, capsys):
     summary, run_dir, args = tiny_run
-    again = run_experiment(dict(args, compare_gates=""))
+    again = run_experiment(dict(args))
     printed = capsys.readouterr().out
     assert "[cache] train: reused" in printed and "reusing" in printed
     for mode in ("fixed:SKIP", "fixed:UPDATE_1"):
         key = mode if mode in again["gates"] else mode.split(":")[1]
         assert again["gates"][key]["loss"] == pytest.approx(summary["gates"][key]["loss"], abs=1e-9)
+
+
+def test_run_folder_with_other_options_is_never_overwritten(tiny_run):
+    _, run_dir, args = tiny_run
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    for change in (dict(seed=1), dict(lr=2e-3), dict(compare_gates="")):
+        with pytest.raises(ValueError, match="holds a run with other options") as err:
+            run_experiment(dict(args, **change))
+        assert next(iter(change)) in str(err.value)
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert after == before  # nothing deleted or rewritten
+
+
+def test_default_run_names_differ_by_every_numeric_option():
+    from ponder.runner import identity_hash, run_identity
+
+    base = identity_hash(run_identity(default_args()))
+    for change in (dict(seed=1), dict(lr=2e-3), dict(dataset="x.jsonl"), dict(max_train_docs=9),
+                   dict(aux_recon_weight=0.1), dict(target_rate=0.3)):
+        assert identity_hash(run_identity(default_args(**change))) != base, change
+    for same in (dict(out="elsewhere"), dict(threads=1), dict(no_progress=True), dict(overwrite=True)):
+        assert identity_hash(run_identity(default_args(**same))) == base, same
+
+
+def test_overwrite_deletes_and_retrains(tmp_path, tiny_run):
+    _, run_dir, args = tiny_run
+    out = tmp_path / "res"
+    shutil.copytree(run_dir, out / "tiny")
+    summary = run_experiment(dict(args, out=str(out), seed=1, compare_gates="", overwrite=True))
+    assert summary["train_config"]["seed"] == 1
+    assert json.loads((out / "tiny" / "run.json").read_text())["options"]["seed"] == 1
+
+
+def test_damaged_checkpoint_is_refused_and_damaged_cache_rebuilt(tmp_path, tiny_run, capsys):
+    _, run_dir, args = tiny_run
+    out = tmp_path / "res"
+    shutil.copytree(run_dir, out / "tiny")
+    shutil.copytree(Path(args["cache_dir"]), tmp_path / "cache")
+    run_args = dict(args, out=str(out), cache_dir=str(tmp_path / "cache"))  # same identity: out/cache are not in it
+    ck = out / "tiny" / "ckpt.pt"
+    data = bytearray(ck.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    ck.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="ckpt.pt is damaged"):
+        run_experiment(run_args)
+    assert ck.read_bytes() == bytes(data)  # refused, not deleted
+    # damaged cache entries: truncated; a leftover temporary file from a killed writer
+    entries = sorted((tmp_path / "cache" / "ponder").glob("*.pt"))
+    assert entries
+    for e in entries:
+        e.write_bytes(e.read_bytes()[:100])
+    (tmp_path / "cache" / "ponder" / ".x.pt.999999999.tmp").write_bytes(b"half")
+    capsys.readouterr()
+    run_experiment(dict(run_args, overwrite=True))
+    printed = capsys.readouterr().out
+    assert "rebuilding it" in printed and "leftover temporary file" in printed
+    assert not list((tmp_path / "cache" / "ponder").glob(".*.tmp"))
+
+
+def test_bad_specs_and_files_fail_before_anything_expensive(tmp_path):
+    cache = tmp_path / "cache"
+    for kw, msg in ((dict(compare_gates="recon,nope"), "unknown gate spec 'nope'"),
+                    (dict(mode="ADAPTIVE", gate=["recon:UPDATE_9"]), "UPDATE_9"),
+                    (dict(dataset="./missing.jsonl"), "--dataset ./missing.jsonl"),
+                    (dict(base="./no-such-model"), "--base ./no-such-model"),
+                    (dict(lr=-1.0), "--lr -1.0"), (dict(mini_batch_size=0), "--mini-batch-size 0")):
+        with pytest.raises((ValueError, FileNotFoundError), match=msg.replace(".", r"\.")):
+            run_experiment(dict(kw, cache_dir=str(cache), out=str(tmp_path / "out")))
+    assert not cache.exists() and not (tmp_path / "out").exists()  # nothing loaded, cached or written
 
 
 def test_bad_arguments():
@@ -129,3 +211,29 @@ def test_cli_help():
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_ponder.py"), "--help"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "--ttt-layer" in res.stdout and "ADAPTIVE" in res.stdout
+
+
+def test_content_split_keeps_near_duplicates_on_the_train_side():
+    from ponder.runner import content_split
+
+    codec = "\n".join(f"    0x{i:04x}: 0x{(i * 7) % 65536:04x},  # LATIN LETTER {i}" for i in range(60))
+    train = ["def helper_function_one(argument):\n    return argument * 2\n" * 3, "# cp437 codec\n" + codec]
+    near = "# cp865 codec\n" + codec.replace("LETTER 59", "LETTER FIFTY-NINE")  # 59 of 60 lines shared
+    exact = train[0]
+    fresh = "class Unrelated:\n    def method_with_a_long_name(self):\n        return 'something else'\n"
+    kept, dropped = content_split(train, [near, exact, fresh])
+    assert kept == [fresh] and dropped == 2
+
+
+def test_paper_protocol_gets_its_own_labelled_table(tiny_run, tmp_path):
+    _, _, args = tiny_run
+    summary = run_experiment(dict(args, out=str(tmp_path), protocol="paper", compare_gates="random"))
+    assert summary["protocol"] == "paper" and "ttt_loss_weight" in summary
+    paper = {k for k in summary["gates"] if k.startswith("paper:")}
+    assert {"paper:fixed:SKIP", "paper:fixed:UPDATE_1", "paper:recon-lookahead", "paper:budgeted-oracle"} <= paper
+    md = (tmp_path / "tiny" / "results.md").read_text()
+    assert "READS THE SCORED TOKENS" in md
+    section = md[md.index("## Paper protocol"):]
+    assert "| paper:fixed:UPDATE_1 |" in section and "| fixed:UPDATE_1 |" not in section
+    # the default protocol evaluates nothing of the kind
+    assert not any(k.startswith("paper:") for k in tiny_run[0]["gates"])
