@@ -11,6 +11,8 @@ level in float32, where the keys and values are bit-identical inputs and so the 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -131,3 +133,29 @@ def test_reorder_cache_selects_batch_rows():
         got = model(nxt[[2, 0]], cache=cache).logits
         want = model(torch.cat((x, nxt), 1)[[2, 0]]).logits[:, -1:]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_bench_decode_runs_and_both_modes_pick_the_same_tokens(tmp_path, capsys):
+    from lact.bench_decode import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--context", "40", "--new-tokens", "3", "--recompute-tokens", "2", "--hidden", "16", "--chunk", "8",
+                 "--window", "4", "--vocab", "32", "--json", str(out)]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["tokens_agree"] and result["cache_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_feeds_one_token_per_step_with_the_cache(use_cache):
+    model = _model(dict(r=2), torch.float32)
+    lengths = []
+    model.model.embeddings.register_forward_hook(lambda mod, inp, out: lengths.append(inp[0].shape[1]))
+    x = torch.randint(1, 32, (2, 6))
+    out = model.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=use_cache)
+    assert lengths == ([6, 1, 1, 1, 1] if use_cache else [6, 7, 8, 9, 10])  # without: the whole prefix each step
+    seq = x
+    with torch.no_grad():
+        for _ in range(5):
+            seq = torch.cat((seq, model(seq).logits[:, -1:].argmax(-1)), dim=1)
+    assert torch.equal(out, seq)
