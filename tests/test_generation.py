@@ -111,6 +111,15 @@ def test_eos_stops_a_row_and_pads_it(family):
     assert torch.equal(out, expected[:, :max(ends)])
 
 
+@family_param
+def test_beam_search_with_the_cache_equals_beam_search_recomputing(family):
+    """Beam search reorders the cache rows (`reorder_cache`); without a cache every step recomputes."""
+    model = make_model(family)
+    x = prompts(2, 6, seed=6)
+    kw = dict(num_beams=3, num_return_sequences=2, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(model.generate(x, **kw), model.generate(x, use_cache=False, **kw))
+
+
 # ------------------------------------------------------------------ sampling
 @family_param
 def test_sampling_draws_from_the_filtered_full_forward_distribution(family):
