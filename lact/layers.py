@@ -324,7 +324,8 @@ class LaCTSWIGLULayer(nn.Module):
         ttt_backprop: "autograd", "manual" or "auto" (manual whenever gradients are needed).
         attn_norm_eps: eps of q_norm/k_norm and ttt_norm (fla RMSNorm default 1e-5, as the reference).
 
-    forward(hidden_states [B, T, hidden], attention_mask [B, T] or None) -> (o [B, T, hidden], None, None)
+    forward(hidden_states [B, T, hidden], attention_mask [B, T] or None, past_key_values=LaCTLayerState or None,
+            use_cache=False) -> (o [B, T, hidden], None, the new LaCTLayerState if use_cache else None)
     """
 
     def __init__(

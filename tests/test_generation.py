@@ -204,9 +204,11 @@ def tokenizer():
 @family_param
 def test_text_generation_pipeline(family, tokenizer):
     model = make_model(family, vocab=len(tokenizer))
-    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
     text = "def add(a, b):\n    return"
-    out = pipe(text, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the pipeline is normal use too: no warning
+        pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+        out = pipe(text, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     ids = tokenizer(text, return_tensors="pt").input_ids
     direct = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert out[0]["generated_text"] == tokenizer.decode(direct[0])
