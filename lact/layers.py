@@ -36,7 +36,8 @@ last partial chunk applied without update) are those of `lact.ops.lact_swiglu`.
 
 Differences from the reference, none changing values: flash-attn is used only when importable on
 CUDA (else `scaled_dot_product_attention` with a boolean window mask); fla's Triton kernels are
-replaced by `lact.modules`; no KV/state cache (the reference model disables its cache as well);
+replaced by `lact.modules`; decoding carries a state (`LaCTLayerState`: the window's keys/values and
+the fast weights with the pending chunk) where the reference model disables its cache and recomputes;
 `use_fused_kernel` is accepted but `lact.ops` has no fused Triton kernel, so the torch chunk
 operation always runs (a warning says so). The reference's op runs under CUDA bfloat16 autocast;
 this port computes in the model's dtype (autocast is used only for fp32_states + half activations).
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -164,6 +166,80 @@ def _window_attention(q, k, v, window_size, attention_mask):
     return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
 
 
+def cached_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past_k: torch.Tensor,
+    past_v: torch.Tensor,
+    window_size: int | None,
+) -> torch.Tensor:
+    """Causal sliding-window attention of T new queries over the cached keys plus the new ones (decoding).
+
+    The new tokens sit at positions P..P+T-1 after the P cached ones; query t attends to keys
+    t - window_size + 1..t, as `window_attention` does on the whole sequence. Non-finite key/value rows
+    poison exactly the queries that attend to them (same rule as `window_attention`). No padding mask:
+    a cached decode of a padded batch is refused by the model.
+
+    Args:
+        q, k, v: [B, T, H, D] the new tokens (q, k already rotated at their absolute positions).
+        past_k, past_v: [B, P, H, D] the cached keys (rotated) and values, P >= 0.
+        window_size: window W in tokens, None for full causal attention.
+
+    Returns:
+        [B, T, H, D].
+    """
+    T, P = q.shape[1], past_k.shape[1]
+    keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)  # [B, S, H, D]
+    pos = torch.arange(P + T, device=q.device)
+    delta = pos[P:, None] - pos[None, :]  # query position - key position, [T, S]
+    allowed = delta >= 0
+    if window_size is not None:
+        allowed = allowed & (delta < window_size)
+    bad = _nonfinite_rows(keys) | _nonfinite_rows(values)  # [B, S, H]
+    zero = torch.zeros((), dtype=keys.dtype, device=keys.device)
+    keys = torch.where(bad[..., None], zero, keys)
+    values = torch.where(bad[..., None], zero, values)
+    poisoned = (bad.permute(0, 2, 1)[:, :, None, :] & allowed).any(-1)  # [B, H, T]
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, keys, values))  # [B, H, ., D]
+    mask = None if bool(allowed.all()) else allowed
+    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+    o = torch.where(poisoned[..., None], torch.full((), float("nan"), dtype=o.dtype, device=o.device), o)
+    return o.transpose(1, 2)
+
+
+@dataclass
+class LaCTLayerState:
+    """Decoding state of one `LaCTSWIGLULayer` after `seen` tokens.
+
+    Attributes:
+        keys, values: [B, P, H, D] the last P = min(seen, window_size - 1) attention keys (rotated) and
+            values: all a later query can attend to (every one when window_size is None).
+        fast: the fast-weight `lact.ops.LaCTCarry` (weights at the last used chunk boundary and the
+            pending chunk's keys, values, learning rates and momenta).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    fast: lact_ops.LaCTCarry
+
+    @property
+    def seen(self) -> int:
+        return self.fast.seen
+
+    def select_batch(self, index: torch.LongTensor) -> LaCTLayerState:
+        """The state of the batch rows `index` (in that order; beam search reorders with it)."""
+        batch = self.keys.shape[0]
+        index = index.to(self.keys.device)
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # fast-weight tensors are [B * H_fw, ...], "(b h)" order
+            heads = t.shape[0] // batch
+            return t.reshape(batch, heads, *t.shape[1:]).index_select(0, index).reshape(-1, *t.shape[1:])
+
+        return LaCTLayerState(self.keys.index_select(0, index), self.values.index_select(0, index),
+                              self.fast.map_tensors(rows))
+
+
 class LowRankFastWeight(nn.Module):
     """Low-rank initial fast weight W = w_left @ w_right (+ 0.5 I), one per head.
 
@@ -248,7 +324,8 @@ class LaCTSWIGLULayer(nn.Module):
         ttt_backprop: "autograd", "manual" or "auto" (manual whenever gradients are needed).
         attn_norm_eps: eps of q_norm/k_norm and ttt_norm (fla RMSNorm default 1e-5, as the reference).
 
-    forward(hidden_states [B, T, hidden], attention_mask [B, T] or None) -> (o [B, T, hidden], None, None)
+    forward(hidden_states [B, T, hidden], attention_mask [B, T] or None, past_key_values=LaCTLayerState or None,
+            use_cache=False) -> (o [B, T, hidden], None, the new LaCTLayerState if use_cache else None)
     """
 
     def __init__(
@@ -467,15 +544,16 @@ class LaCTSWIGLULayer(nn.Module):
         output_attentions: bool = False,
         use_cache: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, None, None]:
+    ) -> tuple[torch.Tensor, None, LaCTLayerState | None]:
         """Args:
-            hidden_states: [B, T, hidden].
+            hidden_states: [B, T, hidden] (the new tokens when `past_key_values` is given).
             attention_mask: optional [B, T] 0/1 padding mask (attention only; the fast-weight path
-                ignores it, as the reference does).
-            past_key_values: must be None (this port keeps no cache).
+                ignores it, as the reference does). Must hold no padding with `past_key_values`.
+            past_key_values: the `LaCTLayerState` after the previous tokens of these sequences, or None.
+            use_cache: return the `LaCTLayerState` after these tokens.
 
         Returns:
-            (o [B, T, hidden], None, None).
+            (o [B, T, hidden], None, the new `LaCTLayerState` or None).
         """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(
@@ -493,9 +571,19 @@ class LaCTSWIGLULayer(nn.Module):
                 f"attention_mask has shape {tuple(attention_mask.shape)}; expected a [B, T] = "
                 f"{tuple(hidden_states.shape[:2])} 0/1 padding mask"
             )
-        if past_key_values is not None:
-            raise ValueError("LaCTSWIGLULayer keeps no KV/state cache: pass past_key_values=None and the "
-                             "full sequence")
+        past = past_key_values
+        if past is not None:
+            if not isinstance(past, LaCTLayerState):
+                raise TypeError(f"past_key_values must be a LaCTLayerState returned by this layer, got "
+                                f"{type(past).__name__}")
+            if past.keys.shape[0] != hidden_states.shape[0]:
+                raise ValueError(f"past_key_values holds {past.keys.shape[0]} sequences, hidden_states "
+                                 f"{hidden_states.shape[0]}")
+            if attention_mask is not None and not bool(attention_mask.bool().all()):
+                raise ValueError("attention_mask has padding while decoding with a cache: padded tokens would "
+                                 "enter the fast weights; decode sequences of equal length without padding")
+            attention_mask = None
+        offset = 0 if past is None else past.seen
         B, T, _ = hidden_states.shape
 
         q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)
@@ -508,8 +596,12 @@ class LaCTSWIGLULayer(nn.Module):
         qh = q.reshape(B, T, self.num_heads, self.head_dim)
         kh = k.reshape(B, T, self.num_heads, self.head_dim)
         vh = v.reshape(B, T, self.num_heads, self.head_dim)
-        qh, kh = self.rotary(qh, kh)
-        o = window_attention(qh, kh, vh, self.window_size, attention_mask).reshape(B, T, self.hidden_size)
+        qh, kh = self.rotary(qh, kh, seqlen_offset=offset)
+        if past is None:
+            o = window_attention(qh, kh, vh, self.window_size, attention_mask)
+        else:
+            o = cached_window_attention(qh, kh, vh, past.keys, past.values, self.window_size)
+        o = o.reshape(B, T, self.hidden_size)
 
         # fast-weight branch
         if self.qkv_silu:
@@ -522,7 +614,7 @@ class LaCTSWIGLULayer(nn.Module):
         if not self.ttt_nope:
             # the reference rotates the fast q, k with the attention's RoPE, over the attention heads
             fq, fk = self.rotary(fast_q.reshape(B, T, self.num_heads, self.head_dim),
-                                 fast_k.reshape(B, T, self.num_heads, self.head_dim))
+                                 fast_k.reshape(B, T, self.num_heads, self.head_dim), seqlen_offset=offset)
             fast_q, fast_k = fq, fk
         fast_q = self._to_fw_heads(fast_q.reshape(B, T, self.hidden_size))
         fast_k = self._to_fw_heads(fast_k.reshape(B, T, self.hidden_size))
@@ -536,22 +628,29 @@ class LaCTSWIGLULayer(nn.Module):
         if self.use_momentum:
             momentum = self._to_fw_heads(_upcast(self.momentum_proj(hidden_states)))  # [B*H_fw, T, 1]
 
-        fast_weights = self.initial_fast_weights(B)
-        backprop = self.resolve_backprop(hidden_states)
-        mixed = fast_weights[0][0].dtype != fast_q.dtype
+        fast_weights = self.initial_fast_weights(B) if past is None else None
+        state_dtype = fast_weights[0][0].dtype if past is None else past.fast.state[0][0].dtype
+        mixed = state_dtype != fast_q.dtype
+        fw_kwargs = dict(chunk_size=self.lact_chunk_size, momentum=momentum, use_muon=self.use_muon,
+                         prenorm=self.ttt_prenorm, residual=self.residual_ttt, greedy=self.greedy_ttt)
+        new_state = None
         # fp32 states with half-precision activations: like the reference (whose op runs under
         # autocast), the matmuls run in the activation dtype while the states accumulate in float32
         with torch.autocast(fast_q.device.type, dtype=fast_q.dtype, enabled=mixed):
-            fw_x = lact_ops.lact_swiglu(
-                fast_weights, fast_q, fast_k, fast_v, lr0, lr1, lr2,
-                chunk_size=self.lact_chunk_size,
-                momentum=momentum,
-                use_muon=self.use_muon,
-                prenorm=self.ttt_prenorm,
-                residual=self.residual_ttt,
-                greedy=self.greedy_ttt,
-                backprop=backprop,
-            )
+            if past is None and not use_cache:
+                fw_x = lact_ops.lact_swiglu(fast_weights, fast_q, fast_k, fast_v, lr0, lr1, lr2,
+                                            backprop=self.resolve_backprop(hidden_states), **fw_kwargs)
+            else:
+                # carried state (decoding, or a sequence fed in pieces): same chunk arithmetic
+                fw_x, carry = lact_ops.lact_swiglu_with_state(
+                    fast_weights, fast_q, fast_k, fast_v, lr0, lr1, lr2,
+                    initial_state=None if past is None else past.fast, **fw_kwargs)
+        if use_cache:
+            keys = kh if past is None else torch.cat((past.keys, kh), dim=1)
+            values = vh if past is None else torch.cat((past.values, vh), dim=1)
+            keep = keys.shape[1] if self.window_size is None else self.window_size - 1
+            start = max(keys.shape[1] - keep, 0)
+            new_state = LaCTLayerState(keys[:, start:], values[:, start:], carry)
 
         ttt_x = self.ttt_norm(fw_x)
         if self.learnable_ttt_scale:
@@ -559,4 +658,4 @@ class LaCTSWIGLULayer(nn.Module):
             ttt_x = ttt_x * self._to_fw_heads(scale)
         ttt_x = self._from_fw_heads(ttt_x, B)
         o = self.o_proj(o + ttt_x.to(o.dtype))
-        return o, None, None
+        return o, None, new_state

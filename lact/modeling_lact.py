@@ -8,15 +8,19 @@ and embedding weights, the fast-weight init of the reference) and the same loss 
 entropy: labels are shifted left inside `forward`, the last position ignored).
 
 fla's fused kernels (fused norm + residual, fused SwiGLU, fused cross entropy) are replaced by plain
-torch operations that compute the same values. No KV/state cache: `generate()` recomputes the full
-prefix at every step (the reference disables its cache the same way). The model knows nothing of
-parallelism: wrap `LaCTBlock`s from outside (`_no_split_modules`).
+torch operations that compute the same values. Unlike the reference (which disables its cache and
+recomputes the whole prefix at every generated token), decoding carries a `LaCTCache`: per layer the
+attention's last `window_size - 1` keys/values and the fast-weight state (weights at the last used
+chunk boundary plus the pending chunk), so a token costs O(window + chunk), not O(prefix). The cache
+follows the installed transformers' contract (`cache=` from 5.24, `past_key_values=` before; see
+`ttt_common.hf_compat`); unknown keyword arguments raise TypeError. Padded batches: the fast weights
+have no padding mask (as the reference), so left padding is refused, and so is any padding together
+with a cache. The model knows nothing of parallelism: wrap `LaCTBlock`s from outside (`_no_split_modules`).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn as nn
@@ -25,8 +29,9 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from lact.configuration_lact import LaCTSWIGLUConfig
-from lact.layers import LaCTSWIGLULayer, LowRankFastWeight
+from lact.layers import LaCTLayerState, LaCTSWIGLULayer, LowRankFastWeight
 from lact.modules import GatedMLP, RMSNorm
+from ttt_common.hf_compat import CACHE_NAME, cache_field, pick_cache, reject_unknown_kwargs
 from ttt_common.model_inputs import causal_lm_loss, check_input_ids, check_inputs_embeds
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
@@ -63,13 +68,44 @@ class LaCTBlock(_BlockBase):
         )
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **kwargs) -> torch.Tensor:
-        """hidden_states [B, T, hidden], attention_mask [B, T] or None -> [B, T, hidden]."""
+                cache: LaCTLayerState | None = None, use_cache: bool = False
+                ) -> tuple[torch.Tensor, LaCTLayerState | None]:
+        """hidden_states [B, T, hidden], attention_mask [B, T] or None, `cache` the layer state after the
+        previous tokens -> ([B, T, hidden], the layer state after these tokens if `use_cache`)."""
         residual = hidden_states
-        hidden_states, _, _ = self.attn(self.attn_norm(hidden_states), attention_mask=attention_mask)
+        hidden_states, _, new_cache = self.attn(self.attn_norm(hidden_states), attention_mask=attention_mask,
+                                                past_key_values=cache, use_cache=use_cache)
         # the reference's fused "add then norm" (fla RMSNorm(x, residual, prenorm=True))
         hidden_states, residual = self.mlp_norm(hidden_states, residual, prenorm=True)
-        return residual + self.mlp(hidden_states)
+        return residual + self.mlp(hidden_states), new_cache
+
+
+class LaCTCache:
+    """Decoding state of a `LaCTModel`: `layers[i]` is block i's `LaCTLayerState` (None before the first
+    call); `seen_tokens` counts the tokens consumed (the next token's position).
+
+    Not a `transformers.Cache` (fast weights are not a key/value list); it offers what `generate()`
+    needs: `get_seq_length`, `reorder_cache` (beam search), `is_compileable`.
+    """
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int):
+        self.layers: list[LaCTLayerState | None] = [None] * num_layers
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Select / reorder the batch rows of every cached tensor in place."""
+        self.layers = [None if entry is None else entry.select_batch(beam_idx) for entry in self.layers]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return f"LaCTCache(num_layers={len(self.layers)}, seen_tokens={self.seen_tokens})"
 
 
 class LaCTPreTrainedModel(PreTrainedModel):
@@ -79,6 +115,11 @@ class LaCTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LaCTBlock"]
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a key/value DynamicCache: the model creates its own LaCTCache
+        return False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -130,31 +171,43 @@ class LaCTModel(LaCTPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        cache: LaCTCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: LaCTCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Args:
-            input_ids: [B, T] token ids (or `inputs_embeds` [B, T, hidden], exactly one of them).
-            attention_mask: optional [B, T] 0/1 padding mask.
-            past_key_values: unsupported (no cache); an empty cache object is accepted and ignored.
+            input_ids: [B, T] token ids (or `inputs_embeds` [B, T, hidden], exactly one of them); the
+                new tokens when a cache is given.
+            attention_mask: optional [B, S] 0/1 padding mask, S = cached + T. Padded keys are masked in
+                attention; the fast weights (like the reference's) have no mask, so left padding
+                (a 0 before a 1) is refused, and so is any padding with a cache or use_cache.
+            cache: the `LaCTCache` returned by a previous call, or None; `past_key_values` is the same
+                argument under the name transformers < 5.24 uses. An empty foreign cache is ignored.
+            use_cache: return the updated `LaCTCache` (default False; `generate()` turns it on).
 
         Returns:
-            `BaseModelOutputWithPast` with last_hidden_state [B, T, hidden] (after the final norm) and,
-            if `output_hidden_states`, the input of every block plus the final output.
+            `BaseModelOutputWithPast` with last_hidden_state [B, T, hidden] (after the final norm), the
+            cache (field `cache` or `past_key_values`, as the installed transformers reads it) and, if
+            `output_hidden_states`, the input of every block plus the final output.
         """
+        reject_unknown_kwargs(type(self).__name__, kwargs)
+        cache = pick_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if past_key_values is not None and _cache_length(past_key_values) > 0:
-            raise ValueError("LaCTModel keeps no KV/state cache: pass the full sequence with "
-                             "past_key_values=None (use_cache=False)")
-        if output_attentions:
-            warnings.warn("LaCTModel does not return attention weights; output_attentions is ignored",
-                          stacklevel=2)
+        if cache is not None and not isinstance(cache, LaCTCache):
+            if _cache_length(cache) > 0:
+                raise TypeError(f"cache must be a LaCTCache returned by this model, got {type(cache).__name__}")
+            cache = None  # an empty foreign cache (e.g. built by a caller for another model): start fresh
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
+        past = cache.seen_tokens if cache is not None else 0
+        use_cache = bool(use_cache)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -163,23 +216,46 @@ class LaCTModel(LaCTPreTrainedModel):
             inputs_embeds = self.embeddings(input_ids)
         else:
             check_inputs_embeds(inputs_embeds, self.config.hidden_size, self.embeddings.weight)
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(inputs_embeds.shape[:2]):
-            raise ValueError(f"attention_mask must be [batch, time] = {tuple(inputs_embeds.shape[:2])} (1 = real "
-                             f"token), got {tuple(attention_mask.shape)}")
+        b, t = inputs_embeds.shape[:2]
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or tuple(attention_mask.shape) not in ((b, t), (b, past + t)):
+                raise ValueError(f"attention_mask must be [batch, cached + time] = {(b, past + t)} (1 = real "
+                                 f"token), got {tuple(attention_mask.shape)}")
+            m = attention_mask.bool()
+            if not bool(m.all()):
+                if bool((~m[:, :-1] & m[:, 1:]).any()):  # a 0 before a 1 in a row
+                    raise ValueError(
+                        "attention_mask has left padding, but LaCT's fast weights (like the reference's) have "
+                        "no padding mask: the padded tokens would update them and shift the chunk boundaries. "
+                        "Batch prompts of equal length (or generate one prompt at a time); right padding is "
+                        "harmless in a forward without cache.")
+                if cache is not None or use_cache:
+                    raise ValueError(
+                        "attention_mask has padding, which decoding with a cache cannot honour (padded tokens "
+                        "would enter the fast-weight state); batch prompts of equal length or pass "
+                        "use_cache=False")
+            attention_mask = attention_mask[:, -t:]
 
+        new_cache = LaCTCache(len(self.layers)) if use_cache else None
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = layer(hidden_states, attention_mask=attention_mask)
+            entry = cache.layers[i] if cache is not None else None
+            hidden_states, new_entry = layer(hidden_states, attention_mask=attention_mask, cache=entry,
+                                             use_cache=use_cache)
+            if new_cache is not None:
+                new_cache.layers[i] = new_entry
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
+        if new_cache is not None:
+            new_cache.seen_tokens = past + t
         if not return_dict:
-            return tuple(x for x in (hidden_states, all_hidden_states) if x is not None)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=None,
-                                       hidden_states=all_hidden_states)
+            return tuple(x for x in (hidden_states, new_cache, all_hidden_states) if x is not None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden_states,
+                                       **cache_field(new_cache))
 
 
 def _cache_length(past_key_values) -> int:
@@ -218,47 +294,48 @@ class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
     def set_decoder(self, decoder: LaCTModel) -> None:
         self.model = decoder
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask=None,
-                                      inputs_embeds=None, **kwargs) -> dict:
-        # no cache: every generation step runs the whole prefix (as the reference does)
-        model_inputs = {"input_ids": input_ids.contiguous(), "attention_mask": attention_mask,
-                        "use_cache": False}
-        if kwargs.get("logits_to_keep") is not None:
-            model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        """Feed only the tokens the `LaCTCache` has not seen yet (the cache arrives as `cache` or, before
+        transformers 5.24, `past_key_values`)."""
+        cache = kwargs.get(CACHE_NAME)
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if isinstance(cache, LaCTCache) and cache.seen_tokens > 0:
+            model_inputs["input_ids"] = input_ids[:, cache.seen_tokens:]
         return model_inputs
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        cache: LaCTCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: LaCTCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        """Args:
+        """Args: as `LaCTModel.forward`, plus
             input_ids: [B, T] (or inputs_embeds [B, T, hidden]).
             labels: [B, T] token ids aligned with the inputs (NOT pre-shifted): position t is scored
                 against labels[t + 1]; -100 is ignored; the loss is the mean over scored tokens.
             logits_to_keep: 0 = logits for every position, n > 0 = for the last n.
 
         Returns:
-            `CausalLMOutputWithPast` (loss, logits [B, T or n, vocab], hidden_states).
+            `CausalLMOutputWithPast` (loss, logits [B, T or n, vocab], the cache, hidden_states).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
+            use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
@@ -271,8 +348,7 @@ class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
             # the reference's layout (labels shifted left, padded with -100); no scored target -> 0
             loss = causal_lm_loss(logits, labels, logits.shape[-1], pad_last=True)
 
-        if not return_dict:
-            out = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + out) if loss is not None else out
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=None,
-                                      hidden_states=outputs.hidden_states)
+        new_cache = getattr(outputs, CACHE_NAME)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                        **cache_field(new_cache))
+        return result if return_dict else result.to_tuple()

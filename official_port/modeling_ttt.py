@@ -10,7 +10,8 @@ Beyond the reference:
   * any sequence length (the official layers need exactly `max_sequence_length`);
   * incremental decoding through `TTTCache` (attention K/V, pre-conv inputs and the TTT layer
     state, i.e. the inner parameters and the partial mini-batch) and `generate()`;
-  * gradient checkpointing per block (`config.remat_block` or `gradient_checkpointing_enable()`);
+  * gradient checkpointing per block (`config.remat_block`, or
+    `ttt_common.hf_compat.enable_activation_checkpointing(model)` on any supported transformers);
   * bf16 autocast (the TTT layers keep their inner state in fp32).
 
 Layout: hidden states are `[B, T, D]` (batch, time, hidden) everywhere.

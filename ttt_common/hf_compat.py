@@ -36,3 +36,14 @@ def reject_unknown_kwargs(owner: str, kwargs: dict) -> None:
 def cache_field(cache) -> dict:
     """`{CACHE_NAME: cache}`, to build an output that the installed generate() reads back."""
     return {CACHE_NAME: cache}
+
+
+def enable_activation_checkpointing(model, checkpointing_kwargs: dict | None = None) -> None:
+    """Checkpoint every block's activations through the installed transformers' current API.
+
+    transformers 5.24 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable` (the old
+    name warns that it is deprecated); 5.20-5.23 have only the old name. Both take the kwargs of
+    `torch.utils.checkpoint.checkpoint` (e.g. `{"use_reentrant": False}`).
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(checkpointing_kwargs)

@@ -411,3 +411,112 @@ def prenorm_block_causal_lact_swiglu(
     """Drop-in for the reference's pre-norm op (single MLP); see `lact_swiglu` for shapes."""
     return lact_swiglu([(w0, w1, w2)], q, k, v, lr0, lr1, lr2, chunk_size, momentum=momentum,
                        use_muon=use_muon, prenorm=True, backprop=backprop)
+
+
+# --------------------------------------------------------------------------------------------
+# carried state: decoding and processing a sequence in pieces
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LaCTCarry:
+    """Everything `lact_swiglu_with_state` needs to continue a sequence where it stopped.
+
+    Attributes:
+        state: per MLP the `LevelState` at the last chunk boundary whose chunk was already used for an
+            update (weights, momentum buffers, pre-norm main weights; see `init_state`).
+        norms: row norms of the INITIAL weights (the renormalisation targets, `row_norms`).
+        pending: the current, not yet used chunk: ``(k [n, p, d_in], v [n, p, d_out], lr0, lr1, lr2
+            [n, p, 1], momentum [n, p, 1] or None)`` with 1 <= p <= chunk_size tokens, or None before
+            the first token. A full pending chunk (p = chunk_size) is used for its update only when the
+            next token arrives: in a full forward the last chunk is applied, never used.
+        seen: tokens consumed so far.
+    """
+
+    state: list[LevelState]
+    norms: list[list[torch.Tensor]]
+    pending: tuple | None
+    seen: int
+
+    def map_tensors(self, fn) -> LaCTCarry:
+        """A copy with `fn` applied to every tensor (e.g. selecting batch rows for beam search)."""
+        pending = None if self.pending is None else tuple(None if t is None else fn(t) for t in self.pending)
+        return LaCTCarry([[fn(t) for t in lvl] for lvl in self.state], [[fn(t) for t in lvl] for lvl in self.norms],
+                         pending, self.seen)
+
+
+def lact_swiglu_with_state(
+    fast_weights: FastWeights | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr0: torch.Tensor,
+    lr1: torch.Tensor,
+    lr2: torch.Tensor,
+    chunk_size: int,
+    momentum: torch.Tensor | None = None,
+    use_muon: bool = False,
+    prenorm: bool = False,
+    residual: bool = False,
+    greedy: bool = False,
+    initial_state: LaCTCarry | None = None,
+) -> tuple[torch.Tensor, LaCTCarry]:
+    """`lact_swiglu` that starts from / returns a carried state, so a sequence can be fed in pieces.
+
+    Feeding tokens 0..T-1 in any split (one at a time when decoding) gives the outputs of one
+    `lact_swiglu` call on the whole sequence: the pending (last, not yet used) chunk's keys, values,
+    learning rates and momenta are kept, and a chunk updates the weights once a token after it arrives
+    (the prefill rule "every chunk but the last"), with the same `chunk_step` arithmetic. Only the
+    queries differ in shape (one token instead of a chunk), so outputs agree to round-off.
+
+    Args:
+        fast_weights: the initial weights as for `lact_swiglu` (used only when `initial_state` is None;
+            may be None otherwise).
+        q, k, v, lr0, lr1, lr2, momentum: the NEW tokens, shapes as in `lact_swiglu` (T >= 1).
+        chunk_size, use_muon, prenorm, residual, greedy: as in `lact_swiglu`; must not change
+            between the pieces of one sequence.
+        initial_state: the `LaCTCarry` returned by the previous piece, or None to start a sequence.
+
+    Returns:
+        (o ``[n, T, d_out]`` in v's dtype, the `LaCTCarry` after these tokens). Gradients flow through
+        the whole unrolled computation (plain autograd; no manual backprop).
+    """
+    if initial_state is None:
+        levels, opts = check_lact_inputs(
+            fast_weights, q, k, v, lr0, lr1, lr2, chunk_size, momentum, use_muon, prenorm, residual, greedy
+        )
+        carry = LaCTCarry(init_state(levels, opts), row_norms(levels), None, 0)
+    else:
+        carry = initial_state
+        levels, opts = check_lact_inputs(
+            [lvl[:3] for lvl in carry.state], q, k, v, lr0, lr1, lr2, chunk_size, momentum, use_muon, prenorm,
+            residual, greedy,
+        )
+        if (carry.pending is not None and carry.pending[5] is not None) != opts.has_momentum:
+            raise ValueError("momentum must be given for every piece of a sequence or for none")
+    p = 0
+    if carry.pending is not None:
+        pk, pv, plr0, plr1, plr2, pm = carry.pending
+        p = pk.shape[1]
+        k, v = torch.cat((pk, k), dim=1), torch.cat((pv, v), dim=1)
+        lr0, lr1, lr2 = torch.cat((plr0, lr0), dim=1), torch.cat((plr1, lr1), dim=1), torch.cat((plr2, lr2), dim=1)
+        if momentum is not None:
+            momentum = torch.cat((pm, momentum), dim=1)
+    # local frame: position 0 = first pending token, which sits on a chunk boundary of the sequence
+    q = torch.cat((q.new_zeros(q.shape[0], p, q.shape[2]), q), dim=1) if p else q
+    state = carry.state
+    outs = []
+    tail_start = 0
+    for s, e, update in chunk_bounds(k.shape[1], opts.chunk_size):
+        # queries of the chunk's new tokens only (none when the chunk is entirely pending)
+        qi, ki, vi, lr0i, lr1i, lr2i, mi = chunk_inputs(q, k, v, lr0, lr1, lr2, momentum, s, e)
+        qi = qi[:, :, max(p - s, 0):]
+        oi, new_state = chunk_step(state, carry.norms, qi, ki, vi, lr0i, lr1i, lr2i, mi, opts, update)
+        outs.append(oi)
+        if update:
+            state = new_state
+        else:
+            tail_start = s
+    pending = tuple(None if t is None else t[:, tail_start:] for t in (k, v, lr0, lr1, lr2, momentum))
+    o = torch.cat(outs, dim=2).transpose(1, 2).to(v.dtype)
+    return o, LaCTCarry(state, carry.norms, pending, carry.seen + q.shape[1] - p)

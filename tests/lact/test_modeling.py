@@ -18,6 +18,7 @@ from lact import LaCTForCausalLM, LaCTSWIGLUConfig, LaCTSWIGLULayer
 from lact import ops as lact_ops
 from lact.layers import window_attention
 from lact.modules import GatedMLP, RMSNorm, RotaryEmbedding
+from ttt_common.hf_compat import enable_activation_checkpointing
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -475,7 +476,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for ckpt in (False, True):
         model = tiny_model(num_hidden_layers=2, r=2).train()
         if ckpt:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            enable_activation_checkpointing(model, {"use_reentrant": False})
             assert all(block.gradient_checkpointing for block in model.model.layers)
         model(x, labels=x).loss.backward()
         grads.append([p.grad for p in model.parameters()])

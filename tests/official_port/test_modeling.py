@@ -12,7 +12,7 @@ import official_port  # noqa: F401  (registers the Auto classes)
 from official_port import TTTCache, TTTConfig, TTTForCausalLM
 from parity.fixtures import BUNDLED, load_case
 from parity.official_model import run_case, run_checkpoint_case
-from ttt_common.hf_compat import CACHE_NAME
+from ttt_common.hf_compat import CACHE_NAME, enable_activation_checkpointing
 
 MODEL_CASES = ["model_ttt_linear", "model_ttt_mlp", "model_self_attention"]
 VOCAB = 61
@@ -231,8 +231,7 @@ def test_ttt_stats_per_block():
 
 
 # ------------------------------------------------------------------ gradient checkpointing
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5 renames gradient_checkpointing_enable
-@pytest.mark.parametrize("how", ["remat_block", "gradient_checkpointing_enable"])
+@pytest.mark.parametrize("how", ["remat_block", "activation_checkpointing_enable"])
 def test_gradient_checkpointing_gives_identical_gradients(how):
     ids = ids_for(2, 10)
     ref_model = tiny_model("ttt_mlp", True).train()
@@ -241,7 +240,7 @@ def test_gradient_checkpointing_gives_identical_gradients(how):
         model = tiny_model("ttt_mlp", True, remat_block="nothing_saveable").train()
     else:
         model = tiny_model("ttt_mlp", True).train()
-        model.gradient_checkpointing_enable()  # transformers' default checkpoint function
+        enable_activation_checkpointing(model)  # transformers' default checkpoint function, current API
     assert all(b.gradient_checkpointing for b in model.model.h)
     calls = []
     hook = model.model.h[0].seq_modeling_block.register_forward_hook(lambda *a: calls.append(1))
