@@ -308,7 +308,8 @@ class TTTBase(nn.Module):
             # official ssl_tgt_last_in_mini_batch_from_mean_mse: rows at the *start* of each
             # mini-batch (despite the name), minus the mean of V - K over the call's positions
             dlt = (XV - XK).to(torch.float64 if XV.dtype == torch.float64 else torch.float32)
-            starts = torch.arange((-seen) % m, T, m, device=dlt.device)
+            first = (-seen) % m  # no mini-batch may start in this call (first >= T)
+            starts = torch.arange(first, max(first, T), m, device=dlt.device)
             stat0 = ((dlt[:, starts] - dlt.mean(dim=1, keepdim=True)) ** 2).mean(dim=(0, 2))
 
         pos = position_ids.long() % m

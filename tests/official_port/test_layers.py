@@ -68,6 +68,20 @@ def test_split_and_token_by_token_equal_whole(name, split):
         assert (a - b).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp"])
+def test_stats_in_pieces_count_every_mini_batch_start_once(name):
+    """With stats on, a call in which no mini-batch starts (here 2 tokens after 5, m = 4) is valid and
+    reports none; over the pieces, every mini-batch start (0, 4, 8, 12) is reported exactly once."""
+    layer = small_layer(name)
+    x = torch.randn(1, 15, 16, dtype=torch.float64)
+    state, counts = None, []
+    with torch.no_grad():
+        for a, b in ((0, 5), (5, 7), (7, 15)):
+            _, stats, state = layer(x[:, a:b], state=state, output_ttt_stats=True)
+            counts.append(stats[0].numel())
+    assert counts == [2, 0, 2]
+
+
 @pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp_base"])
 @pytest.mark.parametrize("t", [3, 6])
 def test_layer_causality(name, t):
