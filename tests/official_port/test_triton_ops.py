@@ -95,3 +95,15 @@ def test_layer_kernel_option(interpret):
     assert resolve_kernel("auto", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="kernel="):
         TTTLinear(cfg, kernel="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_scan_cuda_head_size():
+    """Compiled kernel at the real head size (d=64) and a long odd length vs the dual form on CUDA."""
+    base = [t.cuda() for t in _inputs(2, 3, 301, 64, 16, 7, seed=5)]
+    base[0:3] = [t * 64 ** -0.5 for t in base[0:3]]
+    ref_in, ref_out, ref_st = _run(dual_ttt_linear, base)
+    tri_in, tri_out, tri_st = _run(triton_ttt_linear, base)
+    _close("out", ref_out, tri_out, 1e-5)
+    _close("W", ref_st.params[0], tri_st.params[0], 1e-5)
