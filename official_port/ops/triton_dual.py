@@ -14,6 +14,9 @@ Backward: `TritonTTTLinearFunction.backward` recomputes the scan with the torch 
 and differentiates it (exact, same gradients as `dual_ttt_linear`). A fused Triton backward is not
 written yet; the forward kernel is what the GPU benchmark times as fwd-only.
 
+Products use `input_precision="ieee"` (true float32): tf32, Triton's default on recent GPUs, would
+round the inner updates and break parity with the torch twin (1e-5).
+
 Limits: d and m must be powers of two (tl.arange), and `inner_steps == 1`, no stats, no remat; the
 layer's dispatch falls back to the torch twin otherwise.
 """
@@ -48,7 +51,7 @@ if HAS_TRITON:
     def _ttt_linear_scan_fwd_kernel(
         Q, K, V, G8, ETA, GAMMA, BETA, W0, B0, OUT, WN, BN,
         H, n_blocks, n_full, eps,
-        D: tl.constexpr, M: tl.constexpr,
+        D: tl.constexpr, M: tl.constexpr, PREC: tl.constexpr,
     ):
         """One program per (b, h). Q/K/V/OUT: [BH, n*M, D]; G8 gate [BH, n*M]; W0/WN [BH, D, D]; B0/BN [BH, D]."""
         pid = tl.program_id(0)
@@ -71,7 +74,7 @@ if HAS_TRITON:
             v = tl.load(V + offs).to(tl.float32)
             g = tl.load(G8 + pid * T + rows).to(tl.float32)
             # inner loss gradient at the boundary params: G = J_LN(Z)^T (LN(Z) - (V - K))
-            z = tl.dot(k, w) + b[None, :]
+            z = tl.dot(k, w, input_precision=PREC) + b[None, :]
             mu = tl.sum(z, axis=1) / D
             zc = z - mu[:, None]
             rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + eps)
@@ -82,8 +85,8 @@ if HAS_TRITON:
                                     - xhat * (tl.sum(gx * xhat, axis=1) / D)[:, None])
             # dual-form outputs: Q W + b - (e * tril(Q K^T + 1)) G
             e = tl.where(causal, eta[:, None] * g[None, :], 0.0)
-            attn = e * (tl.dot(q, tl.trans(k)) + 1.0)
-            zb = tl.dot(q, w) + b[None, :] - tl.dot(attn, grad)
+            attn = e * (tl.dot(q, tl.trans(k), input_precision=PREC) + 1.0)
+            zb = tl.dot(q, w, input_precision=PREC) + b[None, :] - tl.dot(attn, grad, input_precision=PREC)
             mu2 = tl.sum(zb, axis=1) / D
             zbc = zb - mu2[:, None]
             rstd2 = 1.0 / tl.sqrt(tl.sum(zbc * zbc, axis=1) / D + eps)
@@ -92,7 +95,7 @@ if HAS_TRITON:
             # update with the last row's weights (only a complete mini-batch updates the params)
             el = eta_last * g * (j < n_full).to(tl.float32)
             ek = k * el[:, None]
-            w = w - tl.dot(tl.trans(ek), grad)
+            w = w - tl.dot(tl.trans(ek), grad, input_precision=PREC)
             b = b - tl.sum(el[:, None] * grad, axis=0)
         tl.store(WN + pid * D * D + rd[:, None] * D + rd[None, :], w)
         tl.store(BN + pid * D + rd, b)
@@ -141,7 +144,7 @@ def ttt_linear_scan_fwd(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state: 
     if n > 0:
         _scan_kernel()[(BH,)](
             Qc, Kc, Vc, gc, token_eta.to(f32).contiguous(), ln_weight.to(f32).contiguous(),
-            ln_bias.to(f32).contiguous(), W0, b0, out, Wn, bn, H, n, n_full, LN_EPS, D=d, M=m)
+            ln_bias.to(f32).contiguous(), W0, b0, out, Wn, bn, H, n, n_full, LN_EPS, D=d, M=m, PREC="ieee")
     else:
         Wn, bn = W0.clone(), b0.clone()
     out = out.reshape(B, H, n * m, d)[:, :, r:r + T].to(XQ.dtype)
