@@ -51,8 +51,9 @@ class LaCTSWIGLUConfig(PretrainedConfig):
         fuse_norm, last_layer_fuse_norm, fuse_swiglu, fuse_cross_entropy (True): kernel-fusion
             switches of the reference; accepted and stored, they change no value in this port.
         fw_init_gain (0.5): init gain of the low-rank factors.
-        use_fused_kernel (False): use the optional Triton kernels of `lact.ops` when they are
-            available on CUDA; False (and every CPU run) uses the torch path.
+        use_fused_kernel (False): accepted so the reference's "fused kernel" configs load; lact.ops
+            has no fused Triton kernel yet, so True warns and runs the torch chunk operation (same
+            values either way).
         fp32_states (False): keep the fast weights (and their updates) in float32.
 
     Added fields:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from official_port.configuration_ttt import TTTConfig
 from official_port.ops import InnerState, dual_ttt, naive_ttt
+from official_port.ops.triton_dual import resolve_kernel, triton_ttt_linear
 from ttt_common.model_inputs import check_dtype
 
 LN_EPS = 1e-6
@@ -133,15 +134,20 @@ class TTTBase(nn.Module):
             mini-batches run under `torch.utils.checkpoint` (the official code always remats;
             here it is opt-in because recomputation costs time; values are identical).
         use_naive: run the per-token primal twin instead of the dual form (tests, benchmarks).
+        kernel: "torch" (the dual form), "triton" (`ops.triton_dual`, TTT-Linear only) or "auto"
+            (triton on CUDA when importable). Calls the kernel does not cover (TTT-MLP, stats,
+            inner_steps > 1, remat, non power-of-two sizes) run the torch dual form.
     """
 
     inner_kind = "linear"
     has_conv = False  # TTTLinear/TTTMLP: wq -> conv_q / conv_k; Base: wq, wk
     has_gate = False
 
-    def __init__(self, config: TTTConfig):
+    def __init__(self, config: TTTConfig, kernel: str = "auto"):
         super().__init__()
+        resolve_kernel(kernel, torch.device("cpu"))  # checks the value early
         self.config = config
+        self.kernel = kernel
         D, H = config.hidden_size, config.num_attention_heads
         self.width, self.num_heads, self.head_dim = D, H, config.head_dim
         self.mini_batch_size = int(config.mini_batch_size)
@@ -328,6 +334,9 @@ class TTTBase(nn.Module):
                           init_params=tuple(p.to(compute) for p in self.inner_params()))
             if self.use_naive:
                 Z, inner, stats = naive_ttt(self.inner_kind, *op_args, state.inner.to(compute), **kwargs)
+            elif self._use_triton(XQ, output_ttt_stats, inner_steps):
+                Z, inner = triton_ttt_linear(*op_args, state.inner.to(compute))
+                stats = None
             else:
                 group = int(self.config.remat_mini_batch_group_size) if self.remat else 0
                 Z, inner, stats = dual_ttt(self.inner_kind, *op_args, state.inner.to(compute),
@@ -341,6 +350,15 @@ class TTTBase(nn.Module):
         if output_ttt_stats:
             stats = (stat0, *(s.mean(dim=(0, 1)) for s in stats))
         return out, stats, TTTState(inner, new_cache, seen + T)
+
+
+    def _use_triton(self, XQ: Tensor, output_ttt_stats: bool, inner_steps: int) -> bool:
+        """The one dispatch point to the Triton scan (see `kernel`)."""
+        if resolve_kernel(self.kernel, XQ.device) != "triton" or self.inner_kind != "linear":
+            return False
+        d, m = self.head_dim, self.mini_batch_size
+        return (not output_ttt_stats and inner_steps == 1 and not self.remat
+                and d & (d - 1) == 0 and m & (m - 1) == 0)
 
 
 class TTTLinearBase(TTTBase):

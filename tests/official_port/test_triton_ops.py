@@ -1,0 +1,109 @@
+"""Triton TTT-Linear scan vs its torch twin (`dual_ttt_linear`), run by Triton's interpreter on CPU.
+
+fp32 and small shapes only: the interpreter's bf16 arithmetic is wrong and it is slow. The
+TRITON_INTERPRET variable is set only while each test runs (the kernel is jitted lazily per value),
+so it never leaks into other tests. Skips when triton is not installed.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from official_port.configuration_ttt import TTTConfig  # noqa: E402
+from official_port.layers import TTTLinear  # noqa: E402
+from official_port.ops import InnerState, dual_ttt_linear  # noqa: E402
+from official_port.ops.triton_dual import resolve_kernel, triton_ttt_linear  # noqa: E402
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _inputs(B, H, T, d, m, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*s, scale=1.0):
+        return torch.randn(*s, generator=g) * scale
+
+    return [rn(B, H, T, d), rn(B, H, T, d), rn(B, H, T, d), torch.rand(B, H, T, generator=g) * 0.1,
+            torch.rand(m, generator=g) * 0.5 + 0.1, 1 + rn(H, d, scale=0.1), rn(H, d, scale=0.1),
+            rn(B, H, d, d, scale=0.1), rn(B, H, 1, d, scale=0.1),
+            rn(B, H, r, d), rn(B, H, r, d), torch.rand(B, H, r, generator=g) * 0.1]
+
+
+def _run(op, base):
+    ins = [t.clone().requires_grad_() for t in base]
+    out, st = op(*ins[:7], InnerState((ins[7], ins[8]), ins[9], ins[10], ins[11]))[:2]
+    return ins, out, st
+
+
+def _close(name, ref, got, tol):
+    err = (ref - got).abs().max().item() / max(ref.abs().max().item(), 1e-12)
+    assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("T,r", [(37, 5), (32, 0), (9, 3)], ids=["T37-buffered5", "T32-whole", "T9-no-update"])
+def test_triton_scan_matches_dual(interpret, T, r):
+    """Odd lengths, several mini-batches, state in (incl. buffered tokens), final state out, all grads."""
+    base = _inputs(1, 2, T, 16, 16, r)
+    ref_in, ref_out, ref_st = _run(dual_ttt_linear, base)
+    tri_in, tri_out, tri_st = _run(triton_ttt_linear, base)
+    _close("out", ref_out, tri_out, 1e-5)
+    _close("W", ref_st.params[0], tri_st.params[0], 1e-5)
+    _close("b", ref_st.params[1], tri_st.params[1], 1e-5)
+    assert tri_st.k.shape == ref_st.k.shape and torch.equal(tri_st.k, ref_st.k)
+    assert torch.equal(tri_st.gate, ref_st.gate)
+    g = torch.Generator().manual_seed(1)
+    ups = [torch.randn(t.shape, generator=g) for t in (ref_out, ref_st.params[0], ref_st.params[1], ref_st.k)]
+    for out, st in ((ref_out, ref_st), (tri_out, tri_st)):
+        outs = [out, st.params[0], st.params[1]] + ([st.k] if st.k.numel() else [])
+        torch.autograd.backward(outs, ups[:len(outs)])
+    names = ["XQ", "XK", "XV", "gate", "token_eta", "ln_weight", "ln_bias", "W0", "b0", "k", "v", "gate_buf"]
+    for name, a, b in zip(names, ref_in, tri_in):
+        if a.numel():
+            _close(f"d{name}", a.grad, b.grad, 5e-5)
+
+
+def test_triton_scan_is_causal(interpret):
+    """Perturbing tokens >= t (mid mini-batch) leaves outputs before t unchanged."""
+    base = _inputs(1, 1, 40, 16, 16, 0, seed=3)
+    out = _run(triton_ttt_linear, base)[1].detach()
+    t = 21
+    pert = [x.clone() for x in base]
+    for i in (0, 1, 2):
+        pert[i][:, :, t:] += 1.0
+    pert[3][:, :, t:] += 0.05
+    out2 = _run(triton_ttt_linear, pert)[1].detach()
+    assert torch.equal(out[:, :, :t], out2[:, :, :t])
+    assert not torch.allclose(out[:, :, t:], out2[:, :, t:])
+
+
+def test_layer_kernel_option(interpret):
+    """kernel='triton' on the layer gives the dual form's output; 'auto' on CPU picks torch; bad values fail."""
+    cfg = TTTConfig(hidden_size=32, num_attention_heads=2, mini_batch_size=16, intermediate_size=64,
+                    num_hidden_layers=1, vocab_size=64)
+    torch.manual_seed(0)
+    ref = TTTLinear(cfg, kernel="torch")
+    tri = TTTLinear(cfg, kernel="triton")
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 21, 32)
+    assert tri._use_triton(x.new_zeros(1, 1, 1, 16), False, 1)
+    _close("layer out", ref(x)[0], tri(x)[0], 1e-5)
+    assert resolve_kernel("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="kernel="):
+        TTTLinear(cfg, kernel="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_scan_cuda_head_size():
+    """Compiled kernel at the real head size (d=64) and a long odd length vs the dual form on CUDA."""
+    base = [t.cuda() for t in _inputs(2, 3, 301, 64, 16, 7, seed=5)]
+    base[0:3] = [t * 64 ** -0.5 for t in base[0:3]]
+    ref_in, ref_out, ref_st = _run(dual_ttt_linear, base)
+    tri_in, tri_out, tri_st = _run(triton_ttt_linear, base)
+    _close("out", ref_out, tri_out, 1e-5)
+    _close("W", ref_st.params[0], tri_st.params[0], 1e-5)
