@@ -10,6 +10,7 @@ only while they run (`tests/official_port/test_triton_ops.py`, kernels are jitte
 import importlib.util
 import os
 
+import pytest
 import torch
 
 if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
@@ -22,3 +23,13 @@ if importlib.util.find_spec("triton") is not None and not torch.cuda.is_availabl
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = _saved
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-shape tests: several times faster, above all on a shared
+    machine (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

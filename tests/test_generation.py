@@ -22,12 +22,7 @@ VOCAB = 61
 PAD = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lact_config(vocab: int = VOCAB, **kw) -> LaCTSWIGLUConfig:

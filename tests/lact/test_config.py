@@ -31,12 +31,7 @@ REFERENCE_DEFAULTS = {
 NEW_DEFAULTS = {"r": 1, "residual_ttt": False, "greedy_ttt": False, "ttt_backprop": "auto"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes on a shared machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> dict:

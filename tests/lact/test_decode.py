@@ -22,13 +22,7 @@ from lact.ops import lact_swiglu, lact_swiglu_with_state
 from tests.lact.test_modeling import perturb_params, tiny_config
 from ttt_common.hf_compat import CACHE_NAME
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # chunk 4, window 3, 19 tokens: four chunk boundaries, a full pending chunk at t = 8, 12, 16

@@ -20,14 +20,7 @@ from lact.layers import window_attention
 from lact.modules import GatedMLP, RMSNorm, RotaryEmbedding
 from ttt_common.hf_compat import enable_activation_checkpointing
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread is several times faster, above all on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**kw) -> LaCTSWIGLUConfig:

@@ -16,12 +16,7 @@ from tests.lact.test_modeling import perturb_params, tiny_config, tiny_model
 BAD = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("window", [None, 4, 32])

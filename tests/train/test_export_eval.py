@@ -29,16 +29,6 @@ BASE = ["--seq-len", str(SEQ), "--max-docs", "20", "--lr", "3e-3", "--no-progres
         "--steps", "2", "--eval-every", "2", "--eval-batches", "2"]
 
 
-@pytest.fixture
-def env(tmp_path_factory, monkeypatch):
-    cache = tmp_path_factory.getbasetemp() / "ttt_cache"
-    monkeypatch.setenv("TTT_CACHE_DIR", str(cache))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield {**os.environ, "TTT_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    torch.set_num_threads(threads)
 
 
 def _eval_sequences(n: int) -> np.ndarray:
