@@ -6,11 +6,14 @@ warnings turned into errors)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, pipeline
+from transformers.utils import logging as hf_logging
 
 import lact  # noqa: F401  (registers the Auto classes)
 import official_port  # noqa: F401  (registers the Auto classes)
@@ -227,11 +230,16 @@ def test_auto_classes_load_a_saved_model(family, tmp_path):
 
 # ------------------------------------------------------------------ no warnings in normal use
 @family_param
-def test_normal_use_emits_no_warnings(family):
+def test_normal_use_emits_no_warnings(family, caplog):
     """Build, forward, loss backward (with and without activation checkpointing) and generate, with
-    every warning turned into an error. Nothing is filtered: no warning here is outside our control."""
+    every warning turned into an error. Nothing is filtered: no warning here is outside our control.
+    transformers also reports deprecations through its logger (e.g. "`past_key_values` ... deprecated"),
+    so no WARNING record may appear either (its library logger does not propagate by default)."""
+    caplog.set_level(logging.WARNING)
+    hf_logging.enable_propagation()
     x = prompts(2, 9)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        stack.callback(hf_logging.disable_propagation)
         warnings.simplefilter("error")
         model = make_model(family).train()
         model(x, labels=x).loss.backward()
@@ -242,3 +250,4 @@ def test_normal_use_emits_no_warnings(family):
             model(x)
         model.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=PAD)
         model.generate(x, max_new_tokens=5, do_sample=True, top_k=5, top_p=0.9, temperature=0.8, pad_token_id=PAD)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
