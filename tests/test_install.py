@@ -8,6 +8,7 @@ code they import is the installed copy, not this checkout.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,12 @@ SCRIPTS = ("ttt-run-ponder", "ttt-compare-ponder", "ttt-train", "ttt-convert-jax
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("install")
+    # build from a copy: setuptools writes build/ and *.egg-info into the source folder
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".cache", "results", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(ROOT)],
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(src)],
                    check=True, capture_output=True)
     (wheel,) = (tmp / "dist").glob("ttt_toolkit-*.whl")
     subprocess.run(pip + ["install", "--no-deps", "--no-index", "--target", str(tmp / "site"), str(wheel)],
