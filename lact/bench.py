@@ -252,8 +252,11 @@ def _timed(args, step, warm_up, cuda: bool) -> dict:
     # Timing calls: a large threshold (blocks reused from the heap, as glibc's default converges
     # to), since per-allocation mmap page faults would penalise the path that frees more often.
     _mallopt(mmap_threshold=32 * 2**20, trim_threshold=2**30)
+    if args.repeats == 0:  # memory only: the time is the memory call's (mmap page faults included)
+        return {"peak_bytes": peak, "lower_bound": lower_bound, "time_s": first_time, "times": [],
+                "first_call_s": first_time}
     times = []
-    for _ in range(max(1, args.repeats)):
+    for _ in range(args.repeats):
         t0 = time.perf_counter()
         step()
         if cuda:
@@ -285,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d", type=int, default=384, help="fast-weight head dim (760M: 1536 / 4)")
     p.add_argument("--d-h", dest="d_h", type=int, default=384, help="SwiGLU hidden dim (760M: inter_multi 1)")
     p.add_argument("--chunk", type=int, default=2048, help="lact_chunk_size (760M: 2048)")
-    p.add_argument("--repeats", type=int, default=1, help="timed calls per measurement (min is reported)")
+    p.add_argument("--repeats", type=int, default=1, help="timed calls per measurement (min is reported); 0: "
+                   "memory only, the time is then the memory call's")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
     p.add_argument("--reference", default=None, help="path of the reference ttt_operation.py (r = 1 rows)")
