@@ -1,4 +1,4 @@
-"""Benchmark the LaCT chunk operation: peak memory and time of forward + backward, autograd vs manual.
+"""Benchmark the LaCT chunk operation or the whole layer: peak memory and time of fwd + bwd, autograd vs manual.
 
 Shapes follow the official 760M config of a1600012888/LaCT
 (`lact_llm/configs/760M_lact_swiglu_nh4_fwlow_rank_momentum.json`: hidden 1536, num_lact_heads 4
@@ -17,6 +17,11 @@ pre-call peak (imports) was higher than the call's peak the number is a lower bo
 minimum wall clock of the timed calls, run with glibc's usual heap reuse (mmap threshold 32 MiB).
 The machine's other load makes single timings noisy: use ``--repeats`` when it matters.
 
+With ``--layer`` the whole `LaCTSWIGLULayer` is measured instead (``--layer-config``, default the
+760M config above, with ``r`` replaced; batch 1, fp32, input ``[1, T, hidden]`` requiring grad, loss =
+sum of the output): window attention, projections, RoPE, norms and the chunk op together, with
+``ttt_backprop`` set to the mode. Its default sizes are ``LAYER_CONFIGS`` (8K, 16K, 32K).
+
 With ``--reference PATH`` (a checkout's `lact_llm/lact_model/ttt_operation.py`; never copied into
 this repository) the r = 1 rows also time the reference `block_causal_lact_swiglu`, imported at
 run time with `torch.compile` replaced by the identity (its CUDA autocast decorator is inert on CPU).
@@ -24,6 +29,7 @@ run time with `torch.compile` replaced by the identity (its CUDA autocast decora
 Usage:
     python -m lact.bench                                    # r in {1,2,4} x T in {2K,4K,8K} + r=2 at 16K
     python -m lact.bench --configs 2:8192 --repeats 2 --reference /path/to/ttt_operation.py
+    python -m lact.bench --layer                            # whole layer, r in {1,2,4} x {8K,16K,32K}
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ import sys
 import time
 
 DEFAULT_CONFIGS = "1:2048,1:4096,1:8192,2:2048,2:4096,2:8192,2:16384,4:2048,4:4096,4:8192"
+LAYER_CONFIGS = "1:8192,1:16384,1:32768,2:8192,2:16384,2:32768,4:8192,4:16384,4:32768"
+LAYER_CONFIG = "760M_lact_swiglu_nh4_fwlow_rank_momentum"
 
 
 def _rss_bytes() -> int:
@@ -134,7 +142,6 @@ def make_inputs(r: int, T: int, n: int, d: int, d_h: int, device: str, seed: int
 
 def worker(args) -> dict:
     """One measurement in this (fresh) process; returns a dict printed as JSON."""
-    import gc
 
     import torch
 
@@ -146,6 +153,8 @@ def worker(args) -> dict:
     # trimmed before the baseline is read, so that no freed block can hide an allocation).
     _mallopt(mmap_threshold=128 * 1024, trim_threshold=128 * 1024)
     cuda = args.device.startswith("cuda")
+    if args.layer:
+        return _timed(args, *_layer_problem(args), cuda=cuda)
     levels, x = make_inputs(args.r, args.T, args.n, args.d, args.d_h, args.device)
     if args.mode == "reference":
         ref = _load_reference(args.reference)
@@ -173,12 +182,54 @@ def worker(args) -> dict:
             t.grad = None
         del o
 
-    # Warm-up on a tiny problem of the same widths: one-time library initialisation stays out of
-    # both the timing and the memory baseline.
-    wl, wx = make_inputs(args.r, 130, args.n, args.d, args.d_h, args.device, seed=1)
-    lact_swiglu(wl, wx["q"], wx["k"], wx["v"], wx["lr0"], wx["lr1"], wx["lr2"], 64, momentum=wx["momentum"],
-                backprop="manual" if args.mode.startswith("manual") else "autograd").sum().backward()
-    del wl, wx
+    def warm_up():
+        # a tiny problem of the same widths: one-time library initialisation stays out of both the
+        # timing and the memory baseline
+        wl, wx = make_inputs(args.r, 130, args.n, args.d, args.d_h, args.device, seed=1)
+        lact_swiglu(wl, wx["q"], wx["k"], wx["v"], wx["lr0"], wx["lr1"], wx["lr2"], 64, momentum=wx["momentum"],
+                    backprop="manual" if args.mode.startswith("manual") else "autograd").sum().backward()
+
+    return _timed(args, step, warm_up, cuda=cuda)
+
+
+def _layer_problem(args):
+    """(step, warm_up) for the whole layer: `LaCTSWIGLULayer` of ``--layer-config`` with r = args.r."""
+    import torch
+
+    from lact.configuration_lact import LaCTSWIGLUConfig
+    from lact.layers import LaCTSWIGLULayer
+    from ttt_common.config_files import resolve_config
+
+    if args.mode not in ("autograd", "manual"):
+        raise ValueError(f"--layer measures modes 'autograd' and 'manual', not {args.mode!r}")
+    cfg = LaCTSWIGLUConfig.from_json_file(str(resolve_config(args.layer_config)))
+    cfg.r = args.r
+    cfg.ttt_backprop = args.mode
+    torch.manual_seed(0)
+    layer = LaCTSWIGLULayer.from_config(cfg, 0).to(args.device)
+    g = torch.Generator().manual_seed(0)
+
+    def run(T):
+        x = torch.randn(1, T, cfg.hidden_size, generator=g).to(args.device).requires_grad_()
+        layer(x)[0].sum().backward()
+        layer.zero_grad(set_to_none=True)
+
+    def step():
+        run(args.T)
+
+    def warm_up():
+        run(min(args.T, 2 * cfg.lact_chunk_size + 3))  # every code path (full and partial chunks)
+
+    return step, warm_up
+
+
+def _timed(args, step, warm_up, cuda: bool) -> dict:
+    """Warm up, then one memory call and ``args.repeats`` timed calls of `step` (see the docstring)."""
+    import gc
+
+    import torch
+
+    warm_up()
     gc.collect()
     _malloc_trim()
     _reset_peak()
@@ -201,8 +252,11 @@ def worker(args) -> dict:
     # Timing calls: a large threshold (blocks reused from the heap, as glibc's default converges
     # to), since per-allocation mmap page faults would penalise the path that frees more often.
     _mallopt(mmap_threshold=32 * 2**20, trim_threshold=2**30)
+    if args.repeats == 0:  # memory only: the time is the memory call's (mmap page faults included)
+        return {"peak_bytes": peak, "lower_bound": lower_bound, "time_s": first_time, "times": [],
+                "first_call_s": first_time}
     times = []
-    for _ in range(max(1, args.repeats)):
+    for _ in range(args.repeats):
         t0 = time.perf_counter()
         step()
         if cuda:
@@ -228,16 +282,22 @@ def _fmt_mb(m: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list of r:T (default: %(default)s)")
+    p.add_argument("--configs", default=None, help=f"comma list of r:T (default: {DEFAULT_CONFIGS}; with "
+                   "--layer: LAYER_CONFIGS)")
     p.add_argument("--n", type=int, default=4, help="rows = batch x fast-weight heads (760M: 1 x 4)")
     p.add_argument("--d", type=int, default=384, help="fast-weight head dim (760M: 1536 / 4)")
     p.add_argument("--d-h", dest="d_h", type=int, default=384, help="SwiGLU hidden dim (760M: inter_multi 1)")
     p.add_argument("--chunk", type=int, default=2048, help="lact_chunk_size (760M: 2048)")
-    p.add_argument("--repeats", type=int, default=1, help="timed calls per measurement (min is reported)")
+    p.add_argument("--repeats", type=int, default=1, help="timed calls per measurement (min is reported); 0: "
+                   "memory only, the time is then the memory call's")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
     p.add_argument("--reference", default=None, help="path of the reference ttt_operation.py (r = 1 rows)")
     p.add_argument("--json", default=None, help="also write all measurements to this JSON file")
+    p.add_argument("--layer", action="store_true", help="measure the whole LaCT layer (default sizes: "
+                   f"{LAYER_CONFIGS})")
+    p.add_argument("--layer-config", dest="layer_config", default=LAYER_CONFIG,
+                   help="bundled config name or JSON path of the layer (default: %(default)s)")
     # worker-only arguments
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="autograd", help=argparse.SUPPRESS)
@@ -262,6 +322,10 @@ def _main(argv: list[str] | None = None) -> int:
         return 0
     if args.reference and not os.path.isfile(args.reference):
         raise UsageError(f"--reference {args.reference!r} is not a file (expected .../lact_model/ttt_operation.py)")
+    if args.configs is None:
+        args.configs = LAYER_CONFIGS if args.layer else DEFAULT_CONFIGS
+    if args.layer and args.reference:
+        raise UsageError("--reference times the reference chunk op: it does not combine with --layer")
     try:
         cfgs = [dict(r=int(a), T=int(b)) for a, b in (c.split(":") for c in args.configs.split(","))]
     except ValueError as err:
@@ -270,8 +334,13 @@ def _main(argv: list[str] | None = None) -> int:
               "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads)]
     if args.reference:
         common += ["--reference", args.reference]
-    print(f"LaCT chunk op fwd+bwd, n={args.n} d={args.d} d_h={args.d_h} chunk={args.chunk} momentum, post-norm, "
-          f"fp32, device={args.device}; memory = peak RSS delta (CUDA: max allocated delta) in MiB")
+    if args.layer:
+        common += ["--layer", "--layer-config", args.layer_config]
+        print(f"LaCTSWIGLULayer ({args.layer_config}, r replaced) fwd+bwd, batch 1, fp32, device={args.device}; "
+              "memory = peak RSS delta (CUDA: max allocated delta) in MiB")
+    else:
+        print(f"LaCT chunk op fwd+bwd, n={args.n} d={args.d} d_h={args.d_h} chunk={args.chunk} momentum, post-norm, "
+              f"fp32, device={args.device}; memory = peak RSS delta (CUDA: max allocated delta) in MiB")
     head = f"{'r':>2} {'T':>6} | {'auto MiB':>9} {'manual MiB':>10} {'mem ratio':>9} | {'auto s':>8} {'manual s':>8} {'time ratio':>10}"
     if args.reference:
         head += f" | {'ref MiB':>8} {'ref s':>7} {'auto/ref':>8}"

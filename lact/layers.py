@@ -35,9 +35,10 @@ every weight of every MLP exactly as to the single MLP. The chunk mechanics (app
 last partial chunk applied without update) are those of `lact.ops.lact_swiglu`.
 
 Differences from the reference, none changing values: flash-attn is used only when importable on
-CUDA (else `scaled_dot_product_attention` with a boolean window mask); fla's Triton kernels are
-replaced by `lact.modules`; decoding carries a state (`LaCTLayerState`: the window's keys/values and
-the fast weights with the pending chunk) where the reference model disables its cache and recomputes;
+CUDA (else `lact.ops.window_attention`: fused causal SDPA, or a blocked window kernel whose memory is
+linear in T); fla's Triton kernels are replaced by `lact.modules`; decoding carries a state
+(`LaCTLayerState`: the window's keys/values and the fast weights with the pending chunk) where the
+reference model disables its cache and recomputes;
 `use_fused_kernel` is accepted but `lact.ops` has no fused Triton kernel, so the torch chunk
 operation always runs (a warning says so). The reference's op runs under CUDA bfloat16 autocast;
 this port computes in the model's dtype (autocast is used only for fp32_states + half activations).
@@ -55,11 +56,7 @@ import torch.nn.functional as F
 
 from lact import ops as lact_ops
 from lact.modules import RMSNorm, RotaryEmbedding
-
-try:  # optional: only used on CUDA with half precision; never required
-    from flash_attn import flash_attn_func
-except ImportError:  # pragma: no cover - flash-attn cannot be installed on CPU machines
-    flash_attn_func = None
+from lact.ops.window_attention import _nonfinite_rows, window_attention  # window_attention also re-exported
 
 BASE_LR = 1e-3  # the reference's base inner learning rate (softplus(0 + inv_softplus(BASE_LR)) = BASE_LR)
 
@@ -77,93 +74,6 @@ def l2_norm(x: torch.Tensor) -> torch.Tensor:
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     """x in float32, or float64 if it already is (the reference's `.float()` for half inputs)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] bool: rows of x [B, T, H, D] holding a NaN or inf.
-
-    One reduction instead of an elementwise test: a row sum is non-finite iff the row holds a NaN or an
-    inf (inf - inf = NaN), summed in at least float32 so that no finite half-precision row overflows.
-    """
-    return ~torch.isfinite(x.sum(dim=-1, dtype=torch.promote_types(x.dtype, torch.float32)))
-
-
-def window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window_size: int | None,
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Causal sliding-window softmax attention, scale 1/sqrt(D).
-
-    Query t attends to keys max(0, t - window_size + 1)..t (flash-attn's window (window_size - 1, 0)).
-
-    Causality holds for non-finite inputs too: a NaN/inf in k or v at token s reaches no query before s
-    (nor a query outside s's window, nor anything from a padded key). A dense kernel would spread it, as
-    the zero weight of a masked key still multiplies the key's value (0 x NaN = NaN) inside P @ V, so
-    non-finite key/value rows are replaced by zeros (selection) before the kernel and the queries that
-    do attend to them are set to NaN after it. For finite inputs the result is bit-identical.
-
-    Args:
-        q, k, v: [B, T, H, D].
-        window_size: window W in tokens, None for full causal attention.
-        attention_mask: optional [B, T] 0/1 padding mask; padded keys are never attended and padded
-            query rows return zeros (as flash-attn's unpad/pad does).
-
-    Returns:
-        [B, T, H, D].
-    """
-    B, T = q.shape[:2]
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None
-    key_ok = attention_mask.bool() if attention_mask is not None else None
-    bad = _nonfinite_rows(k) | _nonfinite_rows(v)  # [B, T, H]
-    zero = torch.zeros((), dtype=k.dtype, device=k.device)
-    k = torch.where(bad[..., None], zero, k)  # the whole row: its finite part is never used either
-    v = torch.where(bad[..., None], zero, v)
-    if key_ok is not None:
-        bad = bad & key_ok[:, :, None]  # a padded key is never attended: it poisons nothing
-    # queries whose window holds a non-finite key/value: count of bad rows in (t - W, t] > 0
-    seen = bad.to(torch.int32).cumsum(dim=1)  # [B, T, H]
-    if window_size is not None and window_size < T:
-        seen = seen - F.pad(seen, (0, 0, window_size, 0))[:, :T]
-    poisoned = (seen > 0)[..., None]  # [B, T, H, 1]
-    o = _window_attention(q, k, v, window_size, attention_mask)
-    o = torch.where(poisoned, torch.full((), float("nan"), dtype=o.dtype, device=o.device), o)
-    if attention_mask is not None:
-        o = torch.where(key_ok[:, :, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
-    return o
-
-
-def _window_attention(q, k, v, window_size, attention_mask):
-    """The kernel of `window_attention` (same arguments, finite k and v); padded query rows unspecified."""
-    B, T = q.shape[:2]
-    use_flash = (
-        flash_attn_func is not None
-        and q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and attention_mask is None
-    )
-    if use_flash:
-        window = (-1, -1) if window_size is None else (window_size - 1, 0)
-        return flash_attn_func(q, k, v, causal=True, window_size=window)
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
-    if attention_mask is None and (window_size is None or window_size >= T):
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-        return o.transpose(1, 2)
-    pos = torch.arange(T, device=q.device)
-    delta = pos[:, None] - pos[None, :]  # query index - key index
-    allowed = delta >= 0
-    if window_size is not None:
-        allowed = allowed & (delta < window_size)
-    mask = allowed[None, None]  # [1, 1, T, T]
-    if attention_mask is not None:
-        key_ok = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
-        mask = mask & key_ok
-        # a padded query may see no key at all: let it see itself (no NaN), its row is zeroed by the caller
-        mask = mask | (~mask.any(-1, keepdim=True) & torch.eye(T, dtype=torch.bool, device=q.device))
-    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
 
 
 def cached_window_attention(

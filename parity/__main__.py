@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also generate fresh cases with the official JAX code (needs TTT_LM_JAX, see parity/README.md)",
     )
+    parser.add_argument(
+        "--lact-live",
+        action="store_true",
+        help="also generate fresh LaCT whole-layer cases with the reference layer (needs LACT_REF, see "
+        "parity/lact_live.py)",
+    )
     return parser
 
 
@@ -127,6 +133,18 @@ def _main(argv: Sequence[str] | None = None, out=None) -> int:
                 except live.LiveGenerationError as exc:
                     print(f"error: --live: {exc}", file=sys.stderr)
                     return 2
+        if args.lact_live:
+            from parity import lact_live
+
+            reason = lact_live.unavailable_reason()
+            if reason:
+                print(f"error: --lact-live: {reason}", file=sys.stderr)
+                return 2
+            names = [n for n in lact_live.case_names(live=True) if not args.filter or args.filter in n]
+            if names:
+                print(f"generating {len(names)} live LaCT layer case(s) with the reference in "
+                      f"{lact_live.reference_dir()} ...", file=out, flush=True)
+                paths += lact_live.generate_cases(Path(live_dir) / "lact", names=names)
         if not paths:
             where = ", ".join(str(d) for d in dirs)
             extra = f" matching --filter {args.filter!r}" if args.filter else ""

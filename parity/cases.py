@@ -12,6 +12,7 @@ Dispatch rules (first match wins), on the JSON's `kind` and `class`:
 | --- | --- |
 | `class` starts with `ponderttt.` | `parity.ponder.run_case` |
 | `kind` is `lact_op` or `lact_helper` | `parity.lact.run_case` |
+| `kind` is `lact_layer` | `parity.lact_layer.run_case` |
 | `kind` is `layer` and `class` starts with `ttt.models.ttt_layer.` | `parity.official_layer.run_case` |
 | `kind` is `model` | `parity.official_model.run_case` |
 | `kind` is `checkpoint` | `parity.official_model.run_checkpoint_case` |
@@ -37,6 +38,7 @@ Adapter = Callable[[Case], list[Check]]
 ADAPTERS: dict[str, tuple[str, str]] = {
     "ponder": ("parity.ponder", "run_case"),
     "lact": ("parity.lact", "run_case"),
+    "lact_layer": ("parity.lact_layer", "run_case"),
     "official_layer": ("parity.official_layer", "run_case"),
     "official_model": ("parity.official_model", "run_case"),
     "official_checkpoint": ("parity.official_model", "run_checkpoint_case"),
@@ -65,6 +67,8 @@ def adapter_name(meta: dict) -> str:
         return "ponder"
     if kind in LACT_KINDS:
         return "lact"
+    if kind == "lact_layer":
+        return "lact_layer"
     if kind == "layer" and cls.startswith(OFFICIAL_LAYER_PREFIX):
         return "official_layer"
     if kind == "model":
@@ -73,7 +77,7 @@ def adapter_name(meta: dict) -> str:
         return "official_checkpoint"
     raise UnknownCaseError(
         f"no adapter for kind={kind!r} class={cls!r}: known are class 'ponderttt.*', kind "
-        f"{' / '.join(repr(k) for k in LACT_KINDS)}, kind 'layer' with class '{OFFICIAL_LAYER_PREFIX}*', "
+        f"{' / '.join(repr(k) for k in LACT_KINDS)}, kind 'lact_layer', kind 'layer' with class '{OFFICIAL_LAYER_PREFIX}*', "
         "kind 'model', kind 'checkpoint' (see parity/README.md)"
     )
 

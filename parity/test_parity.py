@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity import live
+from parity import lact_live, live
 from parity.cases import CaseResult, describe_check, discover, run_case_file, run_loaded_case
 from parity.fixtures import BUNDLED, load_case
 
@@ -117,3 +117,40 @@ def test_live_generator_replays_bundled_fixtures(replayed_cases: dict[str, Path]
         # same official code, same versions, same CPU backend: only float32 rounding may differ
         # (measured: 4.7e-7 on the layer, where forward and VJP are compiled as one function; 0 on the model)
         assert rel <= 2e-6, f"{key}: replay differs from the fixture by {rel:.2e} of max|ref|"
+
+
+# --------------------------------------------------------------------------- LaCT whole layer (issue 16)
+
+LACT_LAYER_CASES = sorted((BUNDLED / "lact").glob(f"{lact_live.BUNDLED_PREFIX}*.json"))
+
+
+def test_lact_layer_fixtures_cover_every_configuration():
+    assert [p.stem for p in LACT_LAYER_CASES] == sorted(lact_live.case_names(live=False))
+    for path in LACT_LAYER_CASES:
+        meta = load_case(path).meta
+        assert meta["kind"] == "lact_layer" and meta["layer"] == lact_live.CONFIGS[path.stem.removeprefix("lact_layer_")]
+
+
+@pytest.mark.parametrize("change", [dict(window_size=4), dict(ttt_prenorm=True), dict(lact_chunk_size=7)])
+def test_lact_layer_case_fails_for_a_wrong_configuration(change):
+    """The layer check can fail: the same weights in a layer built with one option changed miss the case."""
+    case = load_case(BUNDLED / "lact" / "lact_layer_post_mom_lowrank_scale.json")
+    case.meta["layer"] = {**case.meta["layer"], **change}
+    result = run_loaded_case(case)
+    assert not result.passed and result.failed_checks
+
+
+@pytest.fixture(scope="session")
+def lact_live_cases(tmp_path_factory) -> dict[str, Path]:
+    reason = lact_live.unavailable_reason()
+    if reason:
+        pytest.skip(f"LaCT live parity off: {reason}")
+    return {p.stem: p for p in lact_live.generate_cases(tmp_path_factory.mktemp("lact_live"))}
+
+
+@pytest.mark.parametrize("name", lact_live.case_names(live=True))
+def test_lact_live_case(lact_live_cases: dict[str, Path], name: str):
+    case = load_case(lact_live_cases[name])
+    assert case.meta["seed"] != load_case(BUNDLED / "lact" / f"{name.removeprefix('live_')}.json").meta["seed"]
+    result = run_loaded_case(case)
+    assert result.passed, _failure_message(result)

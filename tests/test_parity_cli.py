@@ -237,6 +237,8 @@ def test_dispatch_of_bundled_cases(folder, adapter):
     for path in sorted((BUNDLED / folder).glob("*.json")):
         meta = json.loads(path.read_text())
         expected = adapter or ("official_layer" if path.stem.startswith("layer_") else "official_model")
+        if folder == "lact" and path.stem.startswith("lact_layer_"):  # whole-layer cases (issue 16)
+            expected = "lact_layer"
         assert cases.adapter_name(meta) == expected, path.name
 
 

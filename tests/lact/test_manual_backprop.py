@@ -243,3 +243,26 @@ def test_manual_with_d_out_not_d_in():
     assert o_m.shape == (n, T, d_out) and torch.equal(o_m, o_a)
     for gm, ga in zip(g_m, g_a):
         assert rel(gm, ga) < 1e-10
+
+
+def test_bench_layer_mode_measures_the_whole_layer(capsys, tmp_path, monkeypatch):
+    """`--layer`: the whole LaCTSWIGLULayer (toy config), both backprop modes, fresh-process contract kept."""
+    import json
+
+    import lact.bench as bench
+
+    seen = []
+
+    def in_process(cfg, mode, common):
+        seen.append((cfg["r"], mode, common))
+        p = bench.build_parser()
+        return bench.worker(p.parse_args(["--worker", "--mode", mode, "--r", str(cfg["r"]), "--T", str(cfg["T"]), *common]))
+
+    monkeypatch.setattr(bench, "measure", in_process)
+    out = tmp_path / "bench.json"
+    bench.main(["--layer", "--layer-config", "lact_debug", "--configs", "2:40", "--json", str(out)])
+    assert "LaCTSWIGLULayer (lact_debug" in capsys.readouterr().out
+    assert [(r, mode) for r, mode, _ in seen] == [(2, "autograd"), (2, "manual")]
+    assert all("--layer" in common for _, _, common in seen)
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["manual"]["time_s"] > 0 and row["autograd"]["time_s"] > 0 and "error" not in row["manual"]
