@@ -44,7 +44,7 @@ lint: venv
 # Python 3.10-3.12 into requirements/lock.txt, then rebuild the venv from it. Review the diff, run make test.
 lock: venv
 	$(PY) -m pip install -q $(UV_SPEC)
-	$(PY) -m uv pip compile pyproject.toml --extra dev --extra offline-model --extra gpu --extra logging --universal \
+	$(PY) -m uv pip compile pyproject.toml --extra dev --extra offline-model --extra gpu --extra logging --extra parity-lact --universal \
 		--python-version 3.10 --constraint requirements/pins.txt -q -o $(LOCK)
 	rm -f $(VENV)/.installed
 	$(MAKE) venv
