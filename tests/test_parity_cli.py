@@ -196,7 +196,7 @@ def test_default_runs_every_bundled_case(echo):
     assert status == 0
     assert lines[-1] == f"{n_cases} passed, 0 failed"
     kinds = {m.group(3) for m in _case_lines(lines).values()}
-    assert kinds == {"layer", "model", "checkpoint", "lact_op", "lact_helper"}
+    assert kinds == {"layer", "model", "checkpoint", "lact_op", "lact_helper", "lact_layer"}
 
 
 def test_usage_errors_exit_2(tmp_path, capsys):
