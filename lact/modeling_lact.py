@@ -31,7 +31,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from lact.configuration_lact import LaCTSWIGLUConfig
 from lact.layers import LaCTLayerState, LaCTSWIGLULayer, LowRankFastWeight
 from lact.modules import GatedMLP, RMSNorm
-from ttt_common.hf_compat import CACHE_NAME, cache_field, pick_cache, reject_unknown_kwargs
+from ttt_common.hf_compat import (
+    CACHE_NAME,
+    cache_field,
+    feed_unseen_tokens,
+    pick_cache,
+    reject_unknown_kwargs,
+)
 from ttt_common.model_inputs import causal_lm_loss, check_input_ids, check_inputs_embeds
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
@@ -299,9 +305,8 @@ class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
         transformers 5.24, `past_key_values`)."""
         cache = kwargs.get(CACHE_NAME)
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
-        if isinstance(cache, LaCTCache) and cache.seen_tokens > 0:
-            model_inputs["input_ids"] = input_ids[:, cache.seen_tokens:]
-        return model_inputs
+        seen = cache.seen_tokens if isinstance(cache, LaCTCache) else 0
+        return feed_unseen_tokens(model_inputs, input_ids, seen)
 
     def forward(
         self,

@@ -34,7 +34,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from official_port.configuration_ttt import TTTConfig
 from official_port.layers import TTT_LAYERS, TTTState
-from ttt_common.hf_compat import CACHE_NAME, cache_field, pick_cache, reject_unknown_kwargs
+from ttt_common.hf_compat import (
+    CACHE_NAME,
+    cache_field,
+    feed_unseen_tokens,
+    pick_cache,
+    reject_unknown_kwargs,
+)
 from ttt_common.model_inputs import causal_lm_loss, check_input_ids, check_inputs_embeds
 
 __all__ = [
@@ -534,12 +540,8 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         transformers 5.24, `past_key_values`)."""
         cache = kwargs.get(CACHE_NAME)
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
-        if isinstance(cache, TTTCache) and cache.seen_tokens > 0:
-            seen = cache.seen_tokens
-            model_inputs["input_ids"] = input_ids[:, seen:]
-            if model_inputs.get("position_ids") is not None:
-                model_inputs["position_ids"] = model_inputs["position_ids"][..., -(input_ids.shape[1] - seen):]
-        return model_inputs
+        seen = cache.seen_tokens if isinstance(cache, TTTCache) else 0
+        return feed_unseen_tokens(model_inputs, input_ids, seen)
 
     def forward(
         self,

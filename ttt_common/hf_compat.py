@@ -33,6 +33,18 @@ def reject_unknown_kwargs(owner: str, kwargs: dict) -> None:
         raise TypeError(f"{owner}.forward() got unexpected keyword argument(s): {', '.join(unknown)}")
 
 
+def feed_unseen_tokens(model_inputs: dict, input_ids, seen_tokens: int) -> dict:
+    """Trim generate()'s model inputs to the tokens a stateful cache has not consumed yet.
+
+    Our caches (`TTTCache`, `LaCTCache`) carry state, not a key/value list, so transformers cannot tell
+    how many tokens they hold: feed `input_ids[:, seen_tokens:]` (and the matching position ids)."""
+    if seen_tokens > 0:
+        model_inputs["input_ids"] = input_ids[:, seen_tokens:]
+        if model_inputs.get("position_ids") is not None:
+            model_inputs["position_ids"] = model_inputs["position_ids"][..., -(input_ids.shape[1] - seen_tokens):]
+    return model_inputs
+
+
 def cache_field(cache) -> dict:
     """`{CACHE_NAME: cache}`, to build an output that the installed generate() reads back."""
     return {CACHE_NAME: cache}
