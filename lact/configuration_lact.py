@@ -51,9 +51,12 @@ class LaCTSWIGLUConfig(PretrainedConfig):
         fuse_norm, last_layer_fuse_norm, fuse_swiglu, fuse_cross_entropy (True): kernel-fusion
             switches of the reference; accepted and stored, they change no value in this port.
         fw_init_gain (0.5): init gain of the low-rank factors.
-        use_fused_kernel (False): accepted so the reference's "fused kernel" configs load; lact.ops
-            has no fused Triton kernel yet, so True warns and runs the torch chunk operation (same
-            values either way).
+        use_fused_kernel (False): True = `kernel="auto"` of `lact.ops.lact_swiglu`: on CUDA with
+            triton importable, each chunk step's forward runs the Triton kernels of
+            `lact.ops.triton_update` (the SwiGLU apply for every MLP; gradient + momentum + update
+            with the post-norm renormalisation fused for r = 1; Muon, pre-norm main weights and
+            r > 1 updates in torch; gradients by the torch step's VJP); elsewhere (every CPU run,
+            under autocast) the torch step. False = `kernel="torch"`. Same values to round-off.
         fp32_states (False): keep the fast weights (and their updates) in float32.
 
     Added fields:

@@ -39,8 +39,9 @@ CUDA (else `lact.ops.window_attention`: fused causal SDPA, or a blocked window k
 linear in T); fla's Triton kernels are replaced by `lact.modules`; decoding carries a state
 (`LaCTLayerState`: the window's keys/values and the fast weights with the pending chunk) where the
 reference model disables its cache and recomputes;
-`use_fused_kernel` is accepted but `lact.ops` has no fused Triton kernel, so the torch chunk
-operation always runs (a warning says so). The reference's op runs under CUDA bfloat16 autocast;
+`use_fused_kernel=True` selects `kernel="auto"` of `lact.ops.lact_swiglu` (the Triton chunk-step
+kernels of `lact.ops.triton_update` on CUDA when triton imports, else the torch step; same values to
+round-off), False `kernel="torch"`. The reference's op runs under CUDA bfloat16 autocast;
 this port computes in the model's dtype (autocast is used only for fp32_states + half activations).
 """
 
@@ -351,10 +352,7 @@ class LaCTSWIGLULayer(nn.Module):
             self.momentum_proj = nn.Sequential(nn.Linear(hidden_size, self.num_fw_heads), nn.Sigmoid())
         self.ttt_loss_type = ttt_loss_type
         self.use_fused_kernel = use_fused_kernel
-        if use_fused_kernel:
-            # accepted so the official "fused_kernel" config loads; values are the same either way
-            warnings.warn("use_fused_kernel=True: lact.ops has no fused Triton kernel yet; the torch chunk "
-                          "operation is used (same values)", UserWarning, stacklevel=2)
+        self.ttt_kernel = "auto" if use_fused_kernel else "torch"  # the chunk step's implementation
         self.fp32_states = fp32_states
 
     @classmethod
@@ -542,7 +540,8 @@ class LaCTSWIGLULayer(nn.Module):
         state_dtype = fast_weights[0][0].dtype if past is None else past.fast.state[0][0].dtype
         mixed = state_dtype != fast_q.dtype
         fw_kwargs = dict(chunk_size=self.lact_chunk_size, momentum=momentum, use_muon=self.use_muon,
-                         prenorm=self.ttt_prenorm, residual=self.residual_ttt, greedy=self.greedy_ttt)
+                         prenorm=self.ttt_prenorm, residual=self.residual_ttt, greedy=self.greedy_ttt,
+                         kernel=self.ttt_kernel)
         new_state = None
         # fp32 states with half-precision activations: like the reference (whose op runs under
         # autocast), the matmuls run in the activation dtype while the states accumulate in float32

@@ -6,10 +6,14 @@ PY=${PY:-python}
 OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"
 $PY -c "import torch, triton; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(), triton.__version__)"
-# CUDA tests: compiled Triton kernels vs the torch twin (the same tests run interpreted on CPU)
+# CUDA tests: compiled Triton kernels vs the torch twins (the same files run interpreted on CPU; the
+# gpu-marked tests run the kernels at real head sizes, bf16 included)
 $PY -m pytest -q -p no:cacheprovider tests/official_port/test_triton_ops.py tests/official_port/test_layers.py \
-    2>&1 | tee "$OUT/tests.txt"
-# TTT-Linear scan: ours torch vs ours triton vs fla (when installed), fwd and fwd+bwd, fp32 and bf16
-$PY -m official_port.bench_cuda --lengths 2048,8192,32768 --dtypes float32,bfloat16 --json "$OUT/ttt_linear.json"
-# LaCT at the 760M shapes: manual vs autograd (add --reference PATH for the reference's path)
+    tests/lact/test_triton_update.py 2>&1 | tee "$OUT/tests.txt"
+# TTT-Linear scan (ours torch vs ours triton vs fla when installed) and the LaCT chunk op at the 760M
+# shape (autograd/manual x torch/triton kernel), fwd and fwd+bwd, fp32 and bf16: one JSON file
+$PY -m official_port.bench_cuda --ops ttt_linear,lact --lengths 2048,8192,32768 --lact-lengths 8192,16384,32768 \
+    --dtypes float32,bfloat16 --json "$OUT/bench_cuda.json"
+# LaCT at the 760M shapes, fresh process per row: manual vs autograd (add --reference PATH for the
+# reference's path)
 $PY -m lact.bench --device cuda --configs 1:8192,1:16384,1:32768,2:8192 --repeats 3 --json "$OUT/lact.json"

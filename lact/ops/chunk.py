@@ -27,6 +27,8 @@ manual-backprop path in `lact.ops.manual_backprop`, which recomputes `chunk_step
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +43,7 @@ FastWeights = Sequence[Sequence[torch.Tensor]]
 LevelState = list[torch.Tensor]
 
 BACKPROP_MODES = ("autograd", "manual")
+KERNELS = ("torch", "triton", "auto")
 RENORM_EPS = 1e-5  # added to the new row norm, as in the reference
 
 
@@ -54,6 +57,7 @@ class LaCTOptions:
     residual: bool = False
     greedy: bool = False
     has_momentum: bool = False
+    kernel: str = "torch"  # "torch" or "triton" (resolved by `resolve_kernel`, never "auto" here)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,9 +304,17 @@ def update_state(state: list[LevelState], grads, norms, mi, opts: LaCTOptions) -
 def chunk_step(state, norms, qi, ki, vi, lr0i, lr1i, lr2i, mi, opts: LaCTOptions, update: bool):
     """Apply the current weights to the chunk's queries, then (if `update`) update them.
 
+    ``opts.kernel == "triton"`` runs the step with the Triton kernels of `lact.ops.triton_update`
+    (this function with "torch" is their twin, and their backward is this function's VJP); under
+    autocast the torch step runs (the kernels do not follow autocast's dtype rules).
+
     Returns:
         (o_i ``[n, d_out, l]``, new state or None when `update` is False).
     """
+    if opts.kernel == "triton" and not torch.is_autocast_enabled(qi.device.type):
+        from lact.ops.triton_update import triton_chunk_step  # optional dependency
+
+        return triton_chunk_step(state, norms, qi, ki, vi, lr0i, lr1i, lr2i, mi, opts, update)
     weights = [lvl[:3] for lvl in state]
     oi = apply_fast_weights(weights, qi, opts.residual)
     if not update:
@@ -329,6 +341,40 @@ def lact_swiglu_autograd(levels, q, k, v, lr0, lr1, lr2, momentum, opts: LaCTOpt
 # --------------------------------------------------------------------------------------------
 
 
+def triton_available() -> bool:
+    """Whether the optional `triton` package imports."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """Map ``kernel="torch"|"triton"|"auto"`` to the implementation of the chunk step.
+
+    "auto" is "triton" on CUDA when triton imports, else "torch". "triton" needs triton and a CUDA
+    device, or CPU tensors with ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests).
+
+    Raises:
+        ValueError for an unknown name; RuntimeError when "triton" cannot run here.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "torch":
+        return "torch"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    usable = triton_available() and (device.type == "cuda" or interpret)
+    if kernel == "auto":
+        return "triton" if usable and device.type == "cuda" else "torch"
+    if not usable:
+        raise RuntimeError(
+            f"kernel='triton' cannot run on device {device.type!r}: it needs the triton package "
+            "(pip install triton) and CUDA tensors, or TRITON_INTERPRET=1 on CPU; use kernel='torch' or 'auto'"
+        )
+    return "triton"
+
+
 def lact_swiglu(
     fast_weights: FastWeights,
     q: torch.Tensor,
@@ -344,6 +390,7 @@ def lact_swiglu(
     residual: bool = False,
     greedy: bool = False,
     backprop: str = "autograd",
+    kernel: str = "torch",
 ) -> torch.Tensor:
     """Block-causal LaCT with a stack of r SwiGLU fast-weight MLPs (apply, then update, per chunk).
 
@@ -376,6 +423,12 @@ def lact_swiglu(
         backprop: "autograd" (backpropagate through the unrolled loop) or "manual"
             (`LaCTSwiGLUFunction`: keeps the state at chunk boundaries, recomputes each chunk in
             backward; same outputs, much less memory).
+        kernel: "torch", "triton" or "auto" (see `resolve_kernel`): which implementation runs each
+            chunk step. "triton" runs the step's forward in the kernels of `lact.ops.triton_update`
+            (the apply for every MLP; gradient + momentum + update for r = 1; Muon, pre-norm main
+            weights and r > 1 updates stay in torch); gradients are the torch step's VJP (with
+            "manual", the graph-free forward sweep runs the kernels and backward recomputes chunks
+            with the torch step). Under autocast the torch step runs.
 
     Returns:
         ``[n, T, d_out]`` in v's dtype.
@@ -383,6 +436,7 @@ def lact_swiglu(
     levels, opts = check_lact_inputs(
         fast_weights, q, k, v, lr0, lr1, lr2, chunk_size, momentum, use_muon, prenorm, residual, greedy
     )
+    opts = dataclasses.replace(opts, kernel=resolve_kernel(kernel, q.device))
     if backprop == "autograd":
         return lact_swiglu_autograd(levels, q, k, v, lr0, lr1, lr2, momentum, opts)
     if backprop == "manual":
@@ -397,20 +451,20 @@ chunk_lact_swiglu = lact_swiglu
 
 def block_causal_lact_swiglu(
     w0, w1, w2, q, k, v, lr0, lr1, lr2, chunk_size: int = 2048, use_muon: bool = False, momentum=None,
-    backprop: str = "autograd",
+    backprop: str = "autograd", kernel: str = "torch",
 ) -> torch.Tensor:
     """Drop-in for the reference's post-norm op (single MLP); see `lact_swiglu` for shapes."""
     return lact_swiglu([(w0, w1, w2)], q, k, v, lr0, lr1, lr2, chunk_size, momentum=momentum,
-                       use_muon=use_muon, prenorm=False, backprop=backprop)
+                       use_muon=use_muon, prenorm=False, backprop=backprop, kernel=kernel)
 
 
 def prenorm_block_causal_lact_swiglu(
     w0, w1, w2, q, k, v, lr0, lr1, lr2, chunk_size: int = 2048, use_muon: bool = False, momentum=None,
-    backprop: str = "autograd",
+    backprop: str = "autograd", kernel: str = "torch",
 ) -> torch.Tensor:
     """Drop-in for the reference's pre-norm op (single MLP); see `lact_swiglu` for shapes."""
     return lact_swiglu([(w0, w1, w2)], q, k, v, lr0, lr1, lr2, chunk_size, momentum=momentum,
-                       use_muon=use_muon, prenorm=True, backprop=backprop)
+                       use_muon=use_muon, prenorm=True, backprop=backprop, kernel=kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,6 +514,7 @@ def lact_swiglu_with_state(
     residual: bool = False,
     greedy: bool = False,
     initial_state: LaCTCarry | None = None,
+    kernel: str = "torch",
 ) -> tuple[torch.Tensor, LaCTCarry]:
     """`lact_swiglu` that starts from / returns a carried state, so a sequence can be fed in pieces.
 
@@ -476,6 +531,7 @@ def lact_swiglu_with_state(
         chunk_size, use_muon, prenorm, residual, greedy: as in `lact_swiglu`; must not change
             between the pieces of one sequence.
         initial_state: the `LaCTCarry` returned by the previous piece, or None to start a sequence.
+        kernel: as in `lact_swiglu` (may change between pieces).
 
     Returns:
         (o ``[n, T, d_out]`` in v's dtype, the `LaCTCarry` after these tokens). Gradients flow through
@@ -494,6 +550,7 @@ def lact_swiglu_with_state(
         )
         if (carry.pending is not None and carry.pending[5] is not None) != opts.has_momentum:
             raise ValueError("momentum must be given for every piece of a sequence or for none")
+    opts = dataclasses.replace(opts, kernel=resolve_kernel(kernel, q.device))
     p = 0
     if carry.pending is not None:
         pk, pv, plr0, plr1, plr2, pm = carry.pending

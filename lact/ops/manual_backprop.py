@@ -18,9 +18,16 @@ A recomputed update chunk is differentiated in two parts (query application, the
 which are independent given the state. Peak memory is then about one chunk's update graph plus
 the boundary states, instead of every chunk's graph; the price is one extra graph-free forward of
 every update chunk.
+
+With ``kernel="triton"`` (`lact.ops.triton_update`) the graph-free forward sweep runs the Triton
+chunk step; the rebuilt chunks of backward (and the kept segment) always run the torch step, whose
+autograd gives the VJP: the saved boundary states then come from the kernels and agree with the
+torch step's to float round-off (tested), not bit for bit.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -60,6 +67,9 @@ def _run_segment(state_flat, w_flat, seqs, bounds, opts: LaCTOptions, needs, r: 
     state, so backward can hold one of the two graphs at a time).
     """
     s0, e1 = bounds[0][0], bounds[-1][1]
+    # Rebuilt chunks are differentiated by autograd: always the torch step (the Triton kernels are
+    # forward-only; their numbers equal the torch step's to round-off).
+    opts = dataclasses.replace(opts, kernel="torch")
     with torch.enable_grad():
         st = [t.detach().requires_grad_() for t in state_flat]
         wl = [w.detach().requires_grad_(needs["weights"]) for w in w_flat]
