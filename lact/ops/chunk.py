@@ -21,43 +21,26 @@ whole sequence when ``T <= chunk_size``) is applied only. The update ascends
 L2 norm that row had in the INITIAL weights (post-norm), or keeps unnormalised "main" weights and
 uses their renormalised copy (pre-norm).
 
-The core pieces (`init_state`, `chunk_step`, ...) are shared by the autograd path here and the
-manual-backprop path in `lact.ops.manual_backprop`, which recomputes `chunk_step` in backward.
+The per-chunk step lives in `lact.ops.step` and the chunk loop in `lact.ops.chunk_loop`; this module
+runs them under plain autograd and with a carried state, and dispatches to the manual-backprop path
+(`lact.ops.manual_backprop`, which runs the same loop and recomputes the same step in backward).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from lact.ops.helpers import silu_backprop, zeropower_via_newtonschulz5
+from lact.ops.chunk_loop import resolve_kernel, run_chunks
+from lact.ops.manual_backprop import manual_lact_swiglu
+from lact.ops.step import LaCTOptions, LevelState, chunk_bounds, init_state, row_norms
 
 FastWeights = Sequence[Sequence[torch.Tensor]]
-# State of one MLP of the stack: [w0, w1, w2] (+ momentum buffers [m0, m1, m2]) (+ pre-norm main
-# weights [p0, p1, p2]), always in this order.
-LevelState = list[torch.Tensor]
 
 BACKPROP_MODES = ("autograd", "manual")
-KERNELS = ("torch", "triton", "auto")
-RENORM_EPS = 1e-5  # added to the new row norm, as in the reference
-
-
-@dataclass(frozen=True)
-class LaCTOptions:
-    """Static options of one call (everything that is not a tensor)."""
-
-    chunk_size: int
-    use_muon: bool = False
-    prenorm: bool = False
-    residual: bool = False
-    greedy: bool = False
-    has_momentum: bool = False
-    kernel: str = "torch"  # "torch" or "triton" (resolved by `resolve_kernel`, never "auto" here)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,205 +157,20 @@ def check_lact_inputs(
 
 
 # --------------------------------------------------------------------------------------------
-# core pieces shared with the manual-backprop path
+# the autograd path
 # --------------------------------------------------------------------------------------------
-
-
-def chunk_bounds(seq_len: int, chunk_size: int) -> list[tuple[int, int, bool]]:
-    """(start, end, update) of each chunk: updates at starts 0, c, ... < T - c, then the applied tail."""
-    bounds = [(s, s + chunk_size, True) for s in range(0, seq_len - chunk_size, chunk_size)]
-    tail_start = bounds[-1][1] if bounds else 0
-    bounds.append((tail_start, seq_len, False))
-    return bounds
-
-
-def init_state(levels, opts: LaCTOptions) -> list[LevelState]:
-    """The state entering the first chunk: the weights, zero momentum, main weights = weights."""
-    state = []
-    for w0, w1, w2 in levels:
-        s = [w0, w1, w2]
-        if opts.has_momentum:
-            s += [torch.zeros_like(w0), torch.zeros_like(w1), torch.zeros_like(w2)]
-        if opts.prenorm:
-            s += [w0, w1, w2]
-        state.append(s)
-    return state
-
-
-def row_norms(levels) -> list[list[torch.Tensor]]:
-    """Row norms (over the last axis) of the initial weights: the renormalisation targets."""
-    return [[w.norm(dim=2, keepdim=True) for w in level] for level in levels]
-
-
-def chunk_inputs(q, k, v, lr0, lr1, lr2, momentum, s: int, e: int):
-    """Slice chunk [s, e) in the reference's layouts: q, v as [n, d, l]; k, lrs as [n, l, d]."""
-    qi = q[:, s:e, :].transpose(1, 2)
-    ki = k[:, s:e, :]
-    vi = v[:, s:e, :].transpose(1, 2)
-    mi = None if momentum is None else momentum[:, s:e, :].mean(dim=1, keepdim=True)
-    return qi, ki, vi, lr0[:, s:e, :], lr1[:, s:e, :], lr2[:, s:e, :], mi
-
-
-def apply_fast_weights(weights, x: torch.Tensor, residual: bool) -> torch.Tensor:
-    """Run the stack on x ``[n, d_in, l]`` (feature-major); returns ``[n, d_out, l]``."""
-    for w0, w1, w2 in weights:
-        h = torch.bmm(w2, x)
-        gate = F.silu(torch.bmm(w0, x))
-        y = torch.bmm(w1, gate * h)
-        x = x + y if residual else y
-    return x
-
-
-def inner_gradients(weights, ki, vi, lr0i, lr1i, lr2i, residual: bool, greedy: bool):
-    """Hand-written ascent direction of the inner objective for every MLP of the stack.
-
-    End-to-end: the upstream gradient of ``sum_t <f(k_t), v_t>`` at the stack's output is v; it is
-    backpropagated MLP by MLP (through the residual adds when `residual`). Greedy: every MLP gets
-    v itself as upstream gradient, i.e. it ascends ``sum_t <MLP_i(h_i,t), v_t>`` on its own input
-    h_i (the keys through MLP_1..MLP_{i-1} with the current weights), and nothing is propagated
-    between MLPs. In both, the per-token rates scale each token's outer product: lr0 for w0, lr1
-    for w1, lr2 for w2. For r = 1 these are exactly the reference's formulas.
-
-    Args:
-        weights: r tuples (w0, w1, w2).
-        ki: ``[n, l, d_in]`` keys; vi: ``[n, d_out, l]`` values; lr*: ``[n, l, 1]``.
-
-    Returns:
-        r tuples (dw0, dw1, dw2), shaped like the weights.
-    """
-    x_tok = ki  # [n, l, d] token-major input of the current MLP
-    x = ki.transpose(1, 2)  # [n, d, l]
-    cache = []
-    for i, (w0, w1, w2) in enumerate(weights):
-        gate_before_act = torch.bmm(w0, x)
-        hidden_before_mul = torch.bmm(w2, x)
-        hidden = F.silu(gate_before_act, inplace=False) * hidden_before_mul
-        cache.append((x_tok, gate_before_act, hidden_before_mul, hidden))
-        if i < len(weights) - 1:
-            y = torch.bmm(w1, hidden)
-            x = x + y if residual else y
-            x_tok = x.transpose(1, 2)
-
-    grads = [None] * len(weights)
-    g = vi  # upstream gradient at the output of the current MLP, [n, d_out, l]
-    for i in reversed(range(len(weights))):
-        w0, w1, w2 = weights[i]
-        x_tok, gate_before_act, hidden_before_mul, hidden = cache[i]
-        if greedy:
-            g = vi
-        dhidden = torch.bmm(w1.transpose(1, 2), g)
-        dhidden_before_mul = dhidden * F.silu(gate_before_act, inplace=False)
-        dgate = dhidden * hidden_before_mul
-        dgate_before_act = silu_backprop(dgate, gate_before_act)
-        dw1 = torch.bmm(g, (hidden.transpose(1, 2) * lr1i).type_as(g))
-        dw0 = torch.bmm(dgate_before_act, (x_tok * lr0i).type_as(dgate_before_act))
-        dw2 = torch.bmm(dhidden_before_mul, (x_tok * lr2i).type_as(dhidden_before_mul))
-        grads[i] = (dw0, dw1, dw2)
-        if i > 0 and not greedy:
-            gx = torch.bmm(w0.transpose(1, 2), dgate_before_act) + torch.bmm(w2.transpose(1, 2), dhidden_before_mul)
-            g = g + gx if residual else gx
-    return grads
-
-
-def update_state(state: list[LevelState], grads, norms, mi, opts: LaCTOptions) -> list[LevelState]:
-    """One fast-weight step for every MLP: momentum, Muon, add, renormalise rows to `norms`."""
-    new_state = []
-    for lvl, (dws, lvl_norms) in zip(state, zip(grads, norms)):
-        dws = list(dws)
-        new = []
-        if opts.has_momentum:
-            moms = lvl[3:6]
-            dws = [dw + mom * mi for dw, mom in zip(dws, moms)]
-            new_moms = dws
-        if opts.use_muon:
-            dws = [zeropower_via_newtonschulz5(dw) for dw in dws]
-        if opts.prenorm:
-            mains = lvl[-3:]
-            new_mains = [p + dw for p, dw in zip(mains, dws)]
-            new = [p / (p.norm(dim=2, keepdim=True) + RENORM_EPS) * nrm for p, nrm in zip(new_mains, lvl_norms)]
-        else:
-            ws = [w + dw for w, dw in zip(lvl[:3], dws)]
-            new = [w / (w.norm(dim=2, keepdim=True) + RENORM_EPS) * nrm for w, nrm in zip(ws, lvl_norms)]
-        if opts.has_momentum:
-            new += new_moms
-        if opts.prenorm:
-            new += new_mains
-        new_state.append(new)
-    return new_state
-
-
-def chunk_step(state, norms, qi, ki, vi, lr0i, lr1i, lr2i, mi, opts: LaCTOptions, update: bool):
-    """Apply the current weights to the chunk's queries, then (if `update`) update them.
-
-    ``opts.kernel == "triton"`` runs the step with the Triton kernels of `lact.ops.triton_update`
-    (this function with "torch" is their twin, and their backward is this function's VJP); under
-    autocast the torch step runs (the kernels do not follow autocast's dtype rules).
-
-    Returns:
-        (o_i ``[n, d_out, l]``, new state or None when `update` is False).
-    """
-    if opts.kernel == "triton" and not torch.is_autocast_enabled(qi.device.type):
-        from lact.ops.triton_update import triton_chunk_step  # optional dependency
-
-        return triton_chunk_step(state, norms, qi, ki, vi, lr0i, lr1i, lr2i, mi, opts, update)
-    weights = [lvl[:3] for lvl in state]
-    oi = apply_fast_weights(weights, qi, opts.residual)
-    if not update:
-        return oi, None
-    grads = inner_gradients(weights, ki, vi, lr0i, lr1i, lr2i, opts.residual, opts.greedy)
-    return oi, update_state(state, grads, norms, mi, opts)
 
 
 def lact_swiglu_autograd(levels, q, k, v, lr0, lr1, lr2, momentum, opts: LaCTOptions) -> torch.Tensor:
     """The chunk loop under plain autograd (the outer gradient flows through every update)."""
-    norms = row_norms(levels)
-    state = init_state(levels, opts)
-    outs = []
-    for s, e, update in chunk_bounds(q.shape[1], opts.chunk_size):
-        oi, new_state = chunk_step(state, norms, *chunk_inputs(q, k, v, lr0, lr1, lr2, momentum, s, e), opts, update)
-        outs.append(oi)
-        if update:
-            state = new_state
+    outs, _ = run_chunks(init_state(levels, opts), row_norms(levels), (q, k, v, lr0, lr1, lr2, momentum),
+                         chunk_bounds(q.shape[1], opts.chunk_size), opts)
     return torch.cat(outs, dim=2).transpose(1, 2).to(v.dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
-
-
-def triton_available() -> bool:
-    """Whether the optional `triton` package imports."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_kernel(kernel: str, device: torch.device) -> str:
-    """Map ``kernel="torch"|"triton"|"auto"`` to the implementation of the chunk step.
-
-    "auto" is "triton" on CUDA when triton imports, else "torch". "triton" needs triton and a CUDA
-    device, or CPU tensors with ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests).
-
-    Raises:
-        ValueError for an unknown name; RuntimeError when "triton" cannot run here.
-    """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "torch":
-        return "torch"
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    usable = triton_available() and (device.type == "cuda" or interpret)
-    if kernel == "auto":
-        return "triton" if usable and device.type == "cuda" else "torch"
-    if not usable:
-        raise RuntimeError(
-            f"kernel='triton' cannot run on device {device.type!r}: it needs the triton package "
-            "(pip install triton) and CUDA tensors, or TRITON_INTERPRET=1 on CPU; use kernel='torch' or 'auto'"
-        )
-    return "triton"
 
 
 def lact_swiglu(
@@ -440,8 +238,6 @@ def lact_swiglu(
     if backprop == "autograd":
         return lact_swiglu_autograd(levels, q, k, v, lr0, lr1, lr2, momentum, opts)
     if backprop == "manual":
-        from lact.ops.manual_backprop import manual_lact_swiglu  # circular: it builds on this module
-
         return manual_lact_swiglu(levels, q, k, v, lr0, lr1, lr2, momentum, opts)
     raise ValueError(f"backprop must be one of {BACKPROP_MODES}, got {backprop!r}")
 
@@ -561,19 +357,10 @@ def lact_swiglu_with_state(
             momentum = torch.cat((pm, momentum), dim=1)
     # local frame: position 0 = first pending token, which sits on a chunk boundary of the sequence
     q = torch.cat((q.new_zeros(q.shape[0], p, q.shape[2]), q), dim=1) if p else q
-    state = carry.state
-    outs = []
-    tail_start = 0
-    for s, e, update in chunk_bounds(k.shape[1], opts.chunk_size):
-        # queries of the chunk's new tokens only (none when the chunk is entirely pending)
-        qi, ki, vi, lr0i, lr1i, lr2i, mi = chunk_inputs(q, k, v, lr0, lr1, lr2, momentum, s, e)
-        qi = qi[:, :, max(p - s, 0):]
-        oi, new_state = chunk_step(state, carry.norms, qi, ki, vi, lr0i, lr1i, lr2i, mi, opts, update)
-        outs.append(oi)
-        if update:
-            state = new_state
-        else:
-            tail_start = s
+    bounds = chunk_bounds(k.shape[1], opts.chunk_size)
+    # queries of the new tokens only (none for a chunk that is entirely pending)
+    outs, state = run_chunks(carry.state, carry.norms, (q, k, v, lr0, lr1, lr2, momentum), bounds, opts, q_skip=p)
+    tail_start = bounds[-1][0]  # the last chunk is never used for an update
     pending = tuple(None if t is None else t[:, tail_start:] for t in (k, v, lr0, lr1, lr2, momentum))
     o = torch.cat(outs, dim=2).transpose(1, 2).to(v.dtype)
     return o, LaCTCarry(state, carry.norms, pending, carry.seen + q.shape[1] - p)

@@ -5,7 +5,7 @@ chunk's activations (keys, queries, the hand-written inner gradient, Newton-Schu
 until backward: memory grows with sequence length x stack depth. `LaCTSwiGLUFunction` instead runs
 the chunk loop without a graph, keeps only the fast-weight state at each chunk boundary (weights,
 momentum buffers, pre-norm main weights: a few ``[n, d_h, d]`` matrices per chunk and MLP), and in
-backward walks the chunks in reverse: it rebuilds one chunk's step (`lact.ops.chunk.chunk_step`,
+backward walks the chunks in reverse: it rebuilds one chunk's step (`lact.ops.step.chunk_step`,
 the very function the forward ran, so the recomputation is bit-identical) from its saved state and
 takes its vector-Jacobian product, carrying the adjoint of the state to the previous chunk. Every
 configuration of `lact.ops.chunk.lact_swiglu` is supported (any r, residual, greedy, momentum,
@@ -31,17 +31,8 @@ import dataclasses
 
 import torch
 
-from lact.ops.chunk import (
-    LaCTOptions,
-    apply_fast_weights,
-    chunk_bounds,
-    chunk_inputs,
-    chunk_step,
-    init_state,
-    inner_gradients,
-    row_norms,
-    update_state,
-)
+from lact.ops.chunk_loop import run_chunks
+from lact.ops.step import LaCTOptions, chunk_bounds, init_state, row_norms
 
 
 def _flat(state) -> list[torch.Tensor]:
@@ -76,21 +67,8 @@ def _run_segment(state_flat, w_flat, seqs, bounds, opts: LaCTOptions, needs, r: 
         norms = row_norms(_unflat(wl, r))
         sl = {name: None if t is None else t[:, s0:e1, :].detach().requires_grad_(needs[name])
               for name, t in seqs.items()}
-        state = _unflat(st, r)
-        outs = []
-        for s, e, update in bounds:
-            ins = chunk_inputs(*(sl[name] for name in SEQ_NAMES), s - s0, e - s0)
-            if part == "apply":
-                outs.append(apply_fast_weights([lvl[:3] for lvl in state], ins[0], opts.residual))
-            elif part == "update":
-                weights = [lvl[:3] for lvl in state]
-                grads = inner_gradients(weights, *ins[1:6], opts.residual, opts.greedy)
-                state = update_state(state, grads, norms, ins[6], opts)
-            else:
-                oi, new_state = chunk_step(state, norms, *ins, opts, update)
-                outs.append(oi)
-                if update:
-                    state = new_state
+        outs, state = run_chunks(_unflat(st, r), norms, [sl[name] for name in SEQ_NAMES], bounds, opts,
+                                 offset=s0, part=part)
     final = _flat(state) if bounds[-1][2] and part != "apply" else None
     return {"bounds": bounds, "outs": outs, "final": final, "st": st, "wl": wl, "sl": sl}
 
@@ -133,17 +111,12 @@ def lact_swiglu_fwd(levels, q, k, v, lr0, lr1, lr2, momentum, opts: LaCTOptions,
     if needs is None:
         needs = dict.fromkeys(("weights", *SEQ_NAMES), True)
         needs["momentum"] = momentum is not None
-    norms = row_norms(levels)
-    state = init_state(levels, opts)
     bounds = chunk_bounds(q.shape[1], opts.chunk_size)
     split = _split_index(len(bounds), keep_last)
-    states, outs = [], []
-    for s, e, update in bounds[:split]:
-        states.append(_flat(state))
-        oi, new_state = chunk_step(state, norms, *chunk_inputs(q, k, v, lr0, lr1, lr2, momentum, s, e), opts, update)
-        outs.append(oi)
-        if update:
-            state = new_state
+    entry = []
+    outs, state = run_chunks(init_state(levels, opts), row_norms(levels), (q, k, v, lr0, lr1, lr2, momentum),
+                             bounds[:split], opts, entry_states=entry)
+    states = [_flat(s) for s in entry]
     kept = None
     if split < len(bounds):
         states.append(_flat(state))
@@ -315,7 +288,8 @@ KEEP_LAST = 2
 
 def manual_lact_swiglu(levels, q, k, v, lr0, lr1, lr2, momentum, opts: LaCTOptions,
                        keep_last: int | None = None) -> torch.Tensor:
-    """Validated entry used by `lact.ops.chunk.lact_swiglu(..., backprop="manual")`."""
+    """Validated entry used by `lact.ops.chunk.lact_swiglu(..., backprop="manual")` (levels and
+    options from `lact.ops.chunk.check_lact_inputs`)."""
     tensors = [w for lvl in levels for w in lvl] + [q, k, v, lr0, lr1, lr2]
     if momentum is not None:
         tensors.append(momentum)

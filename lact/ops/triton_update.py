@@ -1,12 +1,12 @@
-"""Triton kernels for one LaCT chunk step, beside their torch twin `lact.ops.chunk.chunk_step`.
+"""Triton kernels for one LaCT chunk step, beside their torch twin `lact.ops.step.chunk_step`.
 
 Two kernels, both one program per (batch x head row, block):
 
 * `_swiglu_apply_kernel` (program = row x block of tokens): ``o = w1 (silu(w0 x) * (w2 x))``,
   looping over the hidden width d_h in blocks so the ``[d_h, l]`` hidden activations never reach
-  memory (twin: `lact.ops.chunk.apply_fast_weights`; a stack of r MLPs launches it once per MLP).
+  memory (twin: `lact.ops.step.apply_fast_weights`; a stack of r MLPs launches it once per MLP).
 * `_grad_momentum_update_kernel` (program = row x block of d_h hidden units): the chunk's inner
-  ascent direction of a single MLP (twin: `lact.ops.chunk.inner_gradients` with r = 1), plus
+  ascent direction of a single MLP (twin: `lact.ops.step.inner_gradients` with r = 1), plus
   momentum (``dw + mean_chunk(momentum) * dw_prev``), plus, for the post-norm update without Muon,
   ``w + dw`` with the row renormalisation of w0 and w2. A program owns d_h rows of w0/w2 (whole
   rows, so their renormalisation is fused) and the matching d_h columns of w1; w1's rows span every
@@ -25,7 +25,7 @@ So "triton" speeds up forward work; backward costs what the torch step's recompu
 
 Dtypes: operands keep their dtype in the matmuls (float32 runs IEEE, not TF32, to match torch),
 accumulation and the elementwise chain are float32, results are stored in the weights' dtype. Under
-autocast the torch twin runs instead (see `lact.ops.chunk.chunk_step`). Correctness is tested in
+autocast the torch twin runs instead (see `lact.ops.chunk_loop`). Correctness is tested in
 Triton's interpreter (float32, tests/lact/test_triton_update.py); bfloat16 only on a GPU
 (scripts/gpu_check.sh runs the gpu-marked tests), because the interpreter's bfloat16 is wrong.
 """
@@ -37,7 +37,7 @@ import os
 
 import torch
 
-from lact.ops.chunk import RENORM_EPS, LaCTOptions, chunk_step, update_state
+from lact.ops.step import RENORM_EPS, LaCTOptions, chunk_step, update_state
 
 try:
     import triton
@@ -207,7 +207,7 @@ def _kernel(fn):
 
 
 def swiglu_apply(weights, x: torch.Tensor, residual: bool) -> torch.Tensor:
-    """Triton twin of `lact.ops.chunk.apply_fast_weights`: x ``[n, d_in, l]`` -> ``[n, d_out, l]``."""
+    """Triton twin of `lact.ops.step.apply_fast_weights`: x ``[n, d_in, l]`` -> ``[n, d_out, l]``."""
     for w0, w1, w2 in weights:
         n, d_h, d_in = w0.shape
         d_out = w1.shape[1]
@@ -333,8 +333,12 @@ def _unpack(tensors, sizes, opts: LaCTOptions):
     return state, norms, ins
 
 
-def triton_chunk_step(state, norms, qi, ki, vi, lr0i, lr1i, lr2i, mi, opts: LaCTOptions, update: bool):
-    """`lact.ops.chunk.chunk_step` with the Triton kernels; same arguments and returns."""
+def triton_chunk_step(state, norms, qi, ki, vi, lr0i, lr1i, lr2i, mi, opts: LaCTOptions, update: bool,
+                      part: str = "all"):
+    """`lact.ops.step.chunk_step` with the Triton kernels; same arguments and returns. A partial
+    step (part "apply" / "update", rebuilt only under autograd by manual backprop) runs in torch."""
+    if part != "all":
+        return chunk_step(state, norms, qi, ki, vi, lr0i, lr1i, lr2i, mi, opts, update, part)
     if not HAS_TRITON:
         raise ImportError("kernel='triton' needs the triton package (pip install triton); use kernel='torch'")
     tensors = [t for lvl in state for t in lvl] + [t for lvl in norms for t in lvl]

@@ -1,4 +1,4 @@
-"""Triton chunk-step kernels (`lact.ops.triton_update`) vs their torch twin (`lact.ops.chunk`).
+"""Triton chunk-step kernels (`lact.ops.triton_update`) vs their torch twin (`lact.ops.step`).
 
 Without CUDA they run in Triton's CPU interpreter: TRITON_INTERPRET is set only while each test
 runs (the kernels are jitted lazily per value, see tests/conftest.py), float32 only (the
@@ -18,15 +18,8 @@ import torch
 pytest.importorskip("triton")
 
 from lact.ops import lact_swiglu, lact_swiglu_with_state  # noqa: E402
-from lact.ops.chunk import (  # noqa: E402
-    LaCTOptions,
-    apply_fast_weights,
-    chunk_inputs,
-    chunk_step,
-    init_state,
-    resolve_kernel,
-    row_norms,
-)
+from lact.ops.chunk_loop import resolve_kernel  # noqa: E402
+from lact.ops.step import LaCTOptions, apply_fast_weights, chunk_inputs, chunk_step, init_state, row_norms  # noqa: E402
 from tests.lact.inputs import NAMES, make_inputs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
