@@ -1,7 +1,8 @@
 """CUDA benchmark of the Triton kernels beside the torch paths (one run, one JSON file).
 
-TTT-Linear scan (``--ops ttt_linear``), op level (the layer's inner loop only): inputs `[B, H, L, d]` at the 125m head size (H=12, d=64,
-mini-batch 16), L in 2K..32K, fwd and fwd+bwd, tokens/s and peak CUDA memory; float32 and bfloat16
+TTT-Linear scan (``--ops ttt_linear``), op level (the layer's inner loop only): inputs `[B, H, L, d]`
+at the 125m head size (H=12, d=64, mini-batch 16), L in 2K..32K, fwd and fwd+bwd (ours triton: both
+Triton kernels), tokens/s and peak CUDA memory; float32 and bfloat16
 inputs (ours computes the scan in float32 like the layer does, so "bf16" is the input dtype; fla
 runs at the input dtype). fla-org/flash-linear-attention's `chunk_ttt_linear` is timed when
 `fla` imports; its call convention changed across releases, so an error is recorded, not raised.

@@ -1,4 +1,4 @@
-"""Triton kernel for the TTT-Linear mini-batch scan (forward), beside its torch twin `dual.py`.
+"""Triton kernels for the TTT-Linear mini-batch scan (forward and backward), beside the torch twin `dual.py`.
 
 Reproduces the same values as `official_port.ops.dual.dual_ttt_linear` (test-time-training/ttt-lm-jax
 `TTTLinearBase.process_mini_batch` scanned by `TTTBase.ttt`): one program per (batch, head) keeps the
@@ -10,9 +10,15 @@ Per mini-batch j (rows i, columns s of the m x m block; e[i, s] = token_eta[i] *
     Zb = Q W + b - (e * tril(Q K^T + 1)) G                          (dual-form outputs)
     out = Q + LN(Zb);  if the mini-batch is complete:  W -= (e[m-1] * K)^T G,  b -= e[m-1] . G
 
-Backward: `TritonTTTLinearFunction.backward` recomputes the scan with the torch twin under autograd
-and differentiates it (exact, same gradients as `dual_ttt_linear`). A fused Triton backward is not
-written yet; the forward kernel is what the GPU benchmark times as fwd-only.
+Backward (`TritonTTTLinearFunction`): when gradients are needed the forward kernel also stores the
+params entering every mini-batch (`n * d * (d + 1)` floats per (batch, head)). The backward kernel,
+one program per (batch, head), walks the mini-batches in reverse carrying the adjoint of (W, b): per
+mini-batch it rebuilds Z, G, Zb from the stored params and backpropagates through the output
+LayerNorm, the dual-form product, the update (W' = W - (e K)^T G) and the LayerNorm VJP that defines
+G (second-order terms included, as autograd through the twin has them). It writes the gradients of
+Q, K, V and the gate per token, of token_eta / ln_weight / ln_bias per program (summed over the batch
+in torch) and of the initial W, b; the buffered tokens of the initial state get theirs from the
+first rows. Tested against autograd through `dual_ttt_linear` (tests/official_port/test_triton_ops.py).
 
 Products use `input_precision="ieee"` (true float32): tf32, Triton's default on recent GPUs, would
 round the inner updates and break parity with the torch twin (1e-5).
@@ -29,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from official_port.ops.dual import LN_EPS, dual_ttt
+from official_port.ops.dual import LN_EPS
 from official_port.ops.state import InnerState, check_op_inputs
 
 try:
@@ -49,11 +55,12 @@ def _is_pow2(x: int) -> bool:
 if HAS_TRITON:
 
     def _ttt_linear_scan_fwd_kernel(
-        Q, K, V, G8, ETA, GAMMA, BETA, W0, B0, OUT, WN, BN,
+        Q, K, V, G8, ETA, GAMMA, BETA, W0, B0, OUT, WN, BN, WS, BS,
         H, n_blocks, n_full, eps,
-        D: tl.constexpr, M: tl.constexpr, PREC: tl.constexpr,
+        D: tl.constexpr, M: tl.constexpr, PREC: tl.constexpr, STORE: tl.constexpr,
     ):
-        """One program per (b, h). Q/K/V/OUT: [BH, n*M, D]; G8 gate [BH, n*M]; W0/WN [BH, D, D]; B0/BN [BH, D]."""
+        """One program per (b, h). Q/K/V/OUT: [BH, n*M, D]; G8 gate [BH, n*M]; W0/WN [BH, D, D]; B0/BN [BH, D].
+        With STORE, the params entering every mini-batch go to WS [BH, n, D, D], BS [BH, n, D] (for backward)."""
         pid = tl.program_id(0)
         h = pid % H
         rd = tl.arange(0, D)
@@ -73,6 +80,9 @@ if HAS_TRITON:
             k = tl.load(K + offs).to(tl.float32)
             v = tl.load(V + offs).to(tl.float32)
             g = tl.load(G8 + pid * T + rows).to(tl.float32)
+            if STORE:
+                tl.store(WS + (pid * n_blocks + j) * D * D + rd[:, None] * D + rd[None, :], w)
+                tl.store(BS + (pid * n_blocks + j) * D + rd, b)
             # inner loss gradient at the boundary params: G = J_LN(Z)^T (LN(Z) - (V - K))
             z = tl.dot(k, w, input_precision=PREC) + b[None, :]
             mu = tl.sum(z, axis=1) / D
@@ -101,16 +111,128 @@ if HAS_TRITON:
         tl.store(BN + pid * D + rd, b)
 
 
+    def _ttt_linear_scan_bwd_kernel(
+        Q, K, V, G8, ETA, GAMMA, BETA, WS, BS, DOUT, DWN, DBN,
+        DQ, DK, DV, DG, DETA, DGAMMA, DBETA, DW0, DB0,
+        H, n_blocks, n_full, eps,
+        D: tl.constexpr, M: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """One program per (b, h), mini-batches in reverse. Carries dW [D, D], db [D] (the adjoint of
+        the params leaving the mini-batch, starting from DWN/DBN = the final state's); per mini-batch
+        it rebuilds the forward from the saved entry params WS/BS and writes the token gradients
+        DQ/DK/DV [BH, n*M, D], DG [BH, n*M]; per program DETA [BH, M], DGAMMA/DBETA [BH, D] (summed
+        over b by the caller) and the initial params' DW0 [BH, D, D], DB0 [BH, D]."""
+        pid = tl.program_id(0)
+        h = pid % H
+        rd = tl.arange(0, D)
+        rm = tl.arange(0, M)
+        dw = tl.load(DWN + pid * D * D + rd[:, None] * D + rd[None, :]).to(tl.float32)
+        db = tl.load(DBN + pid * D + rd).to(tl.float32)
+        gamma = tl.load(GAMMA + h * D + rd).to(tl.float32)
+        beta = tl.load(BETA + h * D + rd).to(tl.float32)
+        eta = tl.load(ETA + rm).to(tl.float32)
+        eta_last = tl.sum(tl.where(rm == M - 1, eta, 0.0), axis=0)
+        causal = rm[:, None] >= rm[None, :]
+        dgam = tl.zeros([D], dtype=tl.float32)
+        dbet = tl.zeros([D], dtype=tl.float32)
+        deta = tl.zeros([M], dtype=tl.float32)
+        T = n_blocks * M
+        for jj in range(n_blocks):
+            j = n_blocks - 1 - jj
+            rows = j * M + rm
+            offs = pid * T * D + rows[:, None] * D + rd[None, :]
+            q = tl.load(Q + offs).to(tl.float32)
+            k = tl.load(K + offs).to(tl.float32)
+            v = tl.load(V + offs).to(tl.float32)
+            g = tl.load(G8 + pid * T + rows).to(tl.float32)
+            w = tl.load(WS + (pid * n_blocks + j) * D * D + rd[:, None] * D + rd[None, :])
+            b = tl.load(BS + (pid * n_blocks + j) * D + rd)
+            # ---- rebuild the forward of mini-batch j (as the forward kernel)
+            z = tl.dot(k, w, input_precision=PREC) + b[None, :]
+            zc = z - (tl.sum(z, axis=1) / D)[:, None]
+            rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + eps)
+            xhat = zc * rstd[:, None]
+            resid = gamma[None, :] * xhat + beta[None, :] - (v - k)
+            gx = resid * gamma[None, :]
+            a_m = tl.sum(gx, axis=1) / D
+            c_m = tl.sum(gx * xhat, axis=1) / D
+            inner = gx - a_m[:, None] - xhat * c_m[:, None]
+            grad = rstd[:, None] * inner
+            e = tl.where(causal, eta[:, None] * g[None, :], 0.0)
+            s1 = tl.dot(q, tl.trans(k), input_precision=PREC) + 1.0
+            attn = e * s1
+            zb = tl.dot(q, w, input_precision=PREC) + b[None, :] - tl.dot(attn, grad, input_precision=PREC)
+            zbc = zb - (tl.sum(zb, axis=1) / D)[:, None]
+            rstd2 = 1.0 / tl.sqrt(tl.sum(zbc * zbc, axis=1) / D + eps)
+            xhat2 = zbc * rstd2[:, None]
+            # ---- out = q + gamma * LN(zb) + beta
+            dout = tl.load(DOUT + offs).to(tl.float32)
+            dgam += tl.sum(dout * xhat2, axis=0)
+            dbet += tl.sum(dout, axis=0)
+            dx2 = dout * gamma[None, :]
+            dzb = rstd2[:, None] * (dx2 - (tl.sum(dx2, axis=1) / D)[:, None]
+                                    - xhat2 * (tl.sum(dx2 * xhat2, axis=1) / D)[:, None])
+            # ---- zb = q W + b - attn G,  attn = e * (q k^T + 1),  e[i, s] = eta[i] g[s] (s <= i)
+            dq = dout + tl.dot(dzb, tl.trans(w), input_precision=PREC)
+            dattn = -tl.dot(dzb, tl.trans(grad), input_precision=PREC)
+            dgrad = -tl.dot(tl.trans(attn), dzb, input_precision=PREC)
+            d_s = dattn * e
+            de = tl.where(causal, dattn * s1, 0.0)
+            dq += tl.dot(d_s, k, input_precision=PREC)
+            dk = tl.dot(tl.trans(d_s), q, input_precision=PREC)
+            deta += tl.sum(de * g[None, :], axis=1)
+            dg = tl.sum(de * eta[:, None], axis=0)
+            # ---- update W' = W - (el k)^T G, b' = b - el . G with el = eta_last * g (complete only)
+            full = (j < n_full).to(tl.float32)
+            el = eta_last * g * full
+            d_ek = -tl.dot(grad, tl.trans(dw), input_precision=PREC)  # adjoint of el * k
+            dgrad -= tl.dot(k * el[:, None], dw, input_precision=PREC) + el[:, None] * db[None, :]
+            dk += el[:, None] * d_ek
+            d_el = tl.sum(d_ek * k, axis=1) - tl.sum(grad * db[None, :], axis=1)
+            dg += d_el * eta_last * full
+            deta += tl.where(rm == M - 1, tl.sum(d_el * g, axis=0) * full, 0.0)
+            dw += tl.dot(tl.trans(q), dzb, input_precision=PREC)
+            db += tl.sum(dzb, axis=0)
+            # ---- G = rstd * (gx - mean(gx) - xhat * mean(gx xhat)),  gx = gamma * resid
+            d_rstd = tl.sum(dgrad * inner, axis=1)
+            dc = -rstd * tl.sum(dgrad * xhat, axis=1)
+            dgx = rstd[:, None] * dgrad - (rstd * tl.sum(dgrad, axis=1) / D)[:, None] + (dc / D)[:, None] * xhat
+            dxhat = -(rstd * c_m)[:, None] * dgrad + (dc / D)[:, None] * gx
+            dres = dgx * gamma[None, :]
+            dgam += tl.sum(dgx * resid + dres * xhat, axis=0)
+            dbet += tl.sum(dres, axis=0)
+            dv = -dres
+            dk += dres
+            dxhat += dres * gamma[None, :]
+            # ---- xhat = LN core of z (rstd also enters G directly: d_rstd)
+            d_rstd += tl.sum(dxhat * zc, axis=1)
+            dzc = dxhat * rstd[:, None] - (d_rstd * rstd * rstd * rstd / D)[:, None] * zc
+            dz = dzc - (tl.sum(dzc, axis=1) / D)[:, None]
+            # ---- z = k W + b
+            dk += tl.dot(dz, tl.trans(w), input_precision=PREC)
+            dw += tl.dot(tl.trans(k), dz, input_precision=PREC)
+            db += tl.sum(dz, axis=0)
+            tl.store(DQ + offs, dq)
+            tl.store(DK + offs, dk)
+            tl.store(DV + offs, dv)
+            tl.store(DG + pid * T + rows, dg)
+        tl.store(DW0 + pid * D * D + rd[:, None] * D + rd[None, :], dw)
+        tl.store(DB0 + pid * D + rd, db)
+        tl.store(DGAMMA + pid * D + rd, dgam)
+        tl.store(DBETA + pid * D + rd, dbet)
+        tl.store(DETA + pid * M + rm, deta)
+
+
 _JITTED: dict = {}
 
 
-def _scan_kernel():
-    """The jitted scan kernel. Decorated lazily, once per TRITON_INTERPRET value: triton decides
-    between compiled and interpreted at decoration time, and the CPU tests set the variable only
-    while they run (so it never leaks into the rest of the suite)."""
-    key = os.environ.get("TRITON_INTERPRET", "0")
+def _kernel(fn):
+    """`fn` jitted. Decorated lazily, once per TRITON_INTERPRET value: triton decides between
+    compiled and interpreted at decoration time, and the CPU tests set the variable only while they
+    run (so it never leaks into the rest of the suite)."""
+    key = (fn.__name__, os.environ.get("TRITON_INTERPRET", "0"))
     if key not in _JITTED:
-        _JITTED[key] = triton.jit(_ttt_linear_scan_fwd_kernel)
+        _JITTED[key] = triton.jit(fn)
     return _JITTED[key]
 
 
@@ -127,62 +249,122 @@ def _prepare(XQ, XK, XV, gate, state: InnerState, m: int):
     return Q, F.pad(K, (0, 0, 0, pad)), F.pad(V, (0, 0, 0, pad)), F.pad(g, (0, pad)), K, V, g, n, L // m
 
 
-def ttt_linear_scan_fwd(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state: InnerState):
-    """Run the Triton forward; returns `(out [B, H, T, d], new InnerState)` (no autograd)."""
+def _flat_inputs(XQ, XK, XV, gate, state: InnerState, m: int):
+    """The kernels' float32 `[BH, n*m, ...]` layout of the padded sequence (see `_prepare`)."""
+    B, H, T, d = XQ.shape
+    Q, Kp, Vp, gp, K, V, g, n, n_full = _prepare(XQ, XK, XV, gate, state, m)
+    f32 = torch.float32
+    Qc, Kc, Vc = (x.reshape(B * H, n * m, d).to(f32).contiguous() for x in (Q, Kp, Vp))
+    gc = gp.reshape(B * H, n * m).to(f32).contiguous()
+    return Qc, Kc, Vc, gc, K, V, g, n, n_full
+
+
+def _per_head(token_eta, ln_weight, ln_bias):
+    return tuple(t.to(torch.float32).contiguous() for t in (token_eta, ln_weight, ln_bias))
+
+
+def ttt_linear_scan_fwd(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state: InnerState,
+                        save_params: bool = False):
+    """Run the Triton forward (no autograd).
+
+    Returns:
+        `(out [B, H, T, d], new InnerState, saved)`; with `save_params`, saved = the float32 params
+        entering every mini-batch `(W [BH, n, d, d], b [BH, n, d])` for `ttt_linear_scan_bwd`, else None.
+    """
     B, H, T, d = XQ.shape
     m = token_eta.numel()
     r = state.num_buffered
-    Q, Kp, Vp, gp, K, V, g, n, n_full = _prepare(XQ, XK, XV, gate, state, m)
+    Qc, Kc, Vc, gc, K, V, g, n, n_full = _flat_inputs(XQ, XK, XV, gate, state, m)
     BH = B * H
-    f32 = torch.float32
-    Qc, Kc, Vc = (x.reshape(BH, n * m, d).to(f32).contiguous() for x in (Q, Kp, Vp))
-    gc = gp.reshape(BH, n * m).to(f32).contiguous()
-    W0 = state.params[0].reshape(BH, d, d).to(f32).contiguous()
-    b0 = state.params[1].reshape(BH, d).to(f32).contiguous()
+    W0 = state.params[0].reshape(BH, d, d).to(torch.float32).contiguous()
+    b0 = state.params[1].reshape(BH, d).to(torch.float32).contiguous()
     out = torch.empty_like(Qc)
     Wn, bn = torch.empty_like(W0), torch.empty_like(b0)
+    saved = None
+    if save_params:
+        saved = (W0.new_empty(BH, n, d, d), W0.new_empty(BH, n, d))
     if n > 0:
-        _scan_kernel()[(BH,)](
-            Qc, Kc, Vc, gc, token_eta.to(f32).contiguous(), ln_weight.to(f32).contiguous(),
-            ln_bias.to(f32).contiguous(), W0, b0, out, Wn, bn, H, n, n_full, LN_EPS, D=d, M=m, PREC="ieee")
+        ws, bs = saved if save_params else (Wn, bn)  # unused pointers when not saving
+        _kernel(_ttt_linear_scan_fwd_kernel)[(BH,)](
+            Qc, Kc, Vc, gc, *_per_head(token_eta, ln_weight, ln_bias), W0, b0, out, Wn, bn, ws, bs,
+            H, n, n_full, LN_EPS, D=d, M=m, PREC="ieee", STORE=save_params)
     else:
         Wn, bn = W0.clone(), b0.clone()
     out = out.reshape(B, H, n * m, d)[:, :, r:r + T].to(XQ.dtype)
     tail = slice(n_full * m, r + T)
     params = (Wn.reshape(B, H, d, d).to(XQ.dtype), bn.reshape(B, H, 1, d).to(XQ.dtype))
-    return out, InnerState(params, K[:, :, tail], V[:, :, tail], g[:, :, tail])
+    return out, InnerState(params, K[:, :, tail], V[:, :, tail], g[:, :, tail]), saved
+
+
+def ttt_linear_scan_bwd(d_out, d_W, d_b, XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state: InnerState, saved):
+    """Gradients of the scan by the Triton backward kernel (mini-batches in reverse).
+
+    Args:
+        d_out: `[B, H, T, d]`; d_W `[B, H, d, d]`, d_b `[B, H, 1, d]`: adjoints of the final params
+            (None = zero). The inputs and `saved` as given to / returned by `ttt_linear_scan_fwd`.
+
+    Returns:
+        float32 gradients of (XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, W0, b0, state.k,
+        state.v, state.gate), shaped like them.
+    """
+    B, H, T, d = XQ.shape
+    m = token_eta.numel()
+    r = state.num_buffered
+    BH = B * H
+    L = r + T
+    Qc, Kc, Vc, gc, _, _, _, n, n_full = _flat_inputs(XQ, XK, XV, gate, state, m)
+    f32 = torch.float32
+    dO = F.pad(d_out.to(f32), (0, 0, r, n * m - L)).reshape(BH, n * m, d).contiguous()
+    dWn = (torch.zeros(BH, d, d, dtype=f32, device=XQ.device) if d_W is None
+           else d_W.reshape(BH, d, d).to(f32).contiguous())
+    dbn = torch.zeros(BH, d, dtype=f32, device=XQ.device) if d_b is None else d_b.reshape(BH, d).to(f32).contiguous()
+    dQ, dK, dV = (torch.empty_like(Qc) for _ in range(3))
+    dG = torch.empty_like(gc)
+    dEta, dGam, dBet = Qc.new_empty(BH, m), Qc.new_empty(BH, d), Qc.new_empty(BH, d)
+    dW0, db0 = torch.empty_like(dWn), torch.empty_like(dbn)
+    if n > 0:
+        _kernel(_ttt_linear_scan_bwd_kernel)[(BH,)](
+            Qc, Kc, Vc, gc, *_per_head(token_eta, ln_weight, ln_bias), saved[0], saved[1], dO, dWn, dbn,
+            dQ, dK, dV, dG, dEta, dGam, dBet, dW0, db0, H, n, n_full, LN_EPS, D=d, M=m, PREC="ieee")
+    else:
+        dQ.zero_(), dK.zero_(), dV.zero_(), dG.zero_(), dEta.zero_(), dGam.zero_(), dBet.zero_()
+        dW0, db0 = dWn, dbn
+    dK, dV = (x.reshape(B, H, n * m, d)[:, :, :L] for x in (dK, dV))
+    dG = dG.reshape(B, H, n * m)[:, :, :L]
+    return (dQ.reshape(B, H, n * m, d)[:, :, r:L], dK[:, :, r:], dV[:, :, r:], dG[:, :, r:],
+            dEta.sum(0), dGam.reshape(B, H, d).sum(0), dBet.reshape(B, H, d).sum(0),
+            dW0.reshape(B, H, d, d), db0.reshape(B, H, 1, d), dK[:, :, :r], dV[:, :, :r], dG[:, :, :r])
 
 
 class TritonTTTLinearFunction(torch.autograd.Function):
-    """Triton forward; backward by recomputing the torch twin under autograd (exact gradients)."""
+    """Triton forward (saving the params entering every mini-batch) and Triton backward.
+
+    Memory: the saved params are `n * d * (d + 1)` floats per (batch, head), n = mini-batches
+    (for d = 64, m = 16: 4x the size of one `[T, d]` input); nothing else is kept beyond the inputs.
+    Not twice differentiable.
+    """
 
     @staticmethod
     def forward(ctx, XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, W0, b0, sk, sv, sg):
         state = InnerState((W0, b0), sk, sv, sg)
-        out, new = ttt_linear_scan_fwd(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state)
-        ctx.save_for_backward(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, W0, b0, sk, sv, sg)
+        need = any(ctx.needs_input_grad)
+        out, new, saved = ttt_linear_scan_fwd(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state, need)
+        if need:
+            ctx.save_for_backward(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, W0, b0, sk, sv, sg, *saved)
         # the buffered tail is a slice of the inputs: return it as-is (non-differentiable copy
         # would break the graph), so only W, b come out of the Function
         return out, new.params[0], new.params[1]
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_W, d_b):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        needs = [i for i, t in enumerate(inputs) if t.requires_grad]
-        with torch.enable_grad():
-            XQ, XK, XV, gate, eta, lnw, lnb, W0, b0, sk, sv, sg = inputs
-            out, new, _ = dual_ttt("linear", XQ, XK, XV, gate, eta, lnw, lnb, InnerState((W0, b0), sk, sv, sg))
-            outs, grads_out = [], []
-            for o, go in ((out, d_out), (new.params[0], d_W), (new.params[1], d_b)):
-                if go is not None and o.requires_grad:
-                    outs.append(o)
-                    grads_out.append(go)
-            grads = [None] * len(inputs)
-            if needs and outs:
-                got = torch.autograd.grad(outs, [inputs[i] for i in needs], grads_out, allow_unused=True)
-                for i, gr in zip(needs, got):
-                    grads[i] = gr
-        return tuple(grads)
+        XQ, XK, XV, gate, eta, lnw, lnb, W0, b0, sk, sv, sg, ws, bs = ctx.saved_tensors
+        if d_out is None:
+            d_out = torch.zeros_like(XQ)
+        grads = ttt_linear_scan_bwd(d_out, d_W, d_b, XQ, XK, XV, gate, eta, lnw, lnb,
+                                    InnerState((W0, b0), sk, sv, sg), (ws, bs))
+        inputs = (XQ, XK, XV, gate, eta, lnw, lnb, W0, b0, sk, sv, sg)
+        return tuple(g.to(x.dtype) if need else None for g, x, need in zip(grads, inputs, ctx.needs_input_grad))
 
 
 def triton_ttt_linear(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor,

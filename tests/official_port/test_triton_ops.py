@@ -1,4 +1,5 @@
-"""Triton TTT-Linear scan vs its torch twin (`dual_ttt_linear`), run by Triton's interpreter on CPU.
+"""Triton TTT-Linear scan (forward and backward kernels) vs its torch twin (`dual_ttt_linear`, gradients
+by autograd through it), run by Triton's interpreter on CPU.
 
 fp32 and small shapes only: the interpreter's bf16 arithmetic is wrong and it is slow. The
 TRITON_INTERPRET variable is set only while each test runs (the kernel is jitted lazily per value),
@@ -67,6 +68,27 @@ def test_triton_scan_matches_dual(interpret, T, r):
             _close(f"d{name}", a.grad, b.grad, 5e-5)
 
 
+def test_triton_backward_kernel_batch_and_output_only(interpret, monkeypatch):
+    """B = 2 (per-head grads summed over the batch), a loss on the outputs only (zero adjoint of
+    the final params): every gradient from the Triton backward kernel equals autograd through the
+    torch twin; the backward really is the kernel (its launcher is called once)."""
+    import official_port.ops.triton_dual as td
+
+    calls = []
+    real = td.ttt_linear_scan_bwd
+    monkeypatch.setattr(td, "ttt_linear_scan_bwd", lambda *a: calls.append(1) or real(*a))
+    base = _inputs(2, 2, 21, 16, 16, 3, seed=7)
+    ref_in, ref_out, _ = _run(dual_ttt_linear, base)
+    tri_in, tri_out, _ = _run(triton_ttt_linear, base)
+    up = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(2))
+    (ref_out * up).sum().backward()
+    (tri_out * up).sum().backward()
+    assert calls == [1]
+    names = ["XQ", "XK", "XV", "gate", "token_eta", "ln_weight", "ln_bias", "W0", "b0", "k", "v", "gate_buf"]
+    for name, a, b in zip(names, ref_in, tri_in):
+        _close(f"d{name}", a.grad, b.grad, 5e-5)
+
+
 def test_triton_scan_is_causal(interpret):
     """Perturbing tokens >= t (mid mini-batch) leaves outputs before t unchanged."""
     base = _inputs(1, 1, 40, 16, 16, 0, seed=3)
@@ -100,10 +122,17 @@ def test_layer_kernel_option(interpret):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_scan_cuda_head_size():
-    """Compiled kernel at the real head size (d=64) and a long odd length vs the dual form on CUDA."""
+    """Compiled kernels at the real head size (d=64) and a long odd length vs the dual form on CUDA:
+    outputs, final params and every gradient."""
     base = [t.cuda() for t in _inputs(2, 3, 301, 64, 16, 7, seed=5)]
     base[0:3] = [t * 64 ** -0.5 for t in base[0:3]]
     ref_in, ref_out, ref_st = _run(dual_ttt_linear, base)
     tri_in, tri_out, tri_st = _run(triton_ttt_linear, base)
     _close("out", ref_out, tri_out, 1e-5)
     _close("W", ref_st.params[0], tri_st.params[0], 1e-5)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ups = [torch.randn(t.shape, generator=g, device="cuda") for t in (ref_out, ref_st.params[0], ref_st.params[1])]
+    for out, st in ((ref_out, ref_st), (tri_out, tri_st)):
+        torch.autograd.backward([out, st.params[0], st.params[1]], ups)
+    for i, (a, b) in enumerate(zip(ref_in, tri_in)):
+        _close(f"grad {i}", a.grad, b.grad, 5e-5)
