@@ -6,6 +6,8 @@ Triton kernels), tokens/s and peak CUDA memory; float32 and bfloat16
 inputs (ours computes the scan in float32 like the layer does, so "bf16" is the input dtype; fla
 runs at the input dtype). fla-org/flash-linear-attention's `chunk_ttt_linear` is timed when
 `fla` imports; its call convention changed across releases, so an error is recorded, not raised.
+TTT-MLP (impls ``torch_mlp``, ``triton_mlp``: forward kernel, backward by the torch twin's VJP) on
+the same inputs, rows with op "ttt_mlp".
 Implementations alternate round by round so clock changes hit all alike.
 
 LaCT chunk op (``--ops lact``): `lact.ops.lact_swiglu` at the 760M fast-weight shape of
@@ -27,8 +29,8 @@ import time
 
 import torch
 
-from official_port.ops import InnerState, dual_ttt_linear
-from official_port.ops.triton_dual import triton_ttt_linear
+from official_port.ops import InnerState, dual_ttt_linear, dual_ttt_mlp
+from official_port.ops.triton_dual import triton_ttt_linear, triton_ttt_mlp
 
 
 def make_op_inputs(B: int, H: int, L: int, d: int, m: int, dtype: torch.dtype, seed: int = 0):
@@ -66,7 +68,26 @@ def _fla(q, k, v, gate, eta, lnw, lnb, W0, b0):
     return out, final
 
 
-IMPLS = {"torch": _ours(dual_ttt_linear), "triton": _ours(triton_ttt_linear), "fla": _fla}
+def _ours_mlp(op):
+    """TTT-MLP on the same inputs: W1 [d, 4d], W2 [4d, d] drawn from a fixed seed, zero biases."""
+    def run(q, k, v, gate, eta, lnw, lnb, W0, b0):
+        B, H, _, d = q.shape
+        g = torch.Generator(device="cuda").manual_seed(1)
+        W1 = torch.randn(B, H, d, 4 * d, generator=g, device="cuda") * 0.02
+        W2 = torch.randn(B, H, 4 * d, d, generator=g, device="cuda") * 0.02
+        b1, b2 = W1.new_zeros(B, H, 1, 4 * d), W1.new_zeros(B, H, 1, d)
+        if W0.requires_grad:  # fwd+bwd: the initial params get gradients, as in the layer
+            W1, W2 = W1.requires_grad_(), W2.requires_grad_()
+        f32 = [t.float() for t in (q, k, v, gate)]
+        empty = f32[0].new_zeros(B, H, 0, d)
+        state = InnerState((W1, b1, W2, b2), empty, empty, f32[0].new_zeros(B, H, 0))
+        out, st = op(*f32, eta, lnw, lnb, state)[:2]
+        return out, st.params[0]
+    return run
+
+
+IMPLS = {"torch": _ours(dual_ttt_linear), "triton": _ours(triton_ttt_linear), "fla": _fla,
+         "torch_mlp": _ours_mlp(dual_ttt_mlp), "triton_mlp": _ours_mlp(triton_ttt_mlp)}
 
 
 def time_one(fn, inputs, backward: bool, repeats: int) -> dict:
@@ -101,7 +122,7 @@ def run_ttt_linear_bench(lengths, dtypes, repeats: int, impls) -> list[dict]:
             inputs = make_op_inputs(B, H, L, d, m, dtype)
             for backward in (False, True):
                 for name in impls:
-                    row = {"op": "ttt_linear", "impl": name, "L": L, "dtype": str(dtype).split(".")[-1],
+                    row = {"op": "ttt_mlp" if name.endswith("_mlp") else "ttt_linear", "impl": name, "L": L, "dtype": str(dtype).split(".")[-1],
                            "mode": "fwd+bwd" if backward else "fwd", "B": B, "H": H, "d": d}
                     try:
                         r = time_one(IMPLS[name], inputs, backward, repeats)
@@ -157,7 +178,8 @@ def main(argv=None) -> None:
     p.add_argument("--lengths", default="2048,8192,32768", help="comma list of L")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--ops", default="ttt_linear,lact", help="comma list of ttt_linear, lact")
-    p.add_argument("--impls", default="torch,triton,fla", help="TTT-Linear implementations")
+    p.add_argument("--impls", default="torch,triton,fla,torch_mlp,triton_mlp",
+                   help="TTT scan implementations (the *_mlp ones: TTT-MLP)")
     p.add_argument("--lact-lengths", default="8192,16384,32768", help="comma list of L for the LaCT op")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)

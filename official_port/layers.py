@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from official_port.configuration_ttt import TTTConfig
 from official_port.ops import InnerState, dual_ttt, naive_ttt
-from official_port.ops.triton_dual import resolve_kernel, triton_ttt_linear
+from official_port.ops.triton_dual import resolve_kernel, triton_ttt
 from ttt_common.model_inputs import check_dtype
 
 LN_EPS = 1e-6
@@ -134,9 +134,10 @@ class TTTBase(nn.Module):
             mini-batches run under `torch.utils.checkpoint` (the official code always remats;
             here it is opt-in because recomputation costs time; values are identical).
         use_naive: run the per-token primal twin instead of the dual form (tests, benchmarks).
-        kernel: "torch" (the dual form), "triton" (`ops.triton_dual`, TTT-Linear only) or "auto"
-            (triton on CUDA when importable). Calls the kernel does not cover (TTT-MLP, stats,
-            inner_steps > 1, remat, non power-of-two sizes) run the torch dual form.
+        kernel: "torch" (the dual form), "triton" (`ops.triton_dual`: TTT-Linear forward and backward
+            kernels, TTT-MLP forward kernel) or "auto" (triton on CUDA when importable). Calls the
+            kernels do not cover (stats, inner_steps > 1, remat, non power-of-two sizes) run the
+            torch dual form.
     """
 
     inner_kind = "linear"
@@ -335,7 +336,7 @@ class TTTBase(nn.Module):
             if self.use_naive:
                 Z, inner, stats = naive_ttt(self.inner_kind, *op_args, state.inner.to(compute), **kwargs)
             elif self._use_triton(XQ, output_ttt_stats, inner_steps):
-                Z, inner = triton_ttt_linear(*op_args, state.inner.to(compute))
+                Z, inner = triton_ttt(self.inner_kind, *op_args, state.inner.to(compute))
                 stats = None
             else:
                 group = int(self.config.remat_mini_batch_group_size) if self.remat else 0
@@ -354,7 +355,7 @@ class TTTBase(nn.Module):
 
     def _use_triton(self, XQ: Tensor, output_ttt_stats: bool, inner_steps: int) -> bool:
         """The one dispatch point to the Triton scan (see `kernel`)."""
-        if resolve_kernel(self.kernel, XQ.device) != "triton" or self.inner_kind != "linear":
+        if resolve_kernel(self.kernel, XQ.device) != "triton":
             return False
         d, m = self.head_dim, self.mini_batch_size
         return (not output_ttt_stats and inner_steps == 1 and not self.remat

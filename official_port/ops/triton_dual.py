@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from official_port.ops.dual import LN_EPS
+from official_port.ops.dual import LN_EPS, dual_ttt
 from official_port.ops.state import InnerState, check_op_inputs
 
 try:
@@ -223,6 +223,86 @@ if HAS_TRITON:
         tl.store(DETA + pid * M + rm, deta)
 
 
+    def _ttt_mlp_scan_fwd_kernel(
+        Q, K, V, G8, ETA, GAMMA, BETA, W1_0, B1_0, W2_0, B2_0, OUT, W1N, B1N, W2N, B2N,
+        H, n_blocks, n_full, eps,
+        D: tl.constexpr, F4: tl.constexpr, M: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """TTT-MLP scan forward, one program per (b, h); the inner MLP x -> gelu(x W1 + b1) W2 + b2 with
+        W1 [D, F4], W2 [F4, D] (F4 = 4 D) kept whole in registers in float32.
+
+        Per mini-batch j (the twin is the "mlp" branch of `official_port.ops.dual.dual_ttt`):
+            Z1 = K W1 + b1, X2 = gelu(Z1), Z2 = X2 W2 + b2; G2 = J_LN(Z2)^T (LN(Z2) - (V - K));
+            G1 = (G2 W2^T) * gelu'(Z1)                                   (inner-loss gradients)
+            Zb1 = Q W1 + b1 - (e * tril(Q K^T + 1)) G1;  Xb2 = gelu(Zb1)
+            Zb = Xb2 W2 + b2 - (e * tril(Xb2 X2^T + 1)) G2;  out = Q + LN(Zb)
+            complete mini-batch: W1 -= (el K)^T G1, b1 -= el . G1, W2 -= (el X2)^T G2, b2 -= el . G2
+        with e[i, s] = token_eta[i] gate[s] (s <= i) and el = token_eta[m-1] gate. gelu is the tanh
+        approximation with torch's constants; tanh(u) is written 2 sigmoid(2u) - 1 (no tanh in tl).
+        """
+        pid = tl.program_id(0)
+        h = pid % H
+        rd = tl.arange(0, D)
+        rf = tl.arange(0, F4)
+        rm = tl.arange(0, M)
+        w1 = tl.load(W1_0 + pid * D * F4 + rd[:, None] * F4 + rf[None, :]).to(tl.float32)
+        b1 = tl.load(B1_0 + pid * F4 + rf).to(tl.float32)
+        w2 = tl.load(W2_0 + pid * F4 * D + rf[:, None] * D + rd[None, :]).to(tl.float32)
+        b2 = tl.load(B2_0 + pid * D + rd).to(tl.float32)
+        gamma = tl.load(GAMMA + h * D + rd).to(tl.float32)
+        beta = tl.load(BETA + h * D + rd).to(tl.float32)
+        eta = tl.load(ETA + rm).to(tl.float32)
+        eta_last = tl.sum(tl.where(rm == M - 1, eta, 0.0), axis=0)
+        causal = rm[:, None] >= rm[None, :]
+        k_beta = 0.7978845608028654  # sqrt(2 / pi)
+        k_kappa = 0.044715
+        T = n_blocks * M
+        for j in range(n_blocks):
+            rows = j * M + rm
+            offs = pid * T * D + rows[:, None] * D + rd[None, :]
+            q = tl.load(Q + offs).to(tl.float32)
+            k = tl.load(K + offs).to(tl.float32)
+            v = tl.load(V + offs).to(tl.float32)
+            g = tl.load(G8 + pid * T + rows).to(tl.float32)
+            # inner forward on the keys and the gradients G2, G1 at the boundary params
+            z1 = tl.dot(k, w1, input_precision=PREC) + b1[None, :]
+            t1 = 2.0 * tl.sigmoid(2.0 * k_beta * (z1 + k_kappa * z1 * z1 * z1)) - 1.0
+            x2 = 0.5 * z1 * (1.0 + t1)
+            z2 = tl.dot(x2, w2, input_precision=PREC) + b2[None, :]
+            mu = tl.sum(z2, axis=1) / D
+            zc = z2 - mu[:, None]
+            rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + eps)
+            xhat = zc * rstd[:, None]
+            gx = (gamma[None, :] * xhat + beta[None, :] - (v - k)) * gamma[None, :]
+            grad2 = rstd[:, None] * (gx - (tl.sum(gx, axis=1) / D)[:, None]
+                                     - xhat * (tl.sum(gx * xhat, axis=1) / D)[:, None])
+            dgelu = 0.5 * (1.0 + t1) + 0.5 * z1 * (1.0 - t1 * t1) * k_beta * (1.0 + 3.0 * k_kappa * z1 * z1)
+            grad1 = tl.dot(grad2, tl.trans(w2), input_precision=PREC) * dgelu
+            # dual-form outputs, layer by layer
+            e = tl.where(causal, eta[:, None] * g[None, :], 0.0)
+            attn1 = e * (tl.dot(q, tl.trans(k), input_precision=PREC) + 1.0)
+            zb1 = tl.dot(q, w1, input_precision=PREC) + b1[None, :] - tl.dot(attn1, grad1, input_precision=PREC)
+            tb = 2.0 * tl.sigmoid(2.0 * k_beta * (zb1 + k_kappa * zb1 * zb1 * zb1)) - 1.0
+            xb2 = 0.5 * zb1 * (1.0 + tb)
+            attn2 = e * (tl.dot(xb2, tl.trans(x2), input_precision=PREC) + 1.0)
+            zb = tl.dot(xb2, w2, input_precision=PREC) + b2[None, :] - tl.dot(attn2, grad2, input_precision=PREC)
+            mu2 = tl.sum(zb, axis=1) / D
+            zbc = zb - mu2[:, None]
+            rstd2 = 1.0 / tl.sqrt(tl.sum(zbc * zbc, axis=1) / D + eps)
+            out = q + gamma[None, :] * zbc * rstd2[:, None] + beta[None, :]
+            tl.store(OUT + offs, out.to(OUT.dtype.element_ty))
+            # update with the last row's weights (only a complete mini-batch updates the params)
+            el = (eta_last * g * (j < n_full).to(tl.float32))[:, None]
+            w1 = w1 - tl.dot(tl.trans(k * el), grad1, input_precision=PREC)
+            b1 = b1 - tl.sum(el * grad1, axis=0)
+            w2 = w2 - tl.dot(tl.trans(x2 * el), grad2, input_precision=PREC)
+            b2 = b2 - tl.sum(el * grad2, axis=0)
+        tl.store(W1N + pid * D * F4 + rd[:, None] * F4 + rf[None, :], w1)
+        tl.store(B1N + pid * F4 + rf, b1)
+        tl.store(W2N + pid * F4 * D + rf[:, None] * D + rd[None, :], w2)
+        tl.store(B2N + pid * D + rd, b2)
+
+
 _JITTED: dict = {}
 
 
@@ -367,9 +447,58 @@ class TritonTTTLinearFunction(torch.autograd.Function):
         return tuple(g.to(x.dtype) if need else None for g, x, need in zip(grads, inputs, ctx.needs_input_grad))
 
 
-def triton_ttt_linear(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor,
-                      ln_weight: Tensor, ln_bias: Tensor, state: InnerState) -> tuple[Tensor, InnerState]:
-    """TTT-Linear scan with the Triton forward; same contract as `dual_ttt_linear` (no stats).
+def ttt_mlp_scan_fwd(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state: InnerState):
+    """Run the Triton TTT-MLP forward (no autograd); returns `(out [B, H, T, d], new InnerState)`."""
+    B, H, T, d = XQ.shape
+    m = token_eta.numel()
+    r = state.num_buffered
+    Qc, Kc, Vc, gc, K, V, g, n, n_full = _flat_inputs(XQ, XK, XV, gate, state, m)
+    BH, f = B * H, state.params[0].shape[-1]
+    p0 = [p.reshape(BH, *p.shape[2:]).to(torch.float32).contiguous() for p in state.params]
+    out = torch.empty_like(Qc)
+    pn = [torch.empty_like(p) for p in p0]
+    if n > 0:
+        _kernel(_ttt_mlp_scan_fwd_kernel)[(BH,)](
+            Qc, Kc, Vc, gc, *_per_head(token_eta, ln_weight, ln_bias), *p0, out, *pn,
+            H, n, n_full, LN_EPS, D=d, F4=f, M=m, PREC="ieee")
+    else:
+        pn = [p.clone() for p in p0]
+    out = out.reshape(B, H, n * m, d)[:, :, r:r + T].to(XQ.dtype)
+    tail = slice(n_full * m, r + T)
+    params = tuple(p.reshape(B, H, *p.shape[1:]).to(XQ.dtype) for p in pn)
+    return out, InnerState(params, K[:, :, tail], V[:, :, tail], g[:, :, tail])
+
+
+class TritonTTTMLPFunction(torch.autograd.Function):
+    """Triton TTT-MLP forward; backward by recomputing the torch twin (`dual_ttt("mlp")`) under
+    autograd and taking its vector-Jacobian product (exact; no Triton backward for TTT-MLP yet)."""
+
+    @staticmethod
+    def forward(ctx, XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, W1, b1, W2, b2, sk, sv, sg):
+        out, new = ttt_mlp_scan_fwd(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias,
+                                    InnerState((W1, b1, W2, b2), sk, sv, sg))
+        ctx.save_for_backward(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, W1, b1, W2, b2, sk, sv, sg)
+        return (out, *new.params)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, *d_params):
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        wanted = [t for t in inputs if t.requires_grad]
+        with torch.enable_grad():
+            XQ, XK, XV, gate, eta, lnw, lnb, W1, b1, W2, b2, sk, sv, sg = inputs
+            out, new, _ = dual_ttt("mlp", XQ, XK, XV, gate, eta, lnw, lnb, InnerState((W1, b1, W2, b2), sk, sv, sg))
+            pairs = [(o, go) for o, go in zip((out, *new.params), (d_out, *d_params)) if o.requires_grad]
+            got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [go for _, go in pairs], allow_unused=True)
+                       if pairs and wanted else [None] * len(wanted))
+        return tuple(next(got) if t.requires_grad else None for t in inputs)
+
+
+def triton_ttt(kind: str, XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor,
+               ln_weight: Tensor, ln_bias: Tensor, state: InnerState) -> tuple[Tensor, InnerState]:
+    """TTT scan with the Triton kernels; same contract as `dual_ttt(kind, ...)` without its options.
+
+    kind "linear": Triton forward and backward; "mlp": Triton forward, backward by the torch twin's VJP.
 
     Args:
         XQ, XK, XV: `[B, H, T, d]` (d a power of two); gate: `[B, H, T]`;
@@ -378,23 +507,35 @@ def triton_ttt_linear(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_et
     Returns:
         out `[B, H, T, d]` and the `InnerState` after the T tokens.
     """
-    check_op_inputs("triton_ttt_linear", "linear", XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state, 1)
+    name = f"triton_ttt_{kind}"
+    check_op_inputs(name, kind, XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state, 1)
     if not HAS_TRITON:
-        raise ImportError("triton_ttt_linear: triton is not installed; use kernel='torch'")
+        raise ImportError(f"{name}: triton is not installed; use kernel='torch'")
     d, m = XQ.shape[-1], token_eta.numel()
     if not (_is_pow2(d) and _is_pow2(m)):
-        raise ValueError(f"triton_ttt_linear: head_dim={d} and mini_batch_size={m} must be powers of two; "
+        raise ValueError(f"{name}: head_dim={d} and mini_batch_size={m} must be powers of two; "
                          "use kernel='torch' for other sizes")
-    W0, b0 = state.params
-    out, W, b = TritonTTTLinearFunction.apply(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias,
-                                              W0, b0, state.k, state.v, state.gate)
+    fn = TritonTTTLinearFunction if kind == "linear" else TritonTTTMLPFunction
+    out, *params = fn.apply(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, *state.params,
+                            state.k, state.v, state.gate)
+    # the buffered tail is a slice of the inputs, taken here so that autograd sees it as one
     m_r = state.num_buffered + XQ.shape[2]
     tail = m_r - (m_r // m) * m
     K = torch.cat([state.k, XK], dim=2)
     V = torch.cat([state.v, XV], dim=2)
     g = torch.cat([state.gate, gate], dim=2)
     L = K.shape[2]
-    return out, InnerState((W, b), K[:, :, L - tail:], V[:, :, L - tail:], g[:, :, L - tail:])
+    return out, InnerState(tuple(params), K[:, :, L - tail:], V[:, :, L - tail:], g[:, :, L - tail:])
+
+
+def triton_ttt_linear(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state):
+    """`triton_ttt("linear", ...)`: TTT-Linear."""
+    return triton_ttt("linear", XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state)
+
+
+def triton_ttt_mlp(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state):
+    """`triton_ttt("mlp", ...)`: TTT-MLP."""
+    return triton_ttt("mlp", XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state)
 
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:

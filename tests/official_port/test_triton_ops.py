@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("triton")
 
 from official_port.configuration_ttt import TTTConfig  # noqa: E402
-from official_port.layers import TTTLinear  # noqa: E402
-from official_port.ops import InnerState, dual_ttt_linear  # noqa: E402
-from official_port.ops.triton_dual import resolve_kernel, triton_ttt_linear  # noqa: E402
+from official_port.layers import TTTMLP, TTTLinear  # noqa: E402
+from official_port.ops import InnerState, dual_ttt_linear, dual_ttt_mlp  # noqa: E402
+from official_port.ops.triton_dual import resolve_kernel, triton_ttt_linear, triton_ttt_mlp  # noqa: E402
 
 
 @pytest.fixture
@@ -89,6 +89,44 @@ def test_triton_backward_kernel_batch_and_output_only(interpret, monkeypatch):
         _close(f"d{name}", a.grad, b.grad, 5e-5)
 
 
+def _mlp_inputs(B, H, T, d, m, r, seed=0):
+    """TTT-MLP inputs: the linear ones with (W1 [d, 4d], b1, W2 [4d, d], b2) as the state params."""
+    base = _inputs(B, H, T, d, m, r, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    f = 4 * d
+    params = [torch.randn(B, H, d, f, generator=g) * d ** -0.5, torch.randn(B, H, 1, f, generator=g) * 0.1,
+              torch.randn(B, H, f, d, generator=g) * f ** -0.5, torch.randn(B, H, 1, d, generator=g) * 0.1]
+    return base[:7] + params + base[9:]
+
+
+def _run_mlp(op, base):
+    ins = [t.clone().requires_grad_() for t in base]
+    out, st = op(*ins[:7], InnerState(tuple(ins[7:11]), ins[11], ins[12], ins[13]))[:2]
+    return ins, out, st
+
+
+@pytest.mark.parametrize("T,r", [(37, 5), (9, 3)], ids=["T37-buffered5", "T9-no-update"])
+def test_triton_mlp_scan_matches_dual(interpret, T, r):
+    """TTT-MLP kernel: odd lengths, several mini-batches, state in (buffered tokens), final state
+    (4 params) out; every gradient (its backward is the twin's VJP: this checks the wiring)."""
+    base = _mlp_inputs(1, 2, T, 16, 16, r, seed=T)
+    base[0:3] = [t * 0.5 for t in base[0:3]]
+    ref_in, ref_out, ref_st = _run_mlp(dual_ttt_mlp, base)
+    tri_in, tri_out, tri_st = _run_mlp(triton_ttt_mlp, base)
+    _close("out", ref_out, tri_out, 1e-5)
+    for i, (a, b) in enumerate(zip(ref_st.params, tri_st.params)):
+        _close(f"param {i}", a, b, 1e-5)
+    assert torch.equal(tri_st.k, ref_st.k) and torch.equal(tri_st.gate, ref_st.gate)
+    g = torch.Generator().manual_seed(1)
+    outs = [(o, *st.params) for o, st in ((ref_out, ref_st), (tri_out, tri_st))]
+    ups = [torch.randn(t.shape, generator=g) for t in outs[0]]
+    for o in outs:
+        torch.autograd.backward(list(o), ups)
+    names = ["XQ", "XK", "XV", "gate", "token_eta", "ln_weight", "ln_bias", "W1", "b1", "W2", "b2", "k", "v", "gate_buf"]
+    for name, a, b in zip(names, ref_in, tri_in):
+        _close(f"d{name}", a.grad, b.grad, 5e-5)
+
+
 def test_triton_scan_is_causal(interpret):
     """Perturbing tokens >= t (mid mini-batch) leaves outputs before t unchanged."""
     base = _inputs(1, 1, 40, 16, 16, 0, seed=3)
@@ -104,16 +142,17 @@ def test_triton_scan_is_causal(interpret):
 
 
 def test_layer_kernel_option(interpret):
-    """kernel='triton' on the layer gives the dual form's output; 'auto' on CPU picks torch; bad values fail."""
+    """kernel='triton' on both layers gives the dual form's output; 'auto' on CPU picks torch; bad values fail."""
     cfg = TTTConfig(hidden_size=32, num_attention_heads=2, mini_batch_size=16, intermediate_size=64,
                     num_hidden_layers=1, vocab_size=64)
     torch.manual_seed(0)
-    ref = TTTLinear(cfg, kernel="torch")
-    tri = TTTLinear(cfg, kernel="triton")
-    tri.load_state_dict(ref.state_dict())
     x = torch.randn(1, 21, 32)
-    assert tri._use_triton(x.new_zeros(1, 1, 1, 16), False, 1)
-    _close("layer out", ref(x)[0], tri(x)[0], 1e-5)
+    for cls in (TTTLinear, TTTMLP):
+        ref = cls(cfg, kernel="torch")
+        tri = cls(cfg, kernel="triton")
+        tri.load_state_dict(ref.state_dict())
+        assert tri._use_triton(x.new_zeros(1, 1, 1, 16), False, 1)
+        _close(f"{cls.__name__} out", ref(x)[0], tri(x)[0], 1e-5)
     assert resolve_kernel("auto", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="kernel="):
         TTTLinear(cfg, kernel="cuda")
@@ -136,3 +175,16 @@ def test_triton_scan_cuda_head_size():
         torch.autograd.backward([out, st.params[0], st.params[1]], ups)
     for i, (a, b) in enumerate(zip(ref_in, tri_in)):
         _close(f"grad {i}", a.grad, b.grad, 5e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_mlp_scan_cuda_head_size():
+    """Compiled TTT-MLP kernel at the real head size (d=64, hidden 256), a long odd length, vs the dual form."""
+    base = [t.cuda() for t in _mlp_inputs(2, 3, 301, 64, 16, 7, seed=5)]
+    base[0:3] = [t * 64 ** -0.5 for t in base[0:3]]
+    _, ref_out, ref_st = _run_mlp(dual_ttt_mlp, base)
+    _, tri_out, tri_st = _run_mlp(triton_ttt_mlp, base)
+    _close("out", ref_out, tri_out, 1e-5)
+    for i, (a, b) in enumerate(zip(ref_st.params, tri_st.params)):
+        _close(f"param {i}", a, b, 1e-5)
