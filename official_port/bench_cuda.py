@@ -6,8 +6,8 @@ Triton kernels), tokens/s and peak CUDA memory; float32 and bfloat16
 inputs (ours computes the scan in float32 like the layer does, so "bf16" is the input dtype; fla
 runs at the input dtype). fla-org/flash-linear-attention's `chunk_ttt_linear` is timed when
 `fla` imports; its call convention changed across releases, so an error is recorded, not raised.
-TTT-MLP (impls ``torch_mlp``, ``triton_mlp``: forward kernel, backward by the torch twin's VJP) on
-the same inputs, rows with op "ttt_mlp".
+TTT-MLP (impls ``torch_mlp``, ``triton_mlp``: its forward and backward kernels) on the same
+inputs, rows with op "ttt_mlp".
 Implementations alternate round by round so clock changes hit all alike.
 
 LaCT chunk op (``--ops lact``): `lact.ops.lact_swiglu` at the 760M fast-weight shape of

@@ -134,8 +134,8 @@ class TTTBase(nn.Module):
             mini-batches run under `torch.utils.checkpoint` (the official code always remats;
             here it is opt-in because recomputation costs time; values are identical).
         use_naive: run the per-token primal twin instead of the dual form (tests, benchmarks).
-        kernel: "torch" (the dual form), "triton" (`ops.triton_dual`: TTT-Linear forward and backward
-            kernels, TTT-MLP forward kernel) or "auto" (triton on CUDA when importable). Calls the
+        kernel: "torch" (the dual form), "triton" (`ops.triton_dual`: forward and backward kernels
+            of the TTT-Linear and TTT-MLP scans) or "auto" (triton on CUDA when importable). Calls the
             kernels do not cover (stats, inner_steps > 1, remat, non power-of-two sizes) run the
             torch dual form.
     """

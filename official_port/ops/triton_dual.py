@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from official_port.ops.dual import LN_EPS, dual_ttt
+from official_port.ops.dual import LN_EPS
 from official_port.ops.state import InnerState, check_op_inputs
 
 try:
@@ -224,9 +224,9 @@ if HAS_TRITON:
 
 
     def _ttt_mlp_scan_fwd_kernel(
-        Q, K, V, G8, ETA, GAMMA, BETA, W1_0, B1_0, W2_0, B2_0, OUT, W1N, B1N, W2N, B2N,
+        Q, K, V, G8, ETA, GAMMA, BETA, W1_0, B1_0, W2_0, B2_0, OUT, W1N, B1N, W2N, B2N, WS1, BS1, WS2, BS2,
         H, n_blocks, n_full, eps,
-        D: tl.constexpr, F4: tl.constexpr, M: tl.constexpr, PREC: tl.constexpr,
+        D: tl.constexpr, F4: tl.constexpr, M: tl.constexpr, PREC: tl.constexpr, STORE: tl.constexpr,
     ):
         """TTT-MLP scan forward, one program per (b, h); the inner MLP x -> gelu(x W1 + b1) W2 + b2 with
         W1 [D, F4], W2 [F4, D] (F4 = 4 D) kept whole in registers in float32.
@@ -239,6 +239,7 @@ if HAS_TRITON:
             complete mini-batch: W1 -= (el K)^T G1, b1 -= el . G1, W2 -= (el X2)^T G2, b2 -= el . G2
         with e[i, s] = token_eta[i] gate[s] (s <= i) and el = token_eta[m-1] gate. gelu is the tanh
         approximation with torch's constants; tanh(u) is written 2 sigmoid(2u) - 1 (no tanh in tl).
+        With STORE, the params entering every mini-batch go to WS1/BS1/WS2/BS2 [BH, n, ...] (for backward).
         """
         pid = tl.program_id(0)
         h = pid % H
@@ -264,6 +265,11 @@ if HAS_TRITON:
             k = tl.load(K + offs).to(tl.float32)
             v = tl.load(V + offs).to(tl.float32)
             g = tl.load(G8 + pid * T + rows).to(tl.float32)
+            if STORE:
+                tl.store(WS1 + (pid * n_blocks + j) * D * F4 + rd[:, None] * F4 + rf[None, :], w1)
+                tl.store(BS1 + (pid * n_blocks + j) * F4 + rf, b1)
+                tl.store(WS2 + (pid * n_blocks + j) * F4 * D + rf[:, None] * D + rd[None, :], w2)
+                tl.store(BS2 + (pid * n_blocks + j) * D + rd, b2)
             # inner forward on the keys and the gradients G2, G1 at the boundary params
             z1 = tl.dot(k, w1, input_precision=PREC) + b1[None, :]
             t1 = 2.0 * tl.sigmoid(2.0 * k_beta * (z1 + k_kappa * z1 * z1 * z1)) - 1.0
@@ -301,6 +307,168 @@ if HAS_TRITON:
         tl.store(B1N + pid * F4 + rf, b1)
         tl.store(W2N + pid * F4 * D + rf[:, None] * D + rd[None, :], w2)
         tl.store(B2N + pid * D + rd, b2)
+
+
+    def _ttt_mlp_scan_bwd_kernel(
+        Q, K, V, G8, ETA, GAMMA, BETA, WS1, BS1, WS2, BS2, DOUT, DW1N, DB1N, DW2N, DB2N,
+        DQ, DK, DV, DG, DETA, DGAMMA, DBETA, DW1, DB1, DW2, DB2,
+        H, n_blocks, n_full, eps,
+        D: tl.constexpr, F4: tl.constexpr, M: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """TTT-MLP scan backward, one program per (b, h), mini-batches in reverse (the same scheme as
+        the TTT-Linear backward): carries the adjoints of (W1, b1, W2, b2) leaving each mini-batch,
+        rebuilds its forward from the stored entry params and backpropagates through every line of
+        the forward (see `_ttt_mlp_scan_fwd_kernel`), gelu'' included (G1 holds gelu'(Z1))."""
+        pid = tl.program_id(0)
+        h = pid % H
+        rd = tl.arange(0, D)
+        rf = tl.arange(0, F4)
+        rm = tl.arange(0, M)
+        o1 = rd[:, None] * F4 + rf[None, :]  # [D, F4] offsets
+        o2 = rf[:, None] * D + rd[None, :]  # [F4, D] offsets
+        dw1 = tl.load(DW1N + pid * D * F4 + o1).to(tl.float32)
+        db1 = tl.load(DB1N + pid * F4 + rf).to(tl.float32)
+        dw2 = tl.load(DW2N + pid * F4 * D + o2).to(tl.float32)
+        db2 = tl.load(DB2N + pid * D + rd).to(tl.float32)
+        gamma = tl.load(GAMMA + h * D + rd).to(tl.float32)
+        beta = tl.load(BETA + h * D + rd).to(tl.float32)
+        eta = tl.load(ETA + rm).to(tl.float32)
+        eta_last = tl.sum(tl.where(rm == M - 1, eta, 0.0), axis=0)
+        causal = rm[:, None] >= rm[None, :]
+        k_beta = 0.7978845608028654
+        k_kappa = 0.044715
+        dgam = tl.zeros([D], dtype=tl.float32)
+        dbet = tl.zeros([D], dtype=tl.float32)
+        deta = tl.zeros([M], dtype=tl.float32)
+        T = n_blocks * M
+        for jj in range(n_blocks):
+            j = n_blocks - 1 - jj
+            rows = j * M + rm
+            offs = pid * T * D + rows[:, None] * D + rd[None, :]
+            q = tl.load(Q + offs).to(tl.float32)
+            k = tl.load(K + offs).to(tl.float32)
+            v = tl.load(V + offs).to(tl.float32)
+            g = tl.load(G8 + pid * T + rows).to(tl.float32)
+            w1 = tl.load(WS1 + (pid * n_blocks + j) * D * F4 + o1)
+            b1 = tl.load(BS1 + (pid * n_blocks + j) * F4 + rf)
+            w2 = tl.load(WS2 + (pid * n_blocks + j) * F4 * D + o2)
+            b2 = tl.load(BS2 + (pid * n_blocks + j) * D + rd)
+            # ---- rebuild the forward of mini-batch j
+            z1 = tl.dot(k, w1, input_precision=PREC) + b1[None, :]
+            t1 = 2.0 * tl.sigmoid(2.0 * k_beta * (z1 + k_kappa * z1 * z1 * z1)) - 1.0
+            u1 = k_beta * (1.0 + 3.0 * k_kappa * z1 * z1)  # d/dz of the tanh argument
+            x2 = 0.5 * z1 * (1.0 + t1)
+            gp1 = 0.5 * (1.0 + t1) + 0.5 * z1 * (1.0 - t1 * t1) * u1  # gelu'(z1)
+            z2 = tl.dot(x2, w2, input_precision=PREC) + b2[None, :]
+            zc = z2 - (tl.sum(z2, axis=1) / D)[:, None]
+            rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + eps)
+            xhat = zc * rstd[:, None]
+            resid = gamma[None, :] * xhat + beta[None, :] - (v - k)
+            gx = resid * gamma[None, :]
+            c_m = tl.sum(gx * xhat, axis=1) / D
+            inner = gx - (tl.sum(gx, axis=1) / D)[:, None] - xhat * c_m[:, None]
+            grad2 = rstd[:, None] * inner
+            p1 = tl.dot(grad2, tl.trans(w2), input_precision=PREC)
+            grad1 = p1 * gp1
+            e = tl.where(causal, eta[:, None] * g[None, :], 0.0)
+            s1 = tl.dot(q, tl.trans(k), input_precision=PREC) + 1.0
+            attn1 = e * s1
+            zb1 = tl.dot(q, w1, input_precision=PREC) + b1[None, :] - tl.dot(attn1, grad1, input_precision=PREC)
+            tb = 2.0 * tl.sigmoid(2.0 * k_beta * (zb1 + k_kappa * zb1 * zb1 * zb1)) - 1.0
+            xb2 = 0.5 * zb1 * (1.0 + tb)
+            gpb = 0.5 * (1.0 + tb) + 0.5 * zb1 * (1.0 - tb * tb) * k_beta * (1.0 + 3.0 * k_kappa * zb1 * zb1)
+            s2 = tl.dot(xb2, tl.trans(x2), input_precision=PREC) + 1.0
+            attn2 = e * s2
+            zb = tl.dot(xb2, w2, input_precision=PREC) + b2[None, :] - tl.dot(attn2, grad2, input_precision=PREC)
+            zbc = zb - (tl.sum(zb, axis=1) / D)[:, None]
+            rstd2 = 1.0 / tl.sqrt(tl.sum(zbc * zbc, axis=1) / D + eps)
+            xhat2 = zbc * rstd2[:, None]
+            # ---- out = q + gamma * LN(zb) + beta
+            dout = tl.load(DOUT + offs).to(tl.float32)
+            dgam += tl.sum(dout * xhat2, axis=0)
+            dbet += tl.sum(dout, axis=0)
+            dx2n = dout * gamma[None, :]
+            dzb = rstd2[:, None] * (dx2n - (tl.sum(dx2n, axis=1) / D)[:, None]
+                                    - xhat2 * (tl.sum(dx2n * xhat2, axis=1) / D)[:, None])
+            # ---- zb = xb2 W2 + b2 - (e * (xb2 x2^T + 1)) G2
+            dxb2 = tl.dot(dzb, tl.trans(w2), input_precision=PREC)
+            n_dw2 = tl.dot(tl.trans(xb2), dzb, input_precision=PREC)
+            n_db2 = tl.sum(dzb, axis=0)
+            da2 = -tl.dot(dzb, tl.trans(grad2), input_precision=PREC)
+            dgrad2 = -tl.dot(tl.trans(attn2), dzb, input_precision=PREC)
+            ds2 = da2 * e
+            de = tl.where(causal, da2 * s2, 0.0)
+            dxb2 += tl.dot(ds2, x2, input_precision=PREC)
+            dx2 = tl.dot(tl.trans(ds2), xb2, input_precision=PREC)
+            # ---- xb2 = gelu(zb1),  zb1 = q W1 + b1 - (e * (q k^T + 1)) G1
+            dzb1 = dxb2 * gpb
+            dq = dout + tl.dot(dzb1, tl.trans(w1), input_precision=PREC)
+            n_dw1 = tl.dot(tl.trans(q), dzb1, input_precision=PREC)
+            n_db1 = tl.sum(dzb1, axis=0)
+            da1 = -tl.dot(dzb1, tl.trans(grad1), input_precision=PREC)
+            dgrad1 = -tl.dot(tl.trans(attn1), dzb1, input_precision=PREC)
+            ds1 = da1 * e
+            de += tl.where(causal, da1 * s1, 0.0)
+            dq += tl.dot(ds1, k, input_precision=PREC)
+            dk = tl.dot(tl.trans(ds1), q, input_precision=PREC)
+            deta += tl.sum(de * g[None, :], axis=1)
+            dg = tl.sum(de * eta[:, None], axis=0)
+            # ---- update: W1' = W1 - (el k)^T G1, b1' = b1 - el . G1, W2' = W2 - (el x2)^T G2, b2' likewise
+            full = (j < n_full).to(tl.float32)
+            el = eta_last * g * full
+            d_ek = -tl.dot(grad1, tl.trans(dw1), input_precision=PREC)  # [M, D] adjoint of el * k
+            d_ex = -tl.dot(grad2, tl.trans(dw2), input_precision=PREC)  # [M, F4] adjoint of el * x2
+            dgrad1 -= tl.dot(k * el[:, None], dw1, input_precision=PREC) + el[:, None] * db1[None, :]
+            dgrad2 -= tl.dot(x2 * el[:, None], dw2, input_precision=PREC) + el[:, None] * db2[None, :]
+            dk += el[:, None] * d_ek
+            dx2 += el[:, None] * d_ex
+            d_el = (tl.sum(d_ek * k, axis=1) + tl.sum(d_ex * x2, axis=1)
+                    - tl.sum(grad1 * db1[None, :], axis=1) - tl.sum(grad2 * db2[None, :], axis=1))
+            dg += d_el * eta_last * full
+            deta += tl.where(rm == M - 1, tl.sum(d_el * g, axis=0) * full, 0.0)
+            dw1 += n_dw1
+            db1 += n_db1
+            dw2 += n_dw2
+            db2 += n_db2
+            # ---- G1 = (G2 W2^T) * gelu'(z1);  gelu''(z) = (1 - t^2) (u' + z (u''/2 - t u'^2))
+            dp1 = dgrad1 * gp1
+            gpp1 = (1.0 - t1 * t1) * (u1 + z1 * (3.0 * k_beta * k_kappa * z1 - t1 * u1 * u1))
+            dz1 = dgrad1 * p1 * gpp1
+            dgrad2 += tl.dot(dp1, w2, input_precision=PREC)
+            dw2 += tl.dot(tl.trans(dp1), grad2, input_precision=PREC)
+            # ---- G2 = rstd * (gx - mean(gx) - xhat * mean(gx xhat)),  gx = gamma * resid
+            d_rstd = tl.sum(dgrad2 * inner, axis=1)
+            dc = -rstd * tl.sum(dgrad2 * xhat, axis=1)
+            dgx = rstd[:, None] * dgrad2 - (rstd * tl.sum(dgrad2, axis=1) / D)[:, None] + (dc / D)[:, None] * xhat
+            dxhat = -(rstd * c_m)[:, None] * dgrad2 + (dc / D)[:, None] * gx
+            dres = dgx * gamma[None, :]
+            dgam += tl.sum(dgx * resid + dres * xhat, axis=0)
+            dbet += tl.sum(dres, axis=0)
+            dv = -dres
+            dk += dres
+            dxhat += dres * gamma[None, :]
+            d_rstd += tl.sum(dxhat * zc, axis=1)
+            dzc = dxhat * rstd[:, None] - (d_rstd * rstd * rstd * rstd / D)[:, None] * zc
+            dz2 = dzc - (tl.sum(dzc, axis=1) / D)[:, None]
+            # ---- z2 = x2 W2 + b2,  x2 = gelu(z1),  z1 = k W1 + b1
+            dx2 += tl.dot(dz2, tl.trans(w2), input_precision=PREC)
+            dw2 += tl.dot(tl.trans(x2), dz2, input_precision=PREC)
+            db2 += tl.sum(dz2, axis=0)
+            dz1 += dx2 * gp1
+            dk += tl.dot(dz1, tl.trans(w1), input_precision=PREC)
+            dw1 += tl.dot(tl.trans(k), dz1, input_precision=PREC)
+            db1 += tl.sum(dz1, axis=0)
+            tl.store(DQ + offs, dq)
+            tl.store(DK + offs, dk)
+            tl.store(DV + offs, dv)
+            tl.store(DG + pid * T + rows, dg)
+        tl.store(DW1 + pid * D * F4 + o1, dw1)
+        tl.store(DB1 + pid * F4 + rf, db1)
+        tl.store(DW2 + pid * F4 * D + o2, dw2)
+        tl.store(DB2 + pid * D + rd, db2)
+        tl.store(DGAMMA + pid * D + rd, dgam)
+        tl.store(DBETA + pid * D + rd, dbet)
+        tl.store(DETA + pid * M + rm, deta)
 
 
 _JITTED: dict = {}
@@ -447,8 +615,15 @@ class TritonTTTLinearFunction(torch.autograd.Function):
         return tuple(g.to(x.dtype) if need else None for g, x, need in zip(grads, inputs, ctx.needs_input_grad))
 
 
-def ttt_mlp_scan_fwd(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state: InnerState):
-    """Run the Triton TTT-MLP forward (no autograd); returns `(out [B, H, T, d], new InnerState)`."""
+def ttt_mlp_scan_fwd(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state: InnerState,
+                     save_params: bool = False):
+    """Run the Triton TTT-MLP forward (no autograd).
+
+    Returns:
+        `(out [B, H, T, d], new InnerState, saved)`; with `save_params`, saved = the float32 params
+        entering every mini-batch (W1 [BH, n, d, 4d], b1 [BH, n, 1, 4d], W2 [BH, n, 4d, d], b2 [BH, n, 1, d])
+        for `ttt_mlp_scan_bwd`, else None.
+    """
     B, H, T, d = XQ.shape
     m = token_eta.numel()
     r = state.num_buffered
@@ -457,48 +632,94 @@ def ttt_mlp_scan_fwd(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state: Inn
     p0 = [p.reshape(BH, *p.shape[2:]).to(torch.float32).contiguous() for p in state.params]
     out = torch.empty_like(Qc)
     pn = [torch.empty_like(p) for p in p0]
+    saved = None
+    if save_params:
+        saved = tuple(p.new_empty(BH, n, *p.shape[1:]) for p in p0)
     if n > 0:
         _kernel(_ttt_mlp_scan_fwd_kernel)[(BH,)](
-            Qc, Kc, Vc, gc, *_per_head(token_eta, ln_weight, ln_bias), *p0, out, *pn,
-            H, n, n_full, LN_EPS, D=d, F4=f, M=m, PREC="ieee")
+            Qc, Kc, Vc, gc, *_per_head(token_eta, ln_weight, ln_bias), *p0, out, *pn, *(saved or pn),
+            H, n, n_full, LN_EPS, D=d, F4=f, M=m, PREC="ieee", STORE=save_params)
     else:
         pn = [p.clone() for p in p0]
     out = out.reshape(B, H, n * m, d)[:, :, r:r + T].to(XQ.dtype)
     tail = slice(n_full * m, r + T)
     params = tuple(p.reshape(B, H, *p.shape[1:]).to(XQ.dtype) for p in pn)
-    return out, InnerState(params, K[:, :, tail], V[:, :, tail], g[:, :, tail])
+    return out, InnerState(params, K[:, :, tail], V[:, :, tail], g[:, :, tail]), saved
+
+
+def ttt_mlp_scan_bwd(d_out, d_params, XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state: InnerState, saved):
+    """Gradients of the TTT-MLP scan by the Triton backward kernel (mini-batches in reverse).
+
+    Args:
+        d_out: `[B, H, T, d]`; d_params: adjoints of the final (W1, b1, W2, b2). The inputs and
+            `saved` as given to / returned by `ttt_mlp_scan_fwd`.
+
+    Returns:
+        float32 gradients of (XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, W1, b1, W2, b2,
+        state.k, state.v, state.gate), shaped like them.
+    """
+    B, H, T, d = XQ.shape
+    m = token_eta.numel()
+    r = state.num_buffered
+    BH = B * H
+    L = r + T
+    Qc, Kc, Vc, gc, _, _, _, n, n_full = _flat_inputs(XQ, XK, XV, gate, state, m)
+    f32 = torch.float32
+    dO = F.pad(d_out.to(f32), (0, 0, r, n * m - L)).reshape(BH, n * m, d).contiguous()
+    dpn = [dp.reshape(BH, *p.shape[2:]).to(f32).contiguous() for dp, p in zip(d_params, state.params)]
+    dQ, dK, dV = (torch.empty_like(Qc) for _ in range(3))
+    dG = torch.empty_like(gc)
+    dEta, dGam, dBet = Qc.new_empty(BH, m), Qc.new_empty(BH, d), Qc.new_empty(BH, d)
+    dp0 = [torch.empty_like(x) for x in dpn]
+    if n > 0:
+        _kernel(_ttt_mlp_scan_bwd_kernel)[(BH,)](
+            Qc, Kc, Vc, gc, *_per_head(token_eta, ln_weight, ln_bias), *saved, dO, *dpn,
+            dQ, dK, dV, dG, dEta, dGam, dBet, *dp0, H, n, n_full, LN_EPS,
+            D=d, F4=state.params[0].shape[-1], M=m, PREC="ieee")
+    else:
+        for x in (dQ, dK, dV, dG, dEta, dGam, dBet):
+            x.zero_()
+        dp0 = dpn
+    dK, dV = (x.reshape(B, H, n * m, d)[:, :, :L] for x in (dK, dV))
+    dG = dG.reshape(B, H, n * m)[:, :, :L]
+    return (dQ.reshape(B, H, n * m, d)[:, :, r:L], dK[:, :, r:], dV[:, :, r:], dG[:, :, r:],
+            dEta.sum(0), dGam.reshape(B, H, d).sum(0), dBet.reshape(B, H, d).sum(0),
+            *(x.reshape(p.shape) for x, p in zip(dp0, state.params)), dK[:, :, :r], dV[:, :, :r], dG[:, :, :r])
 
 
 class TritonTTTMLPFunction(torch.autograd.Function):
-    """Triton TTT-MLP forward; backward by recomputing the torch twin (`dual_ttt("mlp")`) under
-    autograd and taking its vector-Jacobian product (exact; no Triton backward for TTT-MLP yet)."""
+    """Triton TTT-MLP forward (saving the params entering every mini-batch) and Triton backward.
+
+    Memory: the saved params are `n * (8 d^2 + 5 d)` floats per (batch, head), n = mini-batches (for
+    d = 64, m = 16: 32x the size of one `[T, d]` input). Not twice differentiable.
+    """
 
     @staticmethod
     def forward(ctx, XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, W1, b1, W2, b2, sk, sv, sg):
-        out, new = ttt_mlp_scan_fwd(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias,
-                                    InnerState((W1, b1, W2, b2), sk, sv, sg))
-        ctx.save_for_backward(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, W1, b1, W2, b2, sk, sv, sg)
+        need = any(ctx.needs_input_grad)
+        out, new, saved = ttt_mlp_scan_fwd(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias,
+                                           InnerState((W1, b1, W2, b2), sk, sv, sg), need)
+        if need:
+            ctx.save_for_backward(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, W1, b1, W2, b2, sk, sv, sg,
+                                  *saved)
         return (out, *new.params)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, *d_params):
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-        wanted = [t for t in inputs if t.requires_grad]
-        with torch.enable_grad():
-            XQ, XK, XV, gate, eta, lnw, lnb, W1, b1, W2, b2, sk, sv, sg = inputs
-            out, new, _ = dual_ttt("mlp", XQ, XK, XV, gate, eta, lnw, lnb, InnerState((W1, b1, W2, b2), sk, sv, sg))
-            pairs = [(o, go) for o, go in zip((out, *new.params), (d_out, *d_params)) if o.requires_grad]
-            got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [go for _, go in pairs], allow_unused=True)
-                       if pairs and wanted else [None] * len(wanted))
-        return tuple(next(got) if t.requires_grad else None for t in inputs)
+        t = ctx.saved_tensors
+        inputs, saved = t[:14], t[14:]
+        XQ, XK, XV, gate, eta, lnw, lnb, W1, b1, W2, b2, sk, sv, sg = inputs
+        grads = ttt_mlp_scan_bwd(d_out, d_params, XQ, XK, XV, gate, eta, lnw, lnb,
+                                 InnerState((W1, b1, W2, b2), sk, sv, sg), saved)
+        return tuple(g.to(x.dtype) if need else None for g, x, need in zip(grads, inputs, ctx.needs_input_grad))
 
 
 def triton_ttt(kind: str, XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor,
                ln_weight: Tensor, ln_bias: Tensor, state: InnerState) -> tuple[Tensor, InnerState]:
     """TTT scan with the Triton kernels; same contract as `dual_ttt(kind, ...)` without its options.
 
-    kind "linear": Triton forward and backward; "mlp": Triton forward, backward by the torch twin's VJP.
+    Forward and backward are Triton kernels for both kinds ("linear", "mlp").
 
     Args:
         XQ, XK, XV: `[B, H, T, d]` (d a power of two); gate: `[B, H, T]`;

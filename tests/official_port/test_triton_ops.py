@@ -106,9 +106,15 @@ def _run_mlp(op, base):
 
 
 @pytest.mark.parametrize("T,r", [(37, 5), (9, 3)], ids=["T37-buffered5", "T9-no-update"])
-def test_triton_mlp_scan_matches_dual(interpret, T, r):
-    """TTT-MLP kernel: odd lengths, several mini-batches, state in (buffered tokens), final state
-    (4 params) out; every gradient (its backward is the twin's VJP: this checks the wiring)."""
+def test_triton_mlp_scan_matches_dual(interpret, monkeypatch, T, r):
+    """TTT-MLP kernels: odd lengths, several mini-batches, state in (buffered tokens), final state
+    (4 params) out; every gradient from the Triton backward kernel (its launcher runs once) equals
+    autograd through the torch twin."""
+    import official_port.ops.triton_dual as td
+
+    calls = []
+    real = td.ttt_mlp_scan_bwd
+    monkeypatch.setattr(td, "ttt_mlp_scan_bwd", lambda *a: calls.append(1) or real(*a))
     base = _mlp_inputs(1, 2, T, 16, 16, r, seed=T)
     base[0:3] = [t * 0.5 for t in base[0:3]]
     ref_in, ref_out, ref_st = _run_mlp(dual_ttt_mlp, base)
@@ -122,6 +128,7 @@ def test_triton_mlp_scan_matches_dual(interpret, T, r):
     ups = [torch.randn(t.shape, generator=g) for t in outs[0]]
     for o in outs:
         torch.autograd.backward(list(o), ups)
+    assert calls == [1]
     names = ["XQ", "XK", "XV", "gate", "token_eta", "ln_weight", "ln_bias", "W1", "b1", "W2", "b2", "k", "v", "gate_buf"]
     for name, a, b in zip(names, ref_in, tri_in):
         _close(f"d{name}", a.grad, b.grad, 5e-5)
@@ -180,11 +187,19 @@ def test_triton_scan_cuda_head_size():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_mlp_scan_cuda_head_size():
-    """Compiled TTT-MLP kernel at the real head size (d=64, hidden 256), a long odd length, vs the dual form."""
+    """Compiled TTT-MLP kernels at the real head size (d=64, hidden 256), a long odd length, vs the dual
+    form: outputs, final params and every gradient."""
     base = [t.cuda() for t in _mlp_inputs(2, 3, 301, 64, 16, 7, seed=5)]
     base[0:3] = [t * 64 ** -0.5 for t in base[0:3]]
-    _, ref_out, ref_st = _run_mlp(dual_ttt_mlp, base)
-    _, tri_out, tri_st = _run_mlp(triton_ttt_mlp, base)
+    ref_in, ref_out, ref_st = _run_mlp(dual_ttt_mlp, base)
+    tri_in, tri_out, tri_st = _run_mlp(triton_ttt_mlp, base)
     _close("out", ref_out, tri_out, 1e-5)
     for i, (a, b) in enumerate(zip(ref_st.params, tri_st.params)):
         _close(f"param {i}", a, b, 1e-5)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    outs = [(o, *st.params) for o, st in ((ref_out, ref_st), (tri_out, tri_st))]
+    ups = [torch.randn(t.shape, generator=g, device="cuda") for t in outs[0]]
+    for o in outs:
+        torch.autograd.backward(list(o), ups)
+    for i, (a, b) in enumerate(zip(ref_in, tri_in)):
+        _close(f"grad {i}", a.grad, b.grad, 5e-5)
