@@ -4,7 +4,8 @@ Triton's interpreter (TRITON_INTERPRET=1, the only way its kernels run without a
 when `triton.language` is first imported: its built-in helpers (`tl.sum`, ...) are jitted at import
 time, interpreted or compiled for good. Without CUDA we import it once here with the variable set,
 then restore the environment, so nothing else in the suite sees the variable; the Triton tests set it
-only while they run (`tests/official_port/test_triton_ops.py`, kernels are jitted lazily per value).
+only while they run (`tests/official_port/test_triton_ops.py`, `tests/lact/test_triton_update.py`;
+kernels are jitted lazily per value).
 """
 
 import importlib.util

@@ -207,16 +207,17 @@ def test_model_use_fused_kernel_maps_to_kernel(interpret):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_cuda_760m_head(dtype):
-    """Compiled kernels at the 760M fast-weight head (d = d_h = 384), 3 chunks, manual backprop:
-    fp32 at the parity tolerances; bf16 (inputs and states) against the fp32 torch op, loosely."""
-    levels, x = make_inputs(r=1, n=4, d=384, d_h=384, T=3 * 256 + 37, dtype=torch.float32, momentum=True, seed=11)
-    levels = [tuple(w.cuda() for w in lvl) for lvl in levels]
-    x = {k: t.cuda() for k, t in x.items()}
-    cot = torch.randn(4, 3 * 256 + 37, 384, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    """Compiled kernels at the 760M fast-weight head (d = d_h = 384), 3 update chunks + a tail, manual
+    backprop, against the torch step in the same dtype: fp32 at the parity tolerances; bf16 (inputs
+    and fast weights) loosely, at bf16 resolution (accumulation order differs)."""
+    T = 3 * 256 + 37
+    levels, x = make_inputs(r=1, n=4, d=384, d_h=384, T=T, dtype=torch.float32, momentum=True, seed=11)
+    levels = [tuple(w.to("cuda", dtype) for w in lvl) for lvl in levels]
+    x = {k: t.to("cuda", dtype) for k, t in x.items()}
+    cot = torch.randn(4, T, 384, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(dtype)
     o_t, g_t = run(levels, x, 256, cot, "manual", "torch")
-    cast = ([tuple(w.to(dtype) for w in lvl) for lvl in levels], {k: t.to(dtype) for k, t in x.items()})
-    o_k, g_k = run(*cast, 256, cot.to(dtype), "manual", "triton")
-    out_tol, grad_tol = (OUT_TOL, GRAD_TOL) if dtype == torch.float32 else (5e-2, 1e-1)
-    assert rel(o_k.float(), o_t) < out_tol
+    o_k, g_k = run(levels, x, 256, cot, "manual", "triton")
+    out_tol, grad_tol = (OUT_TOL, GRAD_TOL) if dtype == torch.float32 else (3e-2, 6e-2)
+    assert rel(o_k.float(), o_t.float()) < out_tol
     for i, (a, b) in enumerate(zip(g_k, g_t)):
-        assert rel(a.float(), b) < grad_tol, i
+        assert rel(a.float(), b.float()) < grad_tol, i

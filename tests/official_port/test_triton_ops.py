@@ -135,17 +135,18 @@ def test_triton_mlp_scan_matches_dual(interpret, monkeypatch, T, r):
 
 
 def test_triton_scan_is_causal(interpret):
-    """Perturbing tokens >= t (mid mini-batch) leaves outputs before t unchanged."""
-    base = _inputs(1, 1, 40, 16, 16, 0, seed=3)
-    out = _run(triton_ttt_linear, base)[1].detach()
+    """Both kernels: perturbing tokens >= t (mid mini-batch) leaves outputs before t unchanged."""
     t = 21
-    pert = [x.clone() for x in base]
-    for i in (0, 1, 2):
-        pert[i][:, :, t:] += 1.0
-    pert[3][:, :, t:] += 0.05
-    out2 = _run(triton_ttt_linear, pert)[1].detach()
-    assert torch.equal(out[:, :, :t], out2[:, :, :t])
-    assert not torch.allclose(out[:, :, t:], out2[:, :, t:])
+    for op, run, make in ((triton_ttt_linear, _run, _inputs), (triton_ttt_mlp, _run_mlp, _mlp_inputs)):
+        base = make(1, 1, 40, 16, 16, 0, seed=3)
+        out = run(op, base)[1].detach()
+        pert = [x.clone() for x in base]
+        for i in (0, 1, 2):
+            pert[i][:, :, t:] += 1.0
+        pert[3][:, :, t:] += 0.05
+        out2 = run(op, pert)[1].detach()
+        assert torch.equal(out[:, :, :t], out2[:, :, :t]), op.__name__
+        assert not torch.allclose(out[:, :, t:], out2[:, :, t:]), op.__name__
 
 
 def test_layer_kernel_option(interpret):
