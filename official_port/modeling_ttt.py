@@ -406,47 +406,15 @@ class TTTModel(TTTPreTrainedModel):
         Returns: `TTTModelOutputWithPast` (`last_hidden_state` `[B, T, D]` after `ln_f`).
         """
         reject_unknown_kwargs(type(self).__name__, kwargs)
-        cache = pick_cache(cache, past_key_values)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids ([B, T] ids) and inputs_embeds ([B, T, D])")
-        if inputs_embeds is None:
-            check_input_ids(input_ids, self.wte.num_embeddings)
-            inputs_embeds = self.wte(input_ids)
-        else:
-            check_inputs_embeds(inputs_embeds, self.config.hidden_size, self.wte.weight)
+        cache = self._incoming_cache(pick_cache(cache, past_key_values))
+        inputs_embeds = self._embed(input_ids, inputs_embeds)
         b, t, _ = inputs_embeds.shape
-        if t == 0:
-            raise ValueError("the input has length 0; pass at least one token")
         if use_cache is None:
             use_cache = bool(self.config.use_cache) and not self.training
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False
-        output_hidden_states = bool(output_hidden_states)
-        if cache is not None and not isinstance(cache, TTTCache):
-            if getattr(cache, "get_seq_length", lambda: 1)() != 0:
-                raise TypeError(f"cache must be a TTTCache returned by this model, got {type(cache).__name__}")
-            cache = None  # an empty foreign cache (e.g. built by a caller for another model): start fresh
         past = cache.seen_tokens if cache is not None else 0
-        if cache is not None and len(cache) != len(self.h):
-            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.h)}")
-
-        key_padding_mask = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < t:
-                raise ValueError(f"attention_mask must be [batch, cached + time] = [{b}, {past + t}], "
-                                 f"got {tuple(attention_mask.shape)}")
-            has_padding = not bool(attention_mask.bool().all())
-            if has_padding:
-                if not self.h[0].is_attention:
-                    m = attention_mask.bool()
-                    # a 0 before a 1 in a row = left padding, which a TTT layer would learn from
-                    if bool((~m[:, :-1] & m[:, 1:]).any()):
-                        raise ValueError(
-                            "attention_mask has left padding, but TTT layers (like the official ones) have no "
-                            "padding mask: the padded tokens would update the inner model. Right-pad instead "
-                            "(causality makes right padding harmless) or batch sequences of equal length.")
-                else:
-                    key_padding_mask = attention_mask.bool()
+        key_padding_mask = self._key_padding_mask(attention_mask, b, t, past)
         if position_ids is None:
             position_ids = _position_ids_from(attention_mask, past, b, t, inputs_embeds.device)
         elif position_ids.shape[-1] != t:
@@ -478,6 +446,53 @@ class TTTModel(TTTPreTrainedModel):
             last_hidden_state=hidden_states, hidden_states=all_hidden, ttt_stats=all_stats, **cache_field(new_cache)
         )
         return out if return_dict is not False else out.to_tuple()
+
+    def _incoming_cache(self, cache) -> TTTCache | None:
+        """The `TTTCache` to continue (None: start fresh); an empty foreign cache is dropped, any other refused."""
+        if cache is not None and not isinstance(cache, TTTCache):
+            if getattr(cache, "get_seq_length", lambda: 1)() != 0:
+                raise TypeError(f"cache must be a TTTCache returned by this model, got {type(cache).__name__}")
+            return None  # an empty foreign cache (e.g. built by a caller for another model): start fresh
+        if cache is not None and len(cache) != len(self.h):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.h)}")
+        return cache
+
+    def _embed(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """`[B, T, D]` input embeddings from exactly one of `input_ids` / `inputs_embeds`, checked."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids ([B, T] ids) and inputs_embeds ([B, T, D])")
+        if inputs_embeds is None:
+            check_input_ids(input_ids, self.wte.num_embeddings)
+            inputs_embeds = self.wte(input_ids)
+        else:
+            check_inputs_embeds(inputs_embeds, self.config.hidden_size, self.wte.weight)
+        if inputs_embeds.shape[1] == 0:
+            raise ValueError("the input has length 0; pass at least one token")
+        return inputs_embeds
+
+    def _key_padding_mask(self, attention_mask: torch.Tensor | None, b: int, t: int, past: int) -> torch.Tensor | None:
+        """`[B, S]` bool mask of the attention blocks' keys (None when nothing is padded).
+
+        TTT blocks have no padding mask (like the official ones): left padding, which they would learn
+        from, is refused; right padding is harmless by causality and needs no mask.
+        """
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < t:
+            raise ValueError(f"attention_mask must be [batch, cached + time] = [{b}, {past + t}], "
+                             f"got {tuple(attention_mask.shape)}")
+        m = attention_mask.bool()
+        if bool(m.all()):
+            return None
+        if self.h[0].is_attention:
+            return m
+        # a 0 before a 1 in a row = left padding, which a TTT layer would learn from
+        if bool((~m[:, :-1] & m[:, 1:]).any()):
+            raise ValueError(
+                "attention_mask has left padding, but TTT layers (like the official ones) have no "
+                "padding mask: the padded tokens would update the inner model. Right-pad instead "
+                "(causality makes right padding harmless) or batch sequences of equal length.")
+        return None
 
 
 class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
