@@ -93,30 +93,30 @@ def _measure(q, layer_name: str, impl: str, batch: int, seq_len: int, repeats: i
 
     result = {}
     fn = fwd if mode == "fwd" else fwd_bwd
-    if True:  # one mode per process: the CPU peak-RSS growth then belongs to that mode alone
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        fn()  # warm-up (allocator, lazy init)
+    # one mode per process (the caller spawns one per mode): the CPU peak-RSS growth then belongs to it alone
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fn()  # warm-up (allocator, lazy init)
+    sync()
+    times = []
+    # "cpu" = this process's CPU seconds: on a machine shared with other jobs it does not count
+    # the time other processes hold the cores (use it with --threads 1)
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    for _ in range(repeats):
+        t0 = now()
+        fn()
         sync()
-        times = []
-        # "cpu" = this process's CPU seconds: on a machine shared with other jobs it does not count
-        # the time other processes hold the cores (use it with --threads 1)
-        now = time.process_time if clock == "cpu" else time.perf_counter
-        for _ in range(repeats):
-            t0 = now()
-            fn()
-            sync()
-            times.append(now() - t0)
-        if device.startswith("cuda"):
-            peak = torch.cuda.max_memory_allocated() - base
-        else:  # peak RSS growth of this process over its state after building the layer
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-        best = min(times)
-        result[mode] = {"tok_s": batch * seq_len / best, "sec": best, "peak_mib": max(peak, 0) / 2**20}
-        module.zero_grad(set_to_none=True)
+        times.append(now() - t0)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() - base
+    else:  # peak RSS growth of this process over its state after building the layer
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    best = min(times)
+    result[mode] = {"tok_s": batch * seq_len / best, "sec": best, "peak_mib": max(peak, 0) / 2**20}
+    module.zero_grad(set_to_none=True)
     q.put(result)
 
 

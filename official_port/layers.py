@@ -25,6 +25,7 @@ from official_port.configuration_ttt import TTTConfig
 from official_port.ops import InnerState, dual_ttt, naive_ttt
 from official_port.ops.triton_dual import resolve_kernel, triton_ttt
 from ttt_common.model_inputs import check_dtype
+from ttt_common.modules import apply_rotary_interleaved, rope_cos_sin
 
 LN_EPS = 1e-6
 
@@ -53,10 +54,10 @@ class TTTState:
 
 
 def rope_interleaved(x: Tensor, positions: Tensor, theta: float, num_positions: int | None = None) -> Tensor:
-    """Rotate interleaved pairs `(x[2i], x[2i+1])` by `positions * theta^(-2i/d)`.
+    """Rotate interleaved pairs `(x[2i], x[2i+1])` by `positions * theta^(-2i/d)` (official `apply_rotary_emb`).
 
-    Like the official `apply_rotary_emb`, each pair is a complex number multiplied by
-    `exp(i * angle)`; the angle table is built in float32 like the official `precompute_freqs_cis`.
+    The angle table and the rotation are the shared ones of `ttt_common.modules` (`rope_cos_sin`,
+    `apply_rotary_interleaved`), the same the official model's attention uses.
 
     Args:
         x: `[B, T, ..., d]` (e.g. `[B, T, H, d]`, or `[B, T, 2, H, d]` for queries and keys at once);
@@ -66,18 +67,11 @@ def rope_interleaved(x: Tensor, positions: Tensor, theta: float, num_positions: 
     Returns:
         x's shape and dtype (computed in float32, or float64 for float64 inputs).
     """
-    d = x.shape[-1]
     n = int(num_positions) if num_positions is not None else int(positions.max()) + 1
-    freqs = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    angles = torch.arange(n, device=x.device, dtype=torch.float32)[:, None] * freqs  # [n, d/2]
-    real = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cis = torch.polar(torch.ones_like(angles, dtype=torch.float64), angles.double())  # exact cos/sin
-    cis = cis.to(torch.complex128 if real == torch.float64 else torch.complex64)[positions]  # [B, T, d/2]
-    cis = cis.reshape(*cis.shape[:2], *([1] * (x.dim() - 3)), d // 2)
-    xr = x.to(real).unflatten(-1, (d // 2, 2))
-    if xr.stride(-1) != 1 or any(st % 2 for st in xr.stride()[:-1]):  # view_as_complex needs pairs adjacent
-        xr = xr.contiguous()
-    return torch.view_as_real(torch.view_as_complex(xr) * cis).flatten(-2).to(x.dtype)
+    table = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cos, sin = rope_cos_sin(torch.arange(n, device=x.device), x.shape[-1], theta, table,
+                            correctly_rounded=True)  # [n, d/2]
+    return apply_rotary_interleaved(x, cos[positions], sin[positions])
 
 
 class _CausalConvPair(torch.autograd.Function):

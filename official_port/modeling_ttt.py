@@ -42,6 +42,7 @@ from ttt_common.hf_compat import (
     reject_unknown_kwargs,
 )
 from ttt_common.model_inputs import causal_lm_loss, check_input_ids, check_inputs_embeds
+from ttt_common.modules import RMSNorm, apply_rotary_interleaved, rope_cos_sin
 
 __all__ = [
     "RMSNorm",
@@ -64,19 +65,10 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 
 
-class RMSNorm(nn.Module):
-    """`x / sqrt(mean(x^2) + eps) * weight` over the last axis, computed in float32 (as the official
-    `RMSNorm`: normalise in fp32, cast back to the input dtype, then scale)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return out.to(x.dtype) * self.weight.to(x.dtype)
+def official_rms_norm(dim: int, eps: float) -> RMSNorm:
+    """The shared `ttt_common.modules.RMSNorm` in the official float order (normalise in float32, cast
+    back to the input dtype, then scale): bf16 runs keep the official rounding; float32 is unaffected."""
+    return RMSNorm(dim, eps=eps, scale_in_input_dtype=True)
 
 
 class SwiGLUMLP(nn.Module):
@@ -103,7 +95,7 @@ class ConvModule(nn.Module):
         super().__init__()
         d, w = config.hidden_size, config.conv_width
         self.conv_width = w
-        self.conv_norm = RMSNorm(d, eps=config.rms_norm_eps)
+        self.conv_norm = official_rms_norm(d, config.rms_norm_eps)
         self.conv1 = nn.Conv1d(d, d, kernel_size=w, groups=d, bias=True)
 
     def forward(self, x: torch.Tensor, conv_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,31 +108,6 @@ class ConvModule(nn.Module):
         padded = torch.cat([conv_state.to(xn.dtype), xn], dim=1)  # [B, w-1+T, D]
         out = self.conv1(padded.transpose(1, 2)).transpose(1, 2)  # [B, T, D]
         return out, padded[:, padded.shape[1] - (w - 1):]
-
-
-def rope_angles(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin `[B, T, head_dim/2]` of the interleaved-pair RoPE for integer positions `[B, T]`.
-
-    Built like the official `precompute_freqs_cis`: inverse frequencies in float32, the angle
-    `position * freq` formed in float64 and rounded to float32, then sin/cos in float32. Computed
-    on the fly, so any position works (the official table stops at 2 * max_sequence_length).
-    """
-    idx = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32)[: head_dim // 2]
-    inv_freq = 1.0 / (theta ** (idx / head_dim))
-    angles = (position_ids.to(torch.float64)[..., None] * inv_freq.to(torch.float64)).to(torch.float32)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair `(x[2i], x[2i+1])` by the angle whose cos/sin are given (official `apply_rotary_emb`).
-
-    Args: x `[B, T, H, d]`; cos, sin `[B, T, d/2]`. Returns `[B, T, H, d]` in x's dtype (math in float32).
-    """
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.reshape(x.shape).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -180,7 +147,8 @@ class SelfAttention(nn.Module):
         q = self.wq(x).view(b, t, h, hd)
         k = self.wk(x).view(b, t, h, hd)
         v = self.wv(x).view(b, t, h, hd)
-        cos, sin = rope_angles(position_ids, hd, self.rope_theta)
+        table = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cos, sin = rope_cos_sin(position_ids, hd, self.rope_theta, table, correctly_rounded=True)  # [B, T, d/2]
         q = apply_rotary_interleaved(q, cos, sin).transpose(1, 2)  # [B, H, T, d]
         k = apply_rotary_interleaved(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
@@ -215,12 +183,12 @@ class Block(GradientCheckpointingLayer):
         self.is_attention = config.seq_modeling_block == "self_attention"
         if config.pre_conv:
             self.conv = ConvModule(config)
-        self.seq_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.seq_norm = official_rms_norm(config.hidden_size, config.rms_norm_eps)
         if self.is_attention:
             self.seq_modeling_block = SelfAttention(config)
         else:
             self.seq_modeling_block = TTT_LAYERS[config.seq_modeling_block](config)
-        self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ffn_norm = official_rms_norm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = SwiGLUMLP(config)
 
     def forward(
@@ -389,7 +357,7 @@ class TTTModel(TTTPreTrainedModel):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.h = nn.ModuleList([Block(config, i) for i in range(config.num_hidden_layers)])
-        self.ln_f = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ln_f = official_rms_norm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
         if config.remat_block:
@@ -438,47 +406,15 @@ class TTTModel(TTTPreTrainedModel):
         Returns: `TTTModelOutputWithPast` (`last_hidden_state` `[B, T, D]` after `ln_f`).
         """
         reject_unknown_kwargs(type(self).__name__, kwargs)
-        cache = pick_cache(cache, past_key_values)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids ([B, T] ids) and inputs_embeds ([B, T, D])")
-        if inputs_embeds is None:
-            check_input_ids(input_ids, self.wte.num_embeddings)
-            inputs_embeds = self.wte(input_ids)
-        else:
-            check_inputs_embeds(inputs_embeds, self.config.hidden_size, self.wte.weight)
+        cache = self._incoming_cache(pick_cache(cache, past_key_values))
+        inputs_embeds = self._embed(input_ids, inputs_embeds)
         b, t, _ = inputs_embeds.shape
-        if t == 0:
-            raise ValueError("the input has length 0; pass at least one token")
         if use_cache is None:
             use_cache = bool(self.config.use_cache) and not self.training
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False
-        output_hidden_states = bool(output_hidden_states)
-        if cache is not None and not isinstance(cache, TTTCache):
-            if getattr(cache, "get_seq_length", lambda: 1)() != 0:
-                raise TypeError(f"cache must be a TTTCache returned by this model, got {type(cache).__name__}")
-            cache = None  # an empty foreign cache (e.g. built by a caller for another model): start fresh
         past = cache.seen_tokens if cache is not None else 0
-        if cache is not None and len(cache) != len(self.h):
-            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.h)}")
-
-        key_padding_mask = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < t:
-                raise ValueError(f"attention_mask must be [batch, cached + time] = [{b}, {past + t}], "
-                                 f"got {tuple(attention_mask.shape)}")
-            has_padding = not bool(attention_mask.bool().all())
-            if has_padding:
-                if not self.h[0].is_attention:
-                    m = attention_mask.bool()
-                    # a 0 before a 1 in a row = left padding, which a TTT layer would learn from
-                    if bool((~m[:, :-1] & m[:, 1:]).any()):
-                        raise ValueError(
-                            "attention_mask has left padding, but TTT layers (like the official ones) have no "
-                            "padding mask: the padded tokens would update the inner model. Right-pad instead "
-                            "(causality makes right padding harmless) or batch sequences of equal length.")
-                else:
-                    key_padding_mask = attention_mask.bool()
+        key_padding_mask = self._key_padding_mask(attention_mask, b, t, past)
         if position_ids is None:
             position_ids = _position_ids_from(attention_mask, past, b, t, inputs_embeds.device)
         elif position_ids.shape[-1] != t:
@@ -510,6 +446,53 @@ class TTTModel(TTTPreTrainedModel):
             last_hidden_state=hidden_states, hidden_states=all_hidden, ttt_stats=all_stats, **cache_field(new_cache)
         )
         return out if return_dict is not False else out.to_tuple()
+
+    def _incoming_cache(self, cache) -> TTTCache | None:
+        """The `TTTCache` to continue (None: start fresh); an empty foreign cache is dropped, any other refused."""
+        if cache is not None and not isinstance(cache, TTTCache):
+            if getattr(cache, "get_seq_length", lambda: 1)() != 0:
+                raise TypeError(f"cache must be a TTTCache returned by this model, got {type(cache).__name__}")
+            return None  # an empty foreign cache (e.g. built by a caller for another model): start fresh
+        if cache is not None and len(cache) != len(self.h):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.h)}")
+        return cache
+
+    def _embed(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """`[B, T, D]` input embeddings from exactly one of `input_ids` / `inputs_embeds`, checked."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids ([B, T] ids) and inputs_embeds ([B, T, D])")
+        if inputs_embeds is None:
+            check_input_ids(input_ids, self.wte.num_embeddings)
+            inputs_embeds = self.wte(input_ids)
+        else:
+            check_inputs_embeds(inputs_embeds, self.config.hidden_size, self.wte.weight)
+        if inputs_embeds.shape[1] == 0:
+            raise ValueError("the input has length 0; pass at least one token")
+        return inputs_embeds
+
+    def _key_padding_mask(self, attention_mask: torch.Tensor | None, b: int, t: int, past: int) -> torch.Tensor | None:
+        """`[B, S]` bool mask of the attention blocks' keys (None when nothing is padded).
+
+        TTT blocks have no padding mask (like the official ones): left padding, which they would learn
+        from, is refused; right padding is harmless by causality and needs no mask.
+        """
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < t:
+            raise ValueError(f"attention_mask must be [batch, cached + time] = [{b}, {past + t}], "
+                             f"got {tuple(attention_mask.shape)}")
+        m = attention_mask.bool()
+        if bool(m.all()):
+            return None
+        if self.h[0].is_attention:
+            return m
+        # a 0 before a 1 in a row = left padding, which a TTT layer would learn from
+        if bool((~m[:, :-1] & m[:, 1:]).any()):
+            raise ValueError(
+                "attention_mask has left padding, but TTT layers (like the official ones) have no "
+                "padding mask: the padded tokens would update the inner model. Right-pad instead "
+                "(causality makes right padding harmless) or batch sequences of equal length.")
+        return None
 
 
 class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from parity import lact_live, live
+from parity import lact_live, live, official_layer
 from parity.cases import CaseResult, describe_check, discover, run_case_file, run_loaded_case
-from parity.fixtures import BUNDLED, load_case
+from parity.fixtures import BUNDLED, compare, load_case
 
 BUNDLED_CASES = discover(BUNDLED)
 
@@ -38,12 +37,30 @@ def test_bundled_fixtures_present():
     folders = sorted({p.parent.name for p in BUNDLED_CASES})
     assert folders == ["checkpoints", "lact", "official", "ponder"], folders
     assert len(BUNDLED_CASES) >= 22, [p.name for p in BUNDLED_CASES]
+    assert sum(official_layer.handles(load_case(p)) for p in BUNDLED_CASES) == 6
+
+
+def _assert_coverage(path: Path, result: CaseResult) -> None:
+    """What each official kind must have compared, not just that the comparisons passed. (Here, and not
+    in tests/official_port, so that every bundled fixture runs once in the suite.)"""
+    names = {c.name for c in result.checks}
+    case = load_case(path)
+    if official_layer.handles(case):
+        assert {"output/ttt_output", "grad/input/hidden_states"} <= names, sorted(names)
+        assert {f"output/stat_{i}" for i in range(4)} <= names, sorted(names)
+    elif result.kind == "model":
+        assert {"output/logits", "output/loss"} <= names, sorted(names)
+        # one gradient check per flax parameter of the case
+        assert sum(n.startswith("grad/param/") for n in names) == sum(k.startswith("param/") for k in case.arrays)
+    elif result.kind == "checkpoint":
+        assert len(result.checks) == 2, sorted(names)  # streaming_params and streaming_train_state
 
 
 @pytest.mark.parametrize("path", BUNDLED_CASES, ids=_case_id)
 def test_bundled_case(path: Path):
     result = run_case_file(path)
     assert result.passed, _failure_message(result)
+    _assert_coverage(path, result)
 
 
 # --------------------------------------------------------------------------- live mode
@@ -112,11 +129,10 @@ def test_live_generator_replays_bundled_fixtures(replayed_cases: dict[str, Path]
     compared = [k for k in got if k.startswith(("output/", "grad/"))]
     assert set(compared) == {k for k in ref if k.startswith(("output/", "grad/"))}
     for key in compared:
-        scale = max(float(np.max(np.abs(ref[key]))), 1e-30)
-        rel = float(np.max(np.abs(got[key].astype(np.float64) - ref[key]))) / scale
         # same official code, same versions, same CPU backend: only float32 rounding may differ
         # (measured: 4.7e-7 on the layer, where forward and VJP are compiled as one function; 0 on the model)
-        assert rel <= 2e-6, f"{key}: replay differs from the fixture by {rel:.2e} of max|ref|"
+        check = compare(key, got[key], ref[key], 2e-6)
+        assert check.passed, f"replay differs from the fixture: {describe_check(check)}"
 
 
 # --------------------------------------------------------------------------- LaCT whole layer (issue 16)

@@ -18,7 +18,6 @@ identical to an uninterrupted one (tested).
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from ponder.adaptive import AdaptiveLM, detach_state
 from ponder.cache import CachedDoc
 from ponder.storage import clean_stale_tmp, load_checked, save_checked
+from ttt_common.train_utils import NonFiniteGuard
 
 CKPT_NAME = "ckpt.pt"
 
@@ -159,6 +159,7 @@ def train(model: AdaptiveLM, docs: list[CachedDoc], cfg: TrainConfig, run_dir: s
                           "extra": extra})
 
     model.train()
+    nonfinite = NonFiniteGuard()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(total=cfg.steps, initial=step, desc="[train] adaptive layer", disable=not progress, mininterval=1.0)
     while step < end:
@@ -171,15 +172,19 @@ def train(model: AdaptiveLM, docs: list[CachedDoc], cfg: TrainConfig, run_dir: s
         loss = lm
         if cfg.aux_recon_weight and recon.requires_grad:
             loss = loss + cfg.aux_recon_weight * recon.mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step + 1}: non-finite loss {float(loss)} (doc {docs[d].doc_id}, chunk {c}); "
-                                     "lower --lr")
+        # the trainers' one rule (ttt_common.train_utils.NonFiniteGuard): skip and count, stop after N in a row;
+        # the carried state is dropped, since it may be what made the loss non-finite
+        if not nonfinite.ok(step + 1, loss.detach(), where=f"doc {docs[d].doc_id}, chunk {c}"):
+            state = None
+            continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if not math.isfinite(float(norm)):
-                raise FloatingPointError(f"step {step + 1}: non-finite gradient norm; lower --lr")
+            if not nonfinite.ok(step + 1, loss.detach(), norm, where=f"doc {docs[d].doc_id}, chunk {c}"):
+                opt.zero_grad(set_to_none=True)
+                state = None
+                continue
         opt.step()
         state, state_doc = detach_state(new_state), d
         step += 1

@@ -48,6 +48,16 @@ def test_installed_package_runs_from_another_folder(installed):
     site, env, work = installed
     for name in SCRIPTS:
         assert (site / "bin" / name).is_file(), f"console script {name} not installed"
+    # only the project's own top-level names land in site-packages (no bare `tests`, `scripts`, `common`)
+    top = {p.name for p in site.iterdir() if p.is_dir() and not p.name.endswith(".dist-info") and p.name != "bin"}
+    assert top == {"official_port", "ponder", "lact", "parity", "ttt_common"}, sorted(top)
+    # every bundled fixture file and the live-mode JAX script travel with the package
+    fixtures = sorted(p.relative_to(ROOT / "parity").as_posix() for p in (ROOT / "parity" / "fixtures").rglob("*")
+                      if p.is_file() and p.name != "README.md")
+    installed_fixtures = sorted(p.relative_to(site / "parity").as_posix()
+                                for p in (site / "parity" / "fixtures").rglob("*") if p.is_file())
+    assert installed_fixtures == fixtures
+    assert (site / "parity" / "live_jax.py").is_file()
     code = ("import official_port, lact, ponder, parity, ttt_common\n"
             "from ttt_common.config_files import resolve_config\n"
             "print(official_port.__file__); print(resolve_config('lact_debug_r2'))\n"

@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ttt_common.files import atomic_write_text, fsync_dir
+
 _STEP_RE = re.compile(r"^step-(\d+)$")
 LATEST = "latest"
 META = "meta.json"
@@ -58,29 +60,6 @@ def _world() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _crc32(path: Path, chunk: int = 1 << 24) -> str:
@@ -204,7 +183,7 @@ class Checkpointer:
                     shutil.rmtree(p, ignore_errors=True)
                     done.append(f"removed leftover {p.name}")
         if done:
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         return done
 
     # ---------------------------------------------------------------- save
@@ -255,7 +234,7 @@ class Checkpointer:
                 json.dump(meta, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # re-saving a step (e.g. resumed then stopped at once): replace it
                 old = final.with_name(final.name + ".old")
                 if old.exists():
@@ -265,8 +244,8 @@ class Checkpointer:
                 shutil.rmtree(old)
             else:
                 os.rename(tmp, final)
-            _fsync_dir(self.folder)
-            _write_atomic(self.folder / LATEST, final.name + "\n")
+            fsync_dir(self.folder)
+            atomic_write_text(self.folder / LATEST, final.name + "\n")
             self._prune(step)
         _barrier()
         return final

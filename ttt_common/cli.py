@@ -3,7 +3,8 @@
 Exit codes, the same for every CLI of the project (documented in the README):
 
     0   finished
-    1   an unexpected internal error (a bug: the message says how to get the full traceback)
+    1   an unexpected internal error (a bug: the message says how to get the full traceback), or a
+        training run that diverged (`EXIT_DIVERGED`: non-finite losses for N steps in a row, said so)
     2   bad input: an option, a config key, a missing or damaged file (argparse uses 2 as well)
     75  stopped early by a signal (SIGTERM / SIGINT) after saving: rerun with --resume (EX_TEMPFAIL,
         so schedulers can tell "preempted" from "finished"); returned by the CLI that saved
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
+EXIT_DIVERGED = 1  # a training run stopped by `train_utils.NonFiniteGuard`
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130

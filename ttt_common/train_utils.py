@@ -85,3 +85,55 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def _py_state_to_list(state):
     version, internal, gauss = state
     return version, list(internal), gauss
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+class NonFiniteGuard:
+    """The one rule both trainers apply to a non-finite loss or gradient norm: skip the step and count it;
+    stop with `NonFiniteLossError` after `max_in_a_row` consecutive skips.
+
+    Why not stop at the first one: a rare overflow (one bad batch, a bf16 spike) costs a single step
+    and the run goes on, as in torchtitan and most LM trainers. Why not skip forever: a diverged model
+    gives non-finite losses at every step, and a run that silently skips them all wastes its budget.
+
+    Args:
+        max_in_a_row: consecutive non-finite steps tolerated (>= 1); the next one raises.
+
+    Attributes:
+        skipped: steps skipped so far (restore it on resume); in_a_row: the current streak.
+    """
+
+    def __init__(self, max_in_a_row: int = 10, skipped: int = 0):
+        if max_in_a_row < 1:
+            raise ValueError(f"max_in_a_row={max_in_a_row} must be >= 1 (non-finite steps tolerated in a row)")
+        self.max_in_a_row = max_in_a_row
+        self.skipped = skipped
+        self.in_a_row = 0
+
+    def ok(self, step: int, loss: float, grad_norm: float = 0.0, where: str = "") -> bool:
+        """True when `loss` and `grad_norm` are finite (take the step); False: skip it (counted).
+
+        Args:
+            step: the step's number, for the message.
+            loss, grad_norm: Python floats (or 0-d tensors).
+            where: what the step read (e.g. "doc 3, chunk 1"), for the message.
+
+        Raises:
+            NonFiniteLossError: this was the `max_in_a_row`-th non-finite step in a row.
+        """
+        loss, grad_norm = float(loss), float(grad_norm)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_in_a_row:
+            at = f" ({where})" if where else ""
+            raise NonFiniteLossError(
+                f"step {step}{at}: loss {loss} / grad norm {grad_norm} non-finite for {self.in_a_row} steps in a "
+                f"row ({self.skipped} skipped in all); the model has diverged: lower the learning rate or "
+                "resume from an earlier checkpoint")
+        return False

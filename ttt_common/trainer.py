@@ -5,7 +5,7 @@ device, apply activation checkpointing -> torch.compile -> FSDP2 from the outsid
 (`ttt_common/parallelize.py`), materialise, load weights initialised by the model's own `_init_weights`
 (computed once on rank 0 on the CPU with `--seed` and broadcast, so any world size starts from the
 same weights as one process), then loop: gradient accumulation, clipping, AdamW with linear warmup +
-cosine decay, non-finite steps skipped and counted, DCP checkpoints (`ttt_common/checkpoint.py`) at an
+cosine decay, non-finite steps skipped and counted (`train_utils.NonFiniteGuard`: N in a row stop the run), DCP checkpoints (`ttt_common/checkpoint.py`) at an
 interval, at the end and on SIGTERM; `--resume` continues the exact loss trajectory.
 
 Commands (see README):
@@ -43,12 +43,20 @@ import numpy as np
 import torch
 
 from ttt_common.checkpoint import Checkpointer, CheckpointError, model_fingerprint
-from ttt_common.cli import EXIT_BAD_INPUT, EXIT_PREEMPTED, UsageError, debug_enabled, run_cli
+from ttt_common.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, UsageError, debug_enabled, run_cli
 from ttt_common.config_files import resolve_config
 from ttt_common.metrics import MetricsLogger, peak_memory_gib
 from ttt_common.packing import PackedLoader, tokenize_and_pack
 from ttt_common.parallelize import materialize, meta_parameters, parallelize
-from ttt_common.train_utils import grad_norm_and_clip, lr_at, param_groups, rng_state, set_rng_state
+from ttt_common.train_utils import (
+    NonFiniteGuard,
+    NonFiniteLossError,
+    grad_norm_and_clip,
+    lr_at,
+    param_groups,
+    rng_state,
+    set_rng_state,
+)
 
 # --model -> (module, model class, config class). "llama" is a plain transformers baseline (attention
 # only) that runs through the same code path.
@@ -183,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--log-backend", default="", metavar="NAMES",
                    help="extra metric sinks, comma-separated: tensorboard (<out>/tensorboard), wandb; "
                         "metrics.jsonl is always written")
+    c.add_argument("--max-nonfinite-in-a-row", type=int, default=10, metavar="N",
+                   help="a step with a non-finite loss or grad norm is skipped and counted; N in a row stop the run "
+                        "with an error (the model has diverged; default 10)")
     c.add_argument("--inject-nonfinite", default="", metavar="STEPS",
                    help="debugging: comma-separated 1-based steps whose loss is multiplied by NaN (the step "
                         "must be skipped and counted)")
@@ -221,7 +232,8 @@ def validate_args(args: argparse.Namespace) -> None:
              ("--keep-checkpoints", args.keep_checkpoints, args.keep_checkpoints >= 1, ">= 1"),
              ("--log-every", args.log_every, args.log_every >= 1, ">= 1"),
              ("--eval-every", args.eval_every, args.eval_every >= 0, ">= 0"),
-             ("--eval-batches", args.eval_batches, args.eval_batches >= 1, ">= 1")]
+             ("--eval-batches", args.eval_batches, args.eval_batches >= 1, ">= 1"),
+             ("--max-nonfinite-in-a-row", args.max_nonfinite_in_a_row, args.max_nonfinite_in_a_row >= 1, ">= 1")]
     if args.threads is not None:
         rules.append(("--threads", args.threads, args.threads >= 1, ">= 1"))
     if args.max_docs is not None:
@@ -534,14 +546,11 @@ def evaluate(model, eval_data, args, device, rank: int, world: int, autocast) ->
             (args.seq_len - 1)}
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
+def check_run_inputs(args: argparse.Namespace, config, tokenizer) -> bool:
+    """Refuse, before any process group exists, a run that cannot work; fill `--precision`'s default.
 
-    from ttt_common.tokenizer import load_tokenizer
-
-    validate_args(args)
-    model_cls, config = load_model_config(args)
-    tokenizer = load_tokenizer(args.tokenizer)
+    Returns whether the process was started by torchrun (RANK and WORLD_SIZE set).
+    """
     n_tok = len(tokenizer)
     vocab = getattr(config, "vocab_size", None)
     if vocab is None or vocab < n_tok:
@@ -562,9 +571,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--no-fsdp runs one process only; drop it under torchrun with several ranks")
     if args.precision is None:
         args.precision = "bf16" if torch.cuda.is_available() else "fp32"
-    use_fsdp = not args.no_fsdp
-    out = Path(args.out)
-    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoints"
+    return distributed
+
+
+def open_checkpointer(args: argparse.Namespace, distributed: bool) -> tuple[Checkpointer, int | None]:
+    """The run's `Checkpointer` and its latest complete step (None: none). Rank 0 cleans what an
+    interrupted save left; an existing checkpoint without `--resume` is refused (nothing is overwritten)."""
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.out) / "checkpoints"
     checkpointer = Checkpointer(ckpt_dir, keep=args.keep_checkpoints)
     # decided before any process group exists, so a refused start costs nothing
     if not distributed or int(os.environ.get("RANK", 0)) == 0:
@@ -574,115 +587,182 @@ def run(args: argparse.Namespace) -> int:
     if existing is not None and not args.resume:
         raise UsageError(f"--checkpoint-dir {ckpt_dir} already holds a checkpoint (step {existing}); pass --resume "
                          "to continue it, or choose another --checkpoint-dir / --out")
+    return checkpointer, existing
 
+
+@dataclasses.dataclass
+class TrainRun:
+    """What one training run holds between steps (built by `build_run`, advanced by `train_loop`)."""
+
+    args: argparse.Namespace
+    config: object
+    device: torch.device
+    rank: int
+    world: int
+    loader: PackedLoader
+    data_fp: dict
+    eval_data: np.ndarray | None
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    fingerprint: dict
+    autocast: contextlib.AbstractContextManager
+    checkpointer: Checkpointer
+    n_sequences: int = 0
+    step: int = 0
+    tokens_seen: int = 0
+    guard: NonFiniteGuard = dataclasses.field(default_factory=NonFiniteGuard)
+
+    def trajectory_args(self) -> dict:
+        """The flags a resumed run must share with the saved one for the loss trajectory to continue."""
+        return {k: getattr(self.args, k) for k in ("batch_size", "grad_accum", "seq_len", "lr", "warmup_steps",
+                                                   "steps", "min_lr_ratio", "clip", "weight_decay", "seed")}
+
+    def save(self, logger: MetricsLogger) -> None:
+        """Collective: a DCP checkpoint of the model, optimizer and this rank's loop state at `step`."""
+        state = {"step": self.step, "loader": self.loader.state_dict(), "rng": rng_state(self.device),
+                 "skipped_steps": self.guard.skipped, "tokens_seen": self.tokens_seen,
+                 "trajectory_args": self.trajectory_args(), "data_fingerprint": self.data_fp}
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, state, self.fingerprint)
+        logger.write(f"saved checkpoint {path}")
+
+    def restore(self, step: int) -> None:
+        """Load checkpoint `step` into the model, optimizer, loader, RNG and counters; warn (rank 0) about
+        flags that differ from the saved run's."""
+        self.step, state = self.checkpointer.load(self.model, self.optimizer, step=step, fingerprint=self.fingerprint)
+        check_data_fingerprint(state.get("data_fingerprint"), self.data_fp)
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"], self.device)
+        self.guard.skipped, self.tokens_seen = int(state["skipped_steps"]), int(state["tokens_seen"])
+        for key, value in state.get("trajectory_args", {}).items():
+            if getattr(self.args, key, value) != value and self.rank == 0:
+                print(f"warning: resuming with --{key.replace('_', '-')}={getattr(self.args, key)} but the checkpoint "
+                      f"was written with {value}; the loss trajectory will differ", file=sys.stderr)
+
+
+def build_run(args: argparse.Namespace, model_cls, config, tokenizer, checkpointer: Checkpointer,
+              rank: int, world: int, device: torch.device) -> TrainRun:
+    """Data (train, eval), model (meta -> parallelize -> init), AdamW and the model fingerprint."""
+    torch.manual_seed(args.seed)
+    data = load_data(args, tokenizer, rank, world)
+    loader = PackedLoader(data, args.batch_size, rank=rank, world_size=world, seed=args.seed)
+    data_fp = data_fingerprint(args, tokenizer, data, args.dataset)
+    eval_data = None
+    if args.eval_every:
+        eval_data = load_data(args, tokenizer, rank, world, split="eval", dataset=args.eval_data)
+        if eval_data.shape[0] < args.batch_size * world:
+            raise UsageError(f"the eval data hold {eval_data.shape[0]} sequences, fewer than one global micro-batch "
+                             f"({args.batch_size} x {world} ranks); give more --eval-data or a shorter --seq-len")
+    model = build_model(model_cls, config, args, rank, world, device, not args.no_fsdp)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                                  betas=(args.beta1, args.beta2), eps=1e-8)
+    fingerprint = model_fingerprint(model, {"model": args.model, **config_dict(config)})
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                if (args.no_fsdp and args.precision == "bf16") else contextlib.nullcontext())
+    return TrainRun(args=args, config=config, device=device, rank=rank, world=world, loader=loader, data_fp=data_fp,
+                    eval_data=eval_data, model=model, optimizer=optimizer, fingerprint=fingerprint,
+                    autocast=autocast, checkpointer=checkpointer, n_sequences=int(data.shape[0]),
+                    guard=NonFiniteGuard(args.max_nonfinite_in_a_row))
+
+
+def open_logger(run_: TrainRun, start_step: int) -> MetricsLogger:
+    """The metrics logger (rank 0 writes), its first line, and `run_args.json` in the run folder."""
+    args, out = run_.args, Path(run_.args.out)
+    logger = MetricsLogger(out, total_steps=args.steps, start_step=start_step, enabled=run_.rank == 0,
+                           log_every=args.log_every, progress=not args.no_progress,
+                           backends=args.log_backends, run_config={k: v for k, v in vars(args).items()
+                                                                   if isinstance(v, (int, float, str, bool))})
+    n_params = sum(p.numel() for p in run_.model.parameters())
+    logger.write(f"model {args.model} ({type(run_.config).__name__}) {n_params / 1e6:.2f}M params | world {run_.world} | "
+                 f"device {run_.device.type} | {args.precision} | fsdp {not args.no_fsdp} | "
+                 f"AC {args.activation_checkpointing} | compile {args.compile} | {run_.n_sequences} sequences x "
+                 f"{args.seq_len} tokens | global batch {args.batch_size * run_.world * args.grad_accum} seqs"
+                 + (f" | resumed at step {start_step}" if start_step else ""))
+    if run_.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_args.json").write_text(json.dumps({k: v for k, v in vars(args).items()
+                                                       if k not in ("nonfinite_steps", "log_backends")},
+                                                      indent=1, sort_keys=True))
+    return logger
+
+
+def train_loop(run_: TrainRun, logger: MetricsLogger, stop: StopFlag) -> bool:
+    """Steps from `run_.step` to `--steps`: schedule, step, metrics, evaluation, interval/time/signal saves,
+    and a final save. Returns True when a signal stopped it."""
+    args, device = run_.args, run_.device
+    tokens_per_step = args.batch_size * run_.world * args.grad_accum * args.seq_len
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stopped_by_signal = False
+    last_saved = run_.step if run_.step else None
+    last_save_time = time.monotonic()
+    while run_.step < args.steps:
+        lr = lr_at(run_.step, lr=args.lr, warmup_steps=args.warmup_steps, total_steps=args.steps,
+                   min_lr_ratio=args.min_lr_ratio)
+        for group in run_.optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        loss, norm = train_step(run_.model, run_.optimizer, run_.loader, args, device, run_.step + 1, run_.autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        run_.step += 1
+        run_.tokens_seen += tokens_per_step
+        finite = run_.guard.ok(run_.step, loss, norm)  # raises after --max-nonfinite-in-a-row
+        if not finite:
+            logger.write(f"step {run_.step}: non-finite loss {loss} / grad norm {norm}: optimizer step skipped "
+                         f"({run_.guard.skipped} skipped so far)")
+        record = {"loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": tokens_per_step / dt,
+                  "step_time_s": dt, "peak_mem_gib": peak_memory_gib(device), "skipped_steps": run_.guard.skipped,
+                  "tokens_seen": run_.tokens_seen, "skipped": not finite}
+        if run_.eval_data is not None and (run_.step % args.eval_every == 0 or run_.step == args.steps):
+            record.update(evaluate(run_.model, run_.eval_data, args, device, run_.rank, run_.world, run_.autocast))
+        logger.log(record, run_.step)
+        time_due = bool(args.checkpoint_minutes) and time.monotonic() - last_save_time >= 60 * args.checkpoint_minutes
+        stop_now, save_now = stop.agreed(device, time_due)
+        if stop_now:
+            stopped_by_signal = True
+            break
+        step_due = bool(args.checkpoint_interval) and run_.step % args.checkpoint_interval == 0
+        if (step_due or save_now) and run_.step < args.steps:
+            run_.save(logger)
+            last_saved = run_.step
+            last_save_time = time.monotonic()
+    if last_saved != run_.step:
+        run_.save(logger)
+    return stopped_by_signal
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the inputs, start the process group, build, resume, loop, and report; returns the exit code
+    (0, or `EXIT_PREEMPTED` after a signal: the last step was saved, `--resume` continues it)."""
+    import torch.distributed as dist
+
+    from ttt_common.tokenizer import load_tokenizer
+
+    validate_args(args)
+    model_cls, config = load_model_config(args)
+    tokenizer = load_tokenizer(args.tokenizer)
+    distributed = check_run_inputs(args, config, tokenizer)
+    checkpointer, existing = open_checkpointer(args, distributed)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rank, world, device = setup_distributed(force_pg=use_fsdp)
+    rank, world, device = setup_distributed(force_pg=not args.no_fsdp)
     stop = StopFlag()
     try:
-        torch.manual_seed(args.seed)
-        data = load_data(args, tokenizer, rank, world)
-        loader = PackedLoader(data, args.batch_size, rank=rank, world_size=world, seed=args.seed)
-        data_fp = data_fingerprint(args, tokenizer, data, args.dataset)
-        eval_data = None
-        if args.eval_every:
-            eval_data = load_data(args, tokenizer, rank, world, split="eval", dataset=args.eval_data)
-            if eval_data.shape[0] < args.batch_size * world:
-                raise UsageError(f"the eval data hold {eval_data.shape[0]} sequences, fewer than one global micro-batch "
-                                 f"({args.batch_size} x {world} ranks); give more --eval-data or a shorter --seq-len")
-        model = build_model(model_cls, config, args, rank, world, device, use_fsdp)
-        optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                                      betas=(args.beta1, args.beta2), eps=1e-8)
-        fingerprint = model_fingerprint(model, {"model": args.model, **config_dict(config)})
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                    if (args.no_fsdp and args.precision == "bf16") else contextlib.nullcontext())
-
-        start_step, skipped, tokens_seen = 0, 0, 0
+        run_ = build_run(args, model_cls, config, tokenizer, checkpointer, rank, world, device)
         if args.resume and existing is not None:
-            start_step, state = checkpointer.load(model, optimizer, step=existing, fingerprint=fingerprint)
-            check_data_fingerprint(state.get("data_fingerprint"), data_fp)
-            loader.load_state_dict(state["loader"])
-            set_rng_state(state["rng"], device)
-            skipped, tokens_seen = int(state["skipped_steps"]), int(state["tokens_seen"])
-            for key, value in state.get("trajectory_args", {}).items():
-                if getattr(args, key, value) != value and rank == 0:
-                    print(f"warning: resuming with --{key.replace('_', '-')}={getattr(args, key)} but the checkpoint was "
-                          f"written with {value}; the loss trajectory will differ", file=sys.stderr)
-        logger = MetricsLogger(out, total_steps=args.steps, start_step=start_step, enabled=rank == 0,
-                               log_every=args.log_every, progress=not args.no_progress,
-                               backends=args.log_backends, run_config={k: v for k, v in vars(args).items()
-                                                                       if isinstance(v, (int, float, str, bool))})
-        n_params = sum(p.numel() for p in model.parameters())
-        logger.write(f"model {args.model} ({type(config).__name__}) {n_params / 1e6:.2f}M params | world {world} | "
-                     f"device {device.type} | {args.precision} | fsdp {use_fsdp} | AC {args.activation_checkpointing} | "
-                     f"compile {args.compile} | {data.shape[0]} sequences x {args.seq_len} tokens | "
-                     f"global batch {args.batch_size * world * args.grad_accum} seqs"
-                     + (f" | resumed at step {start_step}" if start_step else ""))
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "run_args.json").write_text(json.dumps({k: v for k, v in vars(args).items()
-                                                           if k not in ("nonfinite_steps", "log_backends")}, indent=1, sort_keys=True))
-
-        trajectory_args = {k: getattr(args, k) for k in ("batch_size", "grad_accum", "seq_len", "lr", "warmup_steps",
-                                                         "steps", "min_lr_ratio", "clip", "weight_decay", "seed")}
-
-        def save(step: int) -> None:
-            state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(device),
-                     "skipped_steps": skipped, "tokens_seen": tokens_seen, "trajectory_args": trajectory_args,
-                     "data_fingerprint": data_fp}
-            path = checkpointer.save(step, model, optimizer, state, fingerprint)
-            logger.write(f"saved checkpoint {path}")
-
+            run_.restore(existing)
+        logger = open_logger(run_, run_.step)
         stop.install()
-        tokens_per_step = args.batch_size * world * args.grad_accum * args.seq_len
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        step = start_step
-        stopped_by_signal = False
-        last_saved = start_step if start_step else None
-        last_save_time = time.monotonic()
-        while step < args.steps:
-            lr = lr_at(step, lr=args.lr, warmup_steps=args.warmup_steps, total_steps=args.steps,
-                       min_lr_ratio=args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
-            loss, norm = train_step(model, optimizer, loader, args, device, step + 1, autocast)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            step += 1
-            tokens_seen += tokens_per_step
-            finite = math.isfinite(loss) and math.isfinite(norm)
-            if not finite:
-                skipped += 1
-                logger.write(f"step {step}: non-finite loss {loss} / grad norm {norm}: optimizer step skipped "
-                             f"({skipped} skipped so far)")
-            record = {"loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": tokens_per_step / dt,
-                      "step_time_s": dt, "peak_mem_gib": peak_memory_gib(device), "skipped_steps": skipped,
-                      "tokens_seen": tokens_seen, "skipped": not finite}
-            if eval_data is not None and (step % args.eval_every == 0 or step == args.steps):
-                record.update(evaluate(model, eval_data, args, device, rank, world, autocast))
-            logger.log(record, step)
-            time_due = bool(args.checkpoint_minutes) and time.monotonic() - last_save_time >= 60 * args.checkpoint_minutes
-            stop_now, save_now = stop.agreed(device, time_due)
-            if stop_now:
-                stopped_by_signal = True
-                break
-            step_due = bool(args.checkpoint_interval) and step % args.checkpoint_interval == 0
-            if (step_due or save_now) and step < args.steps:
-                save(step)
-                last_saved = step
-                last_save_time = time.monotonic()
-        if last_saved != step:
-            save(step)
+        stopped_by_signal = train_loop(run_, logger, stop)
         if stopped_by_signal:
-            logger.write(f"stopped by signal at step {step}; resume with the same command plus --resume "
+            logger.write(f"stopped by signal at step {run_.step}; resume with the same command plus --resume "
                          f"(exit code {EXIT_PREEMPTED})")
         logger.close(plot=True)
+        out = Path(args.out)
         if rank == 0 and not stopped_by_signal:
-            print(f"done: {step} steps, {skipped} skipped; metrics in {out / 'metrics.jsonl'}, plot {out / 'loss.png'}",
-                  flush=True)
+            print(f"done: {run_.step} steps, {run_.guard.skipped} skipped; metrics in {out / 'metrics.jsonl'}, "
+                  f"plot {out / 'loss.png'}", flush=True)
         return EXIT_PREEMPTED if stopped_by_signal else 0
     finally:
         stop.uninstall()
@@ -784,6 +864,12 @@ def _main(argv: list[str] | None = None) -> int:
         prefix = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
         print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except NonFiniteLossError as err:  # the run diverged: not a bug, not bad input; the message says what to do
+        if debug_enabled():
+            raise
+        prefix = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
+        print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
 
 
 if __name__ == "__main__":

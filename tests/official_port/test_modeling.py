@@ -1,5 +1,5 @@
-"""Tests of `official_port.modeling_ttt`: parity with the official JAX model (fixtures), causality,
-any length, incremental decoding == full forward, generate(), gradient checkpointing, bf16 on
+"""Tests of `official_port.modeling_ttt` (parity with the official JAX model: the bundled fixtures in
+parity/test_parity.py): causality, any length, incremental decoding == full forward, generate(), gradient checkpointing, bf16 on
 CUDA, save/load and Auto registration."""
 
 from __future__ import annotations
@@ -10,11 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import official_port  # noqa: F401  (registers the Auto classes)
 from official_port import TTTCache, TTTConfig, TTTForCausalLM
-from parity.fixtures import BUNDLED, load_case
-from parity.official_model import run_case, run_checkpoint_case
 from ttt_common.hf_compat import CACHE_NAME, enable_activation_checkpointing
 
-MODEL_CASES = ["model_ttt_linear", "model_ttt_mlp", "model_self_attention"]
 VOCAB = 61
 
 
@@ -46,24 +43,7 @@ BLOCKS = [("ttt_linear", True), ("ttt_mlp", True), ("self_attention", False), ("
 BLOCK_IDS = [f"{b}{'-preconv' if c else ''}" for b, c in BLOCKS]
 
 
-# ------------------------------------------------------------------ parity with the official model
-@pytest.mark.parametrize("case_name", MODEL_CASES)
-def test_model_fixture_parity(case_name):
-    case = load_case(BUNDLED / "official" / f"{case_name}.json")
-    checks = run_case(case)
-    names = {c.name for c in checks}
-    assert {"output/logits", "output/loss"} <= names
-    # one gradient check per flax parameter of the case
-    assert sum(n.startswith("grad/param/") for n in names) == sum(k.startswith("param/") for k in case.arrays)
-    failed = [c for c in checks if not c.passed]
-    assert not failed, failed
-
-
-def test_checkpoint_fixture_parity():
-    case = load_case(BUNDLED / "checkpoints" / "model_ttt_linear_ckpt.json")
-    checks = run_checkpoint_case(case)
-    assert len(checks) == 2  # streaming_params and streaming_train_state
-    assert all(c.passed for c in checks), checks
+# The bundled model and checkpoint fixtures run once, in parity/test_parity.py.
 
 
 # ------------------------------------------------------------------ causality and any length

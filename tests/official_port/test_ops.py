@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from official_port.ops import InnerState, dual_ttt, naive_ttt
+from tests.helpers import assert_close
 
 B, H, D_HEAD, M = 2, 2, 4, 8
 DT = torch.float64
@@ -39,10 +40,6 @@ def run(op, kind, inp, init, state=None, **kw):
               inp["ln_bias"], state, init_params=init, **kw)
 
 
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("T, inner_steps", [(37, 1), (19, 2), (3, 1)])
 def test_dual_matches_naive_outputs_and_grads(kind, T, inner_steps):
@@ -50,13 +47,17 @@ def test_dual_matches_naive_outputs_and_grads(kind, T, inner_steps):
     o1, s1, st1 = run(dual_ttt, kind, inp, init, inner_steps=inner_steps, output_stats=True)
     o2, s2, st2 = run(naive_ttt, kind, inp, init, inner_steps=inner_steps, output_stats=True)
     tol = 1e-11
-    assert rel(o1, o2) < tol
-    for a, b in zip(s1.params, s2.params):
-        assert rel(a, b) < tol
+    assert_close("output", o2, o1, tol)
+    for i, (a, b) in enumerate(zip(s1.params, s2.params)):
+        assert_close(f"final param {i}", b, a, tol)
     assert torch.equal(s1.k, s2.k) and torch.equal(s1.gate, s2.gate)
     assert s1.num_buffered == T % M
     for a, b in zip(st1, st2):
-        assert a.shape == (B, H, T // M) and rel(a, b) < tol if T >= M else a.numel() == 0
+        if T >= M:
+            assert a.shape == (B, H, T // M)
+            assert_close("stat", b, a, tol)
+        else:
+            assert a.numel() == 0
     # one random cotangent on the outputs and on every final-state param
     g = torch.Generator().manual_seed(1)
     cots = [torch.randn(o1.shape, generator=g, dtype=DT)] + [torch.randn(p.shape, generator=g, dtype=DT)
@@ -72,7 +73,7 @@ def test_dual_matches_naive_outputs_and_grads(kind, T, inner_steps):
     for name, a, b in zip(names, g1, g2):
         assert (a is None) == (b is None), name
         if a is not None:
-            assert rel(a, b) < tol * 10, name
+            assert_close(f"grad {name}", b, a, tol * 10)
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
@@ -86,9 +87,9 @@ def test_dual_from_partial_state_matches_naive(kind):
         rest = {k: (v[:, :, 13:] if v.dim() >= 3 else v) for k, v in inp.items()}
         o1, s1, _ = run(dual_ttt, kind, rest, init, state=state)
         o2, s2, _ = run(naive_ttt, kind, rest, init, state=state)
-        assert rel(o1, o2) < 1e-8
-        for a, b in zip(s1.params, s2.params):
-            assert rel(a, b) < 1e-8
+        assert_close("output", o2, o1, 1e-8)
+        for i, (a, b) in enumerate(zip(s1.params, s2.params)):
+            assert_close(f"final param {i}", b, a, 1e-8)
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
@@ -103,9 +104,9 @@ def test_split_processing_equals_whole(kind, split):
             o, state, _ = run(dual_ttt, kind, part, init, state=state)
             outs.append(o)
             i += n
-    assert rel(torch.cat(outs, 2), whole) < 1e-12
-    for a, b in zip(state.params, s_whole.params):
-        assert rel(a, b) < 1e-12
+    assert_close("output", whole, torch.cat(outs, 2), 1e-12)
+    for i, (a, b) in enumerate(zip(state.params, s_whole.params)):
+        assert_close(f"final param {i}", b, a, 1e-12)
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])

@@ -328,6 +328,16 @@ def test_nonfinite_step_is_skipped_and_counted(train_mod, env, tmp_path):
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(optim_y[key][name])), (key, name)
 
 
+def test_nonfinite_steps_in_a_row_stop_the_run(train_mod, env, tmp_path, capsys):
+    """Skipping is for a rare bad step: N non-finite steps in a row stop the run with exit 1 and a message."""
+    args = BASE + ["--batch-size", "1", "--steps", "4", "--inject-nonfinite", "2,3", "--max-nonfinite-in-a-row", "2",
+                   "--out", str(tmp_path / "x")]
+    assert _main(train_mod, args) == 1
+    err = capsys.readouterr().err
+    assert "step 3" in err and "non-finite for 2 steps in a row" in err and "Traceback" not in err
+    assert [r["skipped"] for r in _records(tmp_path / "x")] == [False, True]  # step 3 raised before logging
+
+
 def test_manual_backprop_runs_under_fsdp_and_activation_checkpointing(train_mod, env, tmp_path, monkeypatch):
     from lact.ops.manual_backprop import LaCTSwiGLUFunction
 

@@ -1,0 +1,90 @@
+"""The shared RMSNorm and RoPE (`ttt_common.modules`): each float path against its own formula, and the
+LaCT (fla) and official (ttt-lm-jax) variants against each other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttt_common.modules import (
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary_half,
+    apply_rotary_interleaved,
+    rope_cos_sin,
+)
+
+
+def _norm_pair(d: int = 16) -> tuple[RMSNorm, RMSNorm]:
+    fla, official = RMSNorm(d, eps=1e-6), RMSNorm(d, eps=1e-6, scale_in_input_dtype=True)
+    with torch.no_grad():
+        w = torch.linspace(0.5, 1.5, d)
+        fla.weight.copy_(w)
+        official.weight.copy_(w)
+    return fla, official
+
+
+def test_rmsnorm_float_paths_follow_their_references():
+    fla, official = _norm_pair()
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0)) * 3
+    for dtype in (torch.float32, torch.float64):
+        xd = x.to(dtype)
+        # float32 / float64: the two orders are the same operations, bit for bit
+        assert torch.equal(fla.to(dtype)(xd), official.to(dtype)(xd)), dtype
+    xb = x.bfloat16()
+    xf = xb.float()
+    normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6)
+    w = fla.weight.float()
+    # fla: weight applied in float32, one rounding to bf16 at the end
+    assert torch.equal(fla.float()(xb), (normed * w).bfloat16())
+    # official: round the normalised value to bf16, then scale in bf16
+    assert torch.equal(official.float()(xb), normed.bfloat16() * w.bfloat16())
+    diff = (fla.float()(xb).float() - official.float()(xb).float()).abs()
+    assert 0 < diff.max() <= 2 * 2**-8 * (normed.abs() * w).max()  # differ, by about one bf16 rounding
+
+
+def test_rmsnorm_fused_residual_form():
+    fla, _ = _norm_pair()
+    x, r = torch.randn(2, 16, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)
+    y, s = fla.double()(x, r, prenorm=True)
+    assert torch.equal(s, x + r) and torch.equal(y, fla(x + r))
+
+
+def _half_to_interleaved(d: int) -> torch.Tensor:
+    """Channel order taking the NeoX layout (i pairs with i + d/2) to the interleaved one (2i with 2i+1)."""
+    return torch.stack((torch.arange(d // 2), torch.arange(d // 2) + d // 2), dim=-1).flatten()
+
+
+@pytest.mark.parametrize("correctly_rounded", [False, True])
+def test_rope_layouts_are_one_rotation_up_to_a_channel_permutation(correctly_rounded):
+    d, theta = 8, 500.0
+    x = torch.randn(2, 7, 3, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(100, 107)
+    cos, sin = rope_cos_sin(pos, d, theta, torch.float64, correctly_rounded=correctly_rounded)
+    perm = _half_to_interleaved(d)
+    half = apply_rotary_half(x, cos, sin)
+    inter = apply_rotary_interleaved(x[..., perm], cos, sin)
+    assert torch.equal(inter, half[..., perm])
+
+
+def test_rope_table_float_paths_and_rotation_properties():
+    d, theta = 16, 10000.0
+    pos = torch.arange(0, 8192, 7)
+    c32, s32 = rope_cos_sin(pos, d, theta)  # fla: float32 cos/sin
+    c64, s64 = rope_cos_sin(pos, d, theta, correctly_rounded=True)  # official: correctly rounded
+    ang = pos.float()[:, None] * (1.0 / theta ** (torch.arange(0, d, 2).float() / d))
+    assert torch.equal(c64, ang.double().cos().float()) and torch.equal(s64, ang.double().sin().float())
+    # the two paths differ by at most a few float32 roundings
+    assert (c32 - c64).abs().max() <= 4 * 2**-24 and (s32 - s64).abs().max() <= 4 * 2**-24
+    # a rotation: norms kept; q.k depends on the distance only
+    q, k = torch.randn(2, 1, 1, d, dtype=torch.float64).unbind(0)
+    rope = RotaryEmbedding(d, base=theta)
+    dots = []
+    for offset in (0, 5, 40):
+        qr, _ = rope(q, q, seqlen_offset=offset + 3)
+        kr, _ = rope(k, k, seqlen_offset=offset)
+        torch.testing.assert_close(qr.norm(), q.norm(), rtol=1e-7, atol=0)  # float32 cos/sin table
+        dots.append(float((qr * kr).sum()))
+    assert max(dots) - min(dots) < 1e-6 * max(abs(v) for v in dots)
+    with pytest.raises(ValueError, match="dim=7 must be even"):
+        RotaryEmbedding(7)
