@@ -1,59 +1,61 @@
-"""Learned gating policy: an actor-critic over per-chunk features, trained with PID-Lagrangian PPO.
+"""The learned gating policy: an actor-critic over causal per-chunk features, trained with
+PID-Lagrangian PPO on the training documents (the pieces: `ponder.rl`; the gate: `ponder.gates.ppo`).
 
-Reproduces the learned-policy design of PonderTTT at commit 350afb5 (deveworld/ponderTTT):
-`src/ponderttt/models/policy.py` (`PolicyNetwork`: a shared MLP trunk, a categorical actor head over
-SKIP/UPDATE_1/UPDATE_2/UPDATE_4 and a value head; `compute_gae`),
-`src/ponderttt/training/pid_lagrangian.py` (PPO's clipped objective, value loss and entropy bonus,
-with a budget constraint whose Lagrange multiplier is set by a PID controller, after Stooke et al.,
-"Responsive Safety in Reinforcement Learning by PID Lagrangian Methods", ICML 2020) and
-`src/ponderttt/utils/features.py` (features: model confidence, activation statistics, sequence
-statistics, history, budget left). That commit's rollout used placeholder rewards; here the
-rollout runs the real environment.
+Reproduces the learned policy of PonderTTT at commit 350afb5 (deveworld/ponderTTT,
+`models/policy.py`, `training/pid_lagrangian.py`); that commit's rollout used placeholder rewards,
+here the rollout runs the real environment. What differs, and why:
 
-What differs, and why:
-* Features are the core's causal per-chunk features (`ChunkContext.features`: statistics of the
-  tokens before chunk c only) plus this policy's own history (update rate and average cost so far
-  in the document, previous action, position), normalised by running mean/std frozen after
-  training. Chunk c's own tokens are never read, at training or evaluation.
-* Reward of chunk c = -(LM loss of chunk c under the chosen action) / s - lambda * cost_c / budget,
-  with s the standard deviation of the first rollout's loss rewards, so that lambda and the PID
-  gains mean the same whatever the model's loss scale (an update gains a few hundredths of a nat
-  or less). With `reward_baseline="skip"` (default) the chunk's SKIP loss is added back:
-  `-(L_a - L_SKIP) / s`. SKIP scores with the frozen backbone's own logits, so L_SKIP depends on the
-  data only, never on any action: adding it to every step changes no policy's ranking but removes
-  the data-difficulty variance that would otherwise drown the few-hundredths-of-a-nat effect of
-  an update in a CPU-sized number of samples. Labels are read only during training, on the train
-  split.
-* The multiplier follows Stooke et al.'s PID form (lambda = max(0, Kp e + I + Kd max(0, de)),
-  I = max(0, I + Ki e)), with e the relative cost violation (avg cost - budget) / budget,
-  instead of 350afb5's incremental update, so lambda falls back to 0 once the constraint is slack.
-* Greedy evaluation of a policy trained stochastically can land far from the budget (a 60/40
-  preference becomes 100/0), so after training, if the greedy policy overspends on the last
-  training rollout's features, a single offset on the SKIP logit is raised until it does not.
+* Actions. By default the policy chooses, like the other adaptive gates, between the skip action
+  (STATIC: the trained layer without an update) and one UPDATE_k (`actions="binary"`), so "PPO at
+  a matched update rate" is comparable with random and the reconstruction gate; `actions="all"`
+  offers every UPDATE_k as in 350afb5.
+* Reward of chunk c = (L_skip(c) - L_a(c)) / s - lambda cost_a / budget: the per-chunk advantage of
+  the chosen action over the skip action FROM THE SAME STATE (`env.loss_of`, labels, train split
+  only), so the skip action earns exactly 0 and the data difficulty of a chunk, which dwarfs the
+  effect of an update, cancels. s = the standard deviation of the update's per-chunk advantage in
+  the first rollout, so lambda and the PID gains mean the same whatever the loss scale.
+  cost_a = k / k_update (inner steps relative to the update action), budget = the target rate.
+* Budget. The multiplier lambda is set by a PID controller on the rollout's average cost
+  (`ponder.rl.PIDLagrangian`). At evaluation the policy's preference for updating (best update
+  logit minus the skip logit) is thresholded by a `RateThreshold` calibrated on the last rollouts'
+  features for the target rate and adapted online, exactly as the reconstruction gate's signal,
+  so the learned gate meets the same update rate (`match_rate=False`: greedy argmax instead).
+* Features: `ponder.rl.FeatureEncoder` (the core's causal features, incl. the previous chunk's
+  reconstruction loss and the chunk index, plus the policy's own history). Chunk c's tokens are
+  never read, at training or evaluation.
+* Evidence. Training also records, for every rollout chunk, the update's advantage over the skip
+  action, and reports (`diagnostics`) its scale, how often it is positive, each feature's
+  correlation with it and the trained score's: whether the features can predict the advantage at
+  all decides whether any gate can beat random.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from ponder.gates import Gate, _check_rate, _check_update_action
-from ponder.types import ACTIONS, flops_multiplier
-
-COSTS = torch.tensor([flops_multiplier(a) for a in ACTIONS])
-# the policy's own history features (appended after the core's feature keys)
-HISTORY_KEYS = ("hist_position", "hist_update_rate", "hist_cost_ratio") + tuple(
-    f"hist_prev_{a}" for a in ACTIONS
+from ponder.gates.base import RateThreshold
+from ponder.rl import (
+    ActorCritic,
+    FeatureEncoder,
+    PIDLagrangian,
+    RunningNorm,
+    compute_gae,
+    one_thread,
+    pearson,
+    ppo_update,
 )
+from ponder.types import INNER_STEPS, UPDATE_ACTIONS, ChunkContext
+
+if TYPE_CHECKING:
+    from ponder.env import PonderEnv
 
 
 @dataclass
@@ -68,15 +70,21 @@ class PPOConfig:
             bootstrapped with the value of the next chunk).
         epochs, minibatch_size, lr: the PPO optimisation (Adam).
         clip: PPO ratio clip epsilon.
-        gamma, gae_lambda: discount and GAE lambda; gamma is low because the data-driven variance
-            of later chunks' losses swamps the small effect an update has on them.
+        gamma, gae_lambda: discount and GAE lambda; gamma is low because an update's effect on later
+            chunks (through the carried state) is small beside the noise of their own advantages.
         value_coef, entropy_coef: weights of the value loss and the entropy bonus.
         pid_kp, pid_ki, pid_kd: PID gains of the Lagrange multiplier (lambda is in units of the
             reward scale s per unit of relative cost; see the module docstring).
         lambda_init: initial multiplier.
-        reward_baseline: "skip" (add back the chunk's SKIP loss, see the module docstring) or "none".
+        reward_baseline: "skip_action" (reward = advantage over the skip action from the same state,
+            see the module docstring) or "none" (reward = -L_a / s).
+        actions: "binary" (skip action or the update action) or "all" (skip action or any UPDATE_k).
+        match_rate: evaluate by thresholding the update preference for the target rate (default)
+            instead of greedy argmax.
+        calib_iters: how many of the last rollouts calibrate that threshold.
+        diagnostics: also compute the update's advantage on chunks where it was not taken (one more
+            layer pass per such chunk, training only) for `PPOPolicy.diagnostics`.
         max_seconds: stop starting new iterations after this wall-clock time.
-        calibrate_greedy: calibrate the greedy SKIP-logit offset after training.
     """
 
     hidden: int = 64
@@ -87,7 +95,7 @@ class PPOConfig:
     minibatch_size: int = 32
     lr: float = 1e-2
     clip: float = 0.2
-    gamma: float = 0.5
+    gamma: float = 0.25
     gae_lambda: float = 0.9
     value_coef: float = 0.5
     entropy_coef: float = 0.01
@@ -95,528 +103,287 @@ class PPOConfig:
     pid_ki: float = 0.2
     pid_kd: float = 0.0
     lambda_init: float = 0.0
-    reward_baseline: str = "skip"
+    reward_baseline: str = "skip_action"
+    actions: str = "binary"
+    match_rate: bool = True
+    calib_iters: int = 4
+    diagnostics: bool = True
     max_seconds: float = 45.0
-    calibrate_greedy: bool = True
 
     def __post_init__(self):
-        if self.reward_baseline not in ("skip", "none"):
-            raise ValueError(f"reward_baseline={self.reward_baseline!r} must be 'skip' or 'none'")
-        for name in ("hidden", "iterations", "docs_per_iter", "max_chunks_per_doc", "epochs", "minibatch_size"):
+        if self.reward_baseline not in ("skip_action", "none"):
+            raise ValueError(f"reward_baseline={self.reward_baseline!r} must be 'skip_action' or 'none'")
+        if self.actions not in ("binary", "all"):
+            raise ValueError(f"actions={self.actions!r} must be 'binary' or 'all'")
+        for name in ("hidden", "iterations", "docs_per_iter", "max_chunks_per_doc", "epochs", "minibatch_size",
+                     "calib_iters"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"PPOConfig.{name}={getattr(self, name)} must be >= 1")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.gae_lambda <= 1.0:
             raise ValueError(f"gamma={self.gamma} and gae_lambda={self.gae_lambda} must be in [0, 1]")
 
 
-class ActorCritic(nn.Module):
-    """Shared two-layer tanh trunk, a categorical actor head (4 logits) and a scalar value head.
-
-    Args:
-        n_features: F, the length of the (normalised) feature vector.
-        hidden: trunk width.
-        n_actions: number of actions (4).
-    """
-
-    def __init__(self, n_features: int, hidden: int = 64, n_actions: int = len(ACTIONS)):
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(n_features, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
-        self.actor = nn.Linear(hidden, n_actions)
-        self.critic = nn.Linear(hidden, 1)
-        # small actor init: the initial policy is close to uniform, so early rollouts explore
-        nn.init.normal_(self.actor.weight, std=0.01)
-        nn.init.zeros_(self.actor.bias)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, F] -> (logits [N, A], value [N])."""
-        h = self.trunk(x)
-        return self.actor(h), self.critic(h).squeeze(-1)
-
-
-class RunningNorm:
-    """Running mean / variance of feature vectors (Chan et al.'s parallel update); frozen at evaluation."""
-
-    def __init__(self, n: int):
-        self.mean = torch.zeros(n, dtype=torch.float64)
-        self.var = torch.ones(n, dtype=torch.float64)
-        self.count = 0.0
-
-    def update(self, x: torch.Tensor) -> None:
-        """Fold rows x [N, F] into the statistics; NaN entries (missing features) take their column's mean."""
-        x = x.to(torch.float64)
-        col_mean = torch.nan_to_num(torch.nanmean(x, 0), nan=0.0) if self.count == 0 else self.mean
-        x = torch.where(torch.isnan(x), col_mean.expand_as(x), x)
-        n = x.shape[0]
-        if n == 0:
-            return
-        bm, bv = x.mean(0), x.var(0, unbiased=False)
-        tot = self.count + n
-        delta = bm - self.mean
-        self.mean = self.mean + delta * n / tot
-        self.var = (self.var * self.count + bv * n + delta**2 * self.count * n / tot) / tot
-        self.count = tot
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x.to(torch.float64) - self.mean) / torch.sqrt(self.var + 1e-8)).clamp(-10, 10).float()
-
-
 @dataclass
-class PIDLagrangian:
-    """Lagrange multiplier of a cost constraint set by a PID controller (Stooke et al. 2020).
+class Episode:
+    """One document's rollout: per step the raw features, sampled action index, its log-prob and
+    value, the LM loss, the skip action's loss from the same state, the cost and (diagnostics) the
+    update's advantage over the skip action; `last_raw` the features after the last step (None at
+    the document's end)."""
 
-    `update(avg_cost)` with e = (avg_cost - budget) / budget:
-    I <- max(0, I + Ki e); lambda = max(0, Kp e + I + Kd max(0, e - e_prev)).
-    """
+    raw: list[torch.Tensor] = field(default_factory=list)
+    action: list[int] = field(default_factory=list)
+    logp: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    base: list[float] = field(default_factory=list)
+    cost: list[float] = field(default_factory=list)
+    advantage: list[float] = field(default_factory=list)
+    last_raw: torch.Tensor | None = None
 
-    budget: float
-    kp: float = 0.5
-    ki: float = 0.2
-    kd: float = 0.0
-    integral: float = 0.0
-    prev_error: float = 0.0
-    value: float = 0.0
-    history: list[float] = field(default_factory=list)
-
-    def __post_init__(self):
-        if not self.budget > 0:
-            raise ValueError(f"PIDLagrangian budget={self.budget} must be > 0 (an average cost multiplier)")
-        self.integral = max(self.integral, self.value)
-
-    def update(self, avg_cost: float) -> float:
-        e = (float(avg_cost) - self.budget) / self.budget
-        self.integral = max(0.0, self.integral + self.ki * e)
-        self.value = max(0.0, self.kp * e + self.integral + self.kd * max(0.0, e - self.prev_error))
-        self.prev_error = e
-        self.history.append(self.value)
-        return self.value
-
-
-def compute_gae(
-    rewards: torch.Tensor, values: torch.Tensor, last_value: float, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over one episode.
-
-    Args:
-        rewards, values: [T] per-step rewards and value estimates.
-        last_value: value of the state after the last step (0 when the document ended).
-    Returns:
-        (advantages [T], returns [T] = advantages + values).
-    """
-    T = rewards.shape[0]
-    adv = torch.zeros(T, dtype=torch.float64)
-    next_value, gae = float(last_value), 0.0
-    for t in range(T - 1, -1, -1):
-        delta = float(rewards[t]) + gamma * next_value - float(values[t])
-        gae = delta + gamma * lam * gae
-        adv[t] = gae
-        next_value = float(values[t])
-    return adv, adv + values.to(torch.float64)
-
-
-class FeatureEncoder:
-    """Turns a `ChunkContext` into the policy's raw feature vector, tracking the document's history.
-
-    Uses the core's numeric `ctx.features` (fixed key order, learned at the first context; a key
-    missing later counts as its running mean) and the history of this policy's own decisions in the
-    document. Never reads `ctx.current` or `ctx.oracle_losses`.
-    """
-
-    def __init__(self, target_rate: float, budget: float, keys: list[str] | None = None):
-        self.target_rate = target_rate
-        self.budget = budget
-        self.keys = list(keys) if keys is not None else None
-        self.reset()
-
-    def reset(self) -> None:
-        self.n, self.n_update, self.cost_sum, self.prev = 0, 0, 0.0, None
-
-    def observe(self, action: str) -> None:
-        self.n += 1
-        self.n_update += action != "SKIP"
-        self.cost_sum += flops_multiplier(action)
-        self.prev = action
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.keys or []) + list(HISTORY_KEYS)
-
-    def __call__(self, ctx: Any) -> torch.Tensor:
-        feats = ctx.features or {}
-        if self.keys is None:
-            self.keys = sorted(k for k, v in feats.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-        core = []
-        for k in self.keys:
-            v = feats.get(k)
-            v = float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else float("nan")
-            core.append(v)
-        rate = self.n_update / self.n if self.n else self.target_rate
-        cost_ratio = (self.cost_sum / self.n) / self.budget if self.n else 1.0
-        hist = [math.log1p(float(ctx.chunk_idx)), rate, cost_ratio] + [float(self.prev == a) for a in ACTIONS]
-        return torch.tensor(core + hist, dtype=torch.float64)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Run the policy's tiny matmuls on one thread: on a shared CPU, intra-op threads for 64-wide
-    layers spend far more time synchronising than computing (measured ~20x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def _fill_nan(x: torch.Tensor, norm: RunningNorm) -> torch.Tensor:
-    # a missing feature (e.g. no previous chunk yet) counts as the average: 0 after normalisation
-    return torch.where(torch.isnan(x), norm.mean.expand_as(x), x)
-
-
-def _skip_loss(env: Any, ctx: Any) -> float:
-    """The current chunk's SKIP loss (backbone logits: depends on the data only); training-time labels.
-
-    Read from the env's cached backbone statistics when it has them (`env.skip_loss()`, or
-    `env.docs[doc].chunks[c].skip_loss` of `ponder.env.PonderEnv`), else from `peek_losses`, which
-    may run every action.
-    """
-    if hasattr(env, "skip_loss"):
-        return float(env.skip_loss())
-    try:
-        return float(env.docs[ctx.doc_id].chunks[ctx.chunk_idx].skip_loss)
-    except (AttributeError, KeyError, IndexError, TypeError):
-        return float(env.peek_losses()["SKIP"])
+    def __len__(self) -> int:
+        return len(self.action)
 
 
 class PPOPolicy:
-    """The actor-critic, its feature encoder/normaliser, and PID-Lagrangian PPO training.
+    """The actor-critic, its feature encoder / normaliser, and PID-Lagrangian PPO training.
 
     Args:
-        target_rate: the budget as an update rate: the cost budget is the average cost of running
-            `update_action` on this fraction of chunks and SKIP on the rest, 1 + rate * (cost - 1).
-        update_action: the action the budget is expressed in (the policy may use any of the 4).
+        target_rate: the budget: average inner steps per chunk relative to `update_action`'s, i.e.
+            the update rate when only `update_action` is offered.
+        update_action: the UPDATE_k of the binary policy (and the budget's unit).
+        skip_action: what a chunk without update runs (STATIC or SKIP).
         config: `PPOConfig`.
         seed: seeds the network init, action sampling and document order.
     """
 
     def __init__(self, target_rate: float, update_action: str = "UPDATE_1", config: PPOConfig | None = None,
-                 seed: int = 0):
+                 seed: int = 0, skip_action: str = "STATIC"):
         self.target_rate = float(target_rate)
-        self.update_action = update_action
-        self.budget = 1.0 + self.target_rate * (flops_multiplier(update_action) - 1.0)
+        self.update_action, self.skip_action = update_action, skip_action
         self.config = config or PPOConfig()
         self.seed = int(seed)
-        self.encoder = FeatureEncoder(self.target_rate, self.budget)
+        updates = UPDATE_ACTIONS if self.config.actions == "all" else (update_action,)
+        self.actions: tuple[str, ...] = (skip_action, *updates)
+        self.costs = tuple(INNER_STEPS[a] / INNER_STEPS[update_action] for a in self.actions)
+        self.budget = self.target_rate
+        self.encoder = FeatureEncoder(self.actions, self.costs, self.budget)
         self.net: ActorCritic | None = None
         self.norm: RunningNorm | None = None
-        self.skip_offset = 0.0
+        self.rate = RateThreshold(self.target_rate, spec="ppo")
         self.pid = PIDLagrangian(self.budget, self.config.pid_kp, self.config.pid_ki, self.config.pid_kd,
                                  value=self.config.lambda_init)
         self.log: list[dict] = []
+        self.diagnostics: dict = {}
 
     # -- network ------------------------------------------------------------------------------
     def _build(self, n_features: int) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            self.net = ActorCritic(n_features, self.config.hidden)
+            self.net = ActorCritic(n_features, self.config.hidden, len(self.actions))
         self.norm = RunningNorm(n_features)
 
-    def _obs(self, ctx: Any) -> torch.Tensor:
+    def _obs(self, ctx: ChunkContext) -> torch.Tensor:
         raw = self.encoder(ctx)
         if self.net is None:
             self._build(raw.shape[0])
         return raw
 
-    def logits(self, raw: torch.Tensor) -> torch.Tensor:
-        """Greedy-evaluation logits of raw feature rows [N, F] -> [N, A] (SKIP offset applied)."""
-        assert self.net is not None and self.norm is not None
-        with torch.no_grad(), _one_thread():
-            logits, _ = self.net(self.norm(_fill_nan(raw, self.norm)))
-        logits = logits.clone()
-        logits[:, 0] += self.skip_offset
-        return logits
+    def forward(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw feature rows [N, F] -> (logits [N, A], values [N]) without gradients."""
+        with torch.no_grad(), one_thread():
+            return self.net(self.norm(raw))
+
+    def score(self, raw: torch.Tensor) -> torch.Tensor:
+        """[N] preference for updating: the best update logit minus the skip action's logit."""
+        logits, _ = self.forward(raw)
+        return logits[:, 1:].max(-1).values - logits[:, 0]
 
     # -- evaluation ---------------------------------------------------------------------------
     def reset(self) -> None:
         self.encoder.reset()
 
-    def act(self, ctx: Any) -> tuple[str, float]:
-        """Greedy action for `ctx` and its probability margin signal (P(non-SKIP))."""
+    def act(self, ctx: ChunkContext) -> tuple[str, float]:
+        """The action for `ctx` and the score it was based on."""
         if self.net is None:
             raise ValueError("PPO policy is not trained: call fit(env, train_doc_ids) or load() first")
-        logits = self.logits(self._obs(ctx)[None])[0]
-        probs = torch.softmax(logits, -1)
-        return ACTIONS[int(torch.argmax(logits))], float(1.0 - probs[0])
+        logits, _ = self.forward(self._obs(ctx)[None])
+        logits = logits[0]
+        score = float(logits[1:].max() - logits[0])
+        if self.config.match_rate:
+            if not self.rate.update(score):
+                return self.actions[0], score
+            return self.actions[1 + int(torch.argmax(logits[1:]))], score
+        return self.actions[int(torch.argmax(logits))], score
 
     def observe(self, action: str) -> None:
         self.encoder.observe(action)
+        if self.config.match_rate:
+            self.rate.observe(INNER_STEPS[action] > 0)
 
     # -- training -----------------------------------------------------------------------------
-    def _rollout(self, env: Any, doc_ids: list[str], gen: torch.Generator) -> dict[str, Any]:
-        cfg = self.config
+    def _rollout(self, env: PonderEnv, doc_ids: list[str], gen: torch.Generator) -> list[Episode]:
+        """Sample the stochastic policy on `doc_ids`; labels (`env.loss_of`) are read for the rewards."""
         episodes = []
         for doc_id in doc_ids:
+            ep = Episode()
             self.encoder.reset()
             ctx = env.reset(doc_id)
-            steps: dict[str, list] = {"raw": [], "action": [], "logp": [], "value": [], "loss": [], "cost": [],
-                                      "base": []}
-            while ctx is not None and len(steps["action"]) < cfg.max_chunks_per_doc:
+            while ctx is not None and len(ep) < self.config.max_chunks_per_doc:
                 raw = self._obs(ctx)
-                with torch.no_grad(), _one_thread():
-                    logits, value = self.net(self.norm(_fill_nan(raw[None], self.norm)))
-                dist = torch.distributions.Categorical(logits=logits[0])
-                a = int(torch.multinomial(dist.probs, 1, generator=gen))
-                base = _skip_loss(env, ctx) if cfg.reward_baseline == "skip" else 0.0
-                record, ctx = env.step(ACTIONS[a])
-                self.encoder.observe(ACTIONS[a])
-                steps["raw"].append(raw)
-                steps["action"].append(a)
-                steps["logp"].append(float(dist.log_prob(torch.tensor(a))))
-                steps["value"].append(float(value[0]))
-                steps["loss"].append(float(record.loss))
-                steps["cost"].append(float(record.cost))
-                steps["base"].append(base)
-            last_raw = self._obs(ctx) if ctx is not None else None
-            episodes.append((steps, last_raw))
-        return {"episodes": episodes}
+                logits, _ = self.forward(raw[None])
+                probs = torch.softmax(logits[0].double(), -1)
+                a = int(torch.multinomial(probs, 1, generator=gen))
+                action = self.actions[a]
+                base = env.loss_of(self.actions[0]) if self.config.reward_baseline == "skip_action" else 0.0
+                if self.config.diagnostics:
+                    ep.advantage.append(env.loss_of(self.actions[0]) - env.loss_of(self.update_action))
+                record, ctx = env.step(action)
+                self.encoder.observe(action)
+                ep.raw.append(raw)
+                ep.action.append(a)
+                ep.logp.append(float(torch.log(probs[a])))
+                ep.loss.append(float(record.loss))
+                ep.base.append(float(base))
+                ep.cost.append(self.costs[a])
+            ep.last_raw = self._obs(ctx) if ctx is not None else None
+            episodes.append(ep)
+        return episodes
 
-    def _update(self, batch: dict[str, torch.Tensor], gen: torch.Generator, opt: torch.optim.Optimizer) -> dict:
+    def _reward_scale(self, episodes: list[Episode]) -> float:
+        adv = [x for ep in episodes for x in (ep.advantage or [b - lo for b, lo in zip(ep.base, ep.loss)])]
+        s = float(torch.tensor(adv, dtype=torch.float64).std()) if len(adv) > 1 else 0.0
+        return s if math.isfinite(s) and s > 0 else 1.0
+
+    def _batch(self, episodes: list[Episode], scale: float, lam: float) -> dict[str, torch.Tensor]:
+        """PPO's batch: normalised observations, actions, behaviour log-probs (under the current
+        normaliser, so the ratio starts at exactly 1), GAE advantages and returns."""
         cfg = self.config
-        n = batch["obs"].shape[0]
-        adv = batch["adv"]
-        adv = (adv - adv.mean()) / (adv.std() + 1e-8) if n > 1 else adv
-        stats = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0}
-        count = 0
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(n, generator=gen)
-            for i in range(0, n, cfg.minibatch_size):
-                idx = perm[i:i + cfg.minibatch_size]
-                logits, value = self.net(batch["obs"][idx])
-                dist = torch.distributions.Categorical(logits=logits)
-                logp = dist.log_prob(batch["action"][idx])
-                ratio = torch.exp(logp - batch["logp"][idx])
-                a = adv[idx]
-                policy_loss = -torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a).mean()
-                value_loss = (value - batch["ret"][idx]).pow(2).mean()
-                entropy = dist.entropy().mean()
-                loss = policy_loss + cfg.value_coef * value_loss - cfg.entropy_coef * entropy
-                opt.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(self.net.parameters(), 0.5)
-                opt.step()
-                with torch.no_grad():
-                    stats["approx_kl"] += float(((ratio - 1) - torch.log(ratio)).mean())
-                stats["policy_loss"] += float(policy_loss.detach())
-                stats["value_loss"] += float(value_loss.detach())
-                stats["entropy"] += float(entropy.detach())
-                count += 1
-        return {k: v / max(count, 1) for k, v in stats.items()}
+        obs, acts, logps, advs, rets = [], [], [], [], []
+        for ep in episodes:
+            rewards = (torch.tensor(ep.base, dtype=torch.float64) - torch.tensor(ep.loss, dtype=torch.float64)) / scale
+            rewards = rewards - lam * torch.tensor(ep.cost, dtype=torch.float64) / self.budget
+            last_value = 0.0 if ep.last_raw is None else float(self.forward(ep.last_raw[None])[1][0])
+            o = self.norm(torch.stack(ep.raw))
+            with torch.no_grad():
+                logits, values = self.net(o)
+            act = torch.tensor(ep.action)
+            adv, ret = compute_gae(rewards, values.double(), last_value, cfg.gamma, cfg.gae_lambda)
+            obs.append(o)
+            acts.append(act)
+            logps.append(torch.log_softmax(logits, -1).gather(1, act[:, None])[:, 0])
+            advs.append(adv)
+            rets.append(ret)
+        return {"obs": torch.cat(obs), "action": torch.cat(acts), "logp": torch.cat(logps),
+                "adv": torch.cat(advs).float(), "ret": torch.cat(rets).float()}
 
-    def train(self, env: Any, doc_ids: list[str], verbose: bool = False) -> list[dict]:
-        """Train with PID-Lagrangian PPO on the environment's documents `doc_ids` (TRAIN split).
-
-        Returns the per-iteration log (avg loss, avg cost, update rate, lambda, PPO statistics).
-        """
+    def train(self, env: PonderEnv, doc_ids: list[str], verbose: bool = False) -> list[dict]:
+        """Train with PID-Lagrangian PPO on the environment's documents `doc_ids` (TRAIN split), then
+        calibrate the rate threshold and compute the diagnostics. Returns the per-iteration log."""
         if not doc_ids:
             raise ValueError("PPO training needs at least one training document id (doc_ids is empty)")
         cfg = self.config
         gen = torch.Generator().manual_seed(self.seed)
         order = [doc_ids[int(i)] for i in torch.randperm(len(doc_ids), generator=gen)]
-        # one warm-up context fixes the feature layout and builds the network
         self.encoder.reset()
-        self._obs(env.reset(order[0]))
+        self._obs(env.reset(order[0]))  # one warm-up context fixes the feature layout and builds the network
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + 1)
             opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
-        reward_scale = None
-        t0 = time.perf_counter()
-        last_raw: list[torch.Tensor] = []
+        scale, t0, recent = None, time.perf_counter(), []
         for it in range(cfg.iterations):
             docs = [order[(it * cfg.docs_per_iter + j) % len(order)] for j in range(cfg.docs_per_iter)]
-            roll = self._rollout(env, docs, gen)
-            # the network work of this iteration runs on one thread (see _one_thread)
-            with _one_thread():
-                all_raw = torch.stack([r for steps, _ in roll["episodes"] for r in steps["raw"]])
-                self.norm.update(all_raw)
-                costs = torch.tensor([c for steps, _ in roll["episodes"] for c in steps["cost"]], dtype=torch.float64)
-                lam = self.pid.value
-                obs, acts, logps, advs, rets = [], [], [], [], []
-                raw_rewards = torch.tensor(
-                    [-(lo - b) for steps, _ in roll["episodes"] for lo, b in zip(steps["loss"], steps["base"])],
-                    dtype=torch.float64)
-                if reward_scale is None:
-                    # one fixed scale s from the first rollout: LM-loss effects are O(1) in units of s whatever
-                    # the model, so lambda (in units of s per unit of relative cost) and the PID gains are too
-                    reward_scale = float(raw_rewards.std()) if raw_rewards.numel() > 1 and raw_rewards.std() > 0 else 1.0
-                for steps, last in roll["episodes"]:
-                    loss = torch.tensor(steps["loss"], dtype=torch.float64)
-                    base = torch.tensor(steps["base"], dtype=torch.float64)
-                    cost = torch.tensor(steps["cost"], dtype=torch.float64)
-                    rewards = -(loss - base) / reward_scale - lam * cost / self.budget
-                    last_value = 0.0
-                    if last is not None:
-                        with torch.no_grad():
-                            last_value = float(self.net(self.norm(_fill_nan(last[None], self.norm)))[1][0])
-                    # the rollout ran under the previous normaliser: recompute values and log-probs under
-                    # the updated one, so PPO's ratio starts at exactly 1
-                    o = self.norm(_fill_nan(torch.stack(steps["raw"]), self.norm))
-                    with torch.no_grad():
-                        logits, values = self.net(o)
-                    values = values.to(torch.float64)
-                    act = torch.tensor(steps["action"])
-                    logp_old = torch.log_softmax(logits, -1).gather(1, act[:, None])[:, 0]
-                    adv, ret = compute_gae(rewards, values, last_value, cfg.gamma, cfg.gae_lambda)
-                    obs.append(o)
-                    acts.append(act)
-                    logps.append(logp_old)
-                    advs.append(adv)
-                    rets.append(ret)
-                batch = {"obs": torch.cat(obs), "action": torch.cat(acts), "logp": torch.cat(logps).float(),
-                         "adv": torch.cat(advs).float(), "ret": torch.cat(rets).float()}
-                stats = self._update(batch, gen, opt)
-            avg_cost = float(costs.mean())
-            self.pid.update(avg_cost)
-            entry = {"iteration": it, "avg_loss": float(torch.tensor([lo for s, _ in roll["episodes"] for lo in s["loss"]]).mean()),
-                     "avg_gain": float(raw_rewards.mean()), "avg_cost": avg_cost, "budget": self.budget,
-                     "update_rate": float((batch["action"] != 0).float().mean()), "lambda_used": lam,
-                     "lambda_next": self.pid.value, "steps": int(batch["action"].numel()),
-                     "seconds": time.perf_counter() - t0, **stats}
-            self.log.append(entry)
-            last_raw = [r for steps, _ in roll["episodes"] for r in steps["raw"]]
-            if verbose:
-                print(f"[ppo] it {it}: loss {entry['avg_loss']:.4f} cost {avg_cost:.2f}/{self.budget:.2f} "
-                      f"rate {entry['update_rate']:.2f} lambda {self.pid.value:.4f}", flush=True)
+            episodes = self._rollout(env, docs, gen)
+            recent = (recent + [episodes])[-cfg.calib_iters:]
+            scale = scale or self._reward_scale(episodes)
+            lam = self.pid.value
+            with one_thread():
+                self.norm.update(torch.stack([r for ep in episodes for r in ep.raw]))
+                batch = self._batch(episodes, scale, lam)
+                stats = ppo_update(self.net, opt, batch, epochs=cfg.epochs, minibatch_size=cfg.minibatch_size,
+                                   clip=cfg.clip, value_coef=cfg.value_coef, entropy_coef=cfg.entropy_coef, gen=gen)
+            self._log_iteration(it, episodes, batch, stats, lam, scale, time.perf_counter() - t0, verbose)
             if time.perf_counter() - t0 > cfg.max_seconds:
                 break
-        if cfg.calibrate_greedy and last_raw:
-            self.calibrate_offset(torch.stack(last_raw))
+        rows = [ep for eps in recent for ep in eps]
+        raw = torch.stack([r for ep in rows for r in ep.raw])
+        self.rate.calibrate(self.score(raw).tolist())
+        self.diagnostics = self._diagnose(rows, raw, scale)
         self.encoder.reset()
         return self.log
 
-    def calibrate_offset(self, raw: torch.Tensor) -> float:
-        """Raise the SKIP logit just enough that the greedy actions on `raw` [N, F] cost <= the budget.
+    def _log_iteration(self, it: int, episodes: list[Episode], batch: dict, stats: dict, lam: float, scale: float,
+                       seconds: float, verbose: bool) -> None:
+        costs = [c for ep in episodes for c in ep.cost]
+        avg_cost = sum(costs) / len(costs)
+        self.pid.update(avg_cost)
+        loss = [x for ep in episodes for x in ep.loss]
+        gain = [b - lo for ep in episodes for b, lo in zip(ep.base, ep.loss)]
+        entry = {"iteration": it, "avg_loss": sum(loss) / len(loss), "avg_gain": sum(gain) / len(gain),
+                 "avg_cost": avg_cost, "budget": self.budget, "update_rate": float((batch["action"] != 0).float().mean()),
+                 "lambda_used": lam, "lambda_next": self.pid.value, "reward_scale": scale,
+                 "steps": int(batch["action"].numel()), "seconds": seconds, **stats}
+        self.log.append(entry)
+        if verbose:
+            print(f"[ppo] it {it}: gain over {self.actions[0]} {entry['avg_gain']:+.5f} cost {avg_cost:.2f}/"
+                  f"{self.budget:.2f} rate {entry['update_rate']:.2f} lambda {self.pid.value:.3f}", flush=True)
 
-        The budget is an upper bound: a greedy policy that already meets it keeps offset 0 (forcing
-        it to spend more would add updates the policy judged harmful). Otherwise the smallest offset
-        in [0, 20] found by bisection.
-        """
-        def greedy_cost(offset: float) -> float:
-            self.skip_offset = offset
-            return float(COSTS[self.logits(raw).argmax(-1)].mean())
-
-        if greedy_cost(0.0) <= self.budget:
-            return 0.0
-        lo, hi = 0.0, 20.0  # invariant: cost(lo) > budget >= cost(hi)
-        if greedy_cost(hi) > self.budget:
-            return hi
-        for _ in range(30):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if greedy_cost(mid) > self.budget else (lo, mid)
-        self.skip_offset = hi
-        return hi
+    def _diagnose(self, episodes: list[Episode], raw: torch.Tensor, scale: float) -> dict:
+        """Can the features predict the update's advantage? Computed on the last rollouts (train split)."""
+        adv = torch.tensor([x for ep in episodes for x in ep.advantage], dtype=torch.float64)
+        if adv.numel() != raw.shape[0] or adv.numel() < 3:
+            return {}
+        score = self.score(raw).double()
+        upd = torch.tensor([self.rate.update(float(s)) for s in score])
+        corr = {name: pearson(raw[:, i], adv) for i, name in enumerate(self.encoder.names)}
+        finite = {k: v for k, v in corr.items() if math.isfinite(v)}
+        return {"n_chunks": int(adv.numel()), "reward_scale": scale, "mean_advantage": float(adv.mean()),
+                "std_advantage": float(adv.std()), "frac_positive": float((adv > 0).double().mean()),
+                "feature_corr": corr,
+                "best_feature": max(finite, key=lambda k: abs(finite[k])) if finite else None,
+                "score_corr": pearson(score, adv),
+                "mean_advantage_updated": float(adv[upd].mean()) if upd.any() else float("nan"),
+                "mean_advantage_skipped": float(adv[~upd].mean()) if (~upd).any() else float("nan")}
 
     # -- persistence --------------------------------------------------------------------------
-    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        assert self.net is not None and self.norm is not None
-        tensors = {f"net.{k}": v.detach().clone().contiguous() for k, v in self.net.state_dict().items()}
-        tensors["norm.mean"] = self.norm.mean.clone()
-        tensors["norm.var"] = self.norm.var.clone()
-        meta = {"keys": self.encoder.keys, "skip_offset": self.skip_offset, "norm_count": self.norm.count,
-                "target_rate": self.target_rate, "update_action": self.update_action, "budget": self.budget,
-                "seed": self.seed, "config": asdict(self.config), "lambda": self.pid.value, "log": self.log}
-        return tensors, meta
+    def identity(self) -> dict:
+        """What a saved policy must match to be reused."""
+        return {"target_rate": self.target_rate, "update_action": self.update_action, "skip_action": self.skip_action,
+                "seed": self.seed, "config": asdict(self.config)}
 
     def save(self, path: str | Path) -> Path:
         """Write weights + normaliser to `path` (safetensors) and the rest to `path` with `.json`."""
+        if self.net is None or self.norm is None:
+            raise ValueError("PPO policy is not trained: nothing to save")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors, meta = self.state()
+        tensors = {f"net.{k}": v.detach().clone().contiguous() for k, v in self.net.state_dict().items()}
+        tensors["norm.mean"], tensors["norm.var"] = self.norm.mean.clone(), self.norm.var.clone()
+        meta = {"identity": self.identity(), "keys": self.encoder.keys, "norm_count": self.norm.count,
+                "threshold": self.rate.initial_threshold, "scale": self.rate.scale, "lambda": self.pid.value,
+                "log": self.log, "diagnostics": self.diagnostics}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         tmp.replace(path)
         meta_path = path.with_suffix(".json")
         tmp = meta_path.with_name(meta_path.name + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
+        tmp.write_text(json.dumps(meta, indent=1, default=lambda x: None))
         tmp.replace(meta_path)
         return path
 
-    def load(self, path: str | Path) -> None:
+    def load(self, path: str | Path) -> bool:
+        """Restore what `save` wrote; False (nothing loaded) when it is missing or was trained otherwise."""
         path = Path(path)
+        if not path.exists() or not path.with_suffix(".json").exists():
+            return False
         meta = json.loads(path.with_suffix(".json").read_text())
+        if meta.get("identity") != json.loads(json.dumps(self.identity())):
+            return False
         tensors = load_file(str(path))
         self.encoder.keys = meta["keys"]
-        self.config = PPOConfig(**meta["config"])
         self._build(len(self.encoder.names))
         self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         self.norm.mean, self.norm.var = tensors["norm.mean"], tensors["norm.var"]
         self.norm.count = float(meta["norm_count"])
-        self.skip_offset = float(meta["skip_offset"])
-        self.log = meta.get("log", [])
-
-
-class PPOGate(Gate):
-    """The learned policy as a gate (`ppo`): greedy actions from causal features only.
-
-    Args:
-        target_rate: budget as an update rate of `update_action` (see `PPOPolicy`).
-        update_action: the action the budget is expressed in.
-        seed: training seed.
-        config: `PPOConfig` (or a dict of its fields).
-        verbose: print one line per PPO iteration.
-    """
-
-    needs_recon_pass = True  # its features include the previous chunk's reconstruction loss
-
-    def __init__(self, target_rate: float, update_action: str = "UPDATE_1", seed: int = 0,
-                 config: PPOConfig | dict | None = None, verbose: bool = True):
-        super().__init__()
-        self.target_rate = _check_rate(target_rate, "ppo")
-        self.update_action = _check_update_action(update_action, "ppo")
-        if isinstance(config, dict):
-            config = PPOConfig(**config)
-        self.policy = PPOPolicy(self.target_rate, update_action, config, seed)
-        self.name = "ppo" if update_action == "UPDATE_1" else f"ppo:{update_action}"
-        self.verbose = verbose
-        self.train_seconds: float | None = None
-
-    def fit(self, env: Any, doc_ids: list[str]) -> None:
-        t0 = time.perf_counter()
-        self.policy.train(env, doc_ids, verbose=self.verbose)
-        self.train_seconds = time.perf_counter() - t0
-
-    def reset(self, doc_id: str) -> None:
-        super().reset(doc_id)
-        self.policy.reset()
-
-    def decide(self, ctx: Any) -> str:
-        action, p_update = self.policy.act(ctx)
-        self.last_signal = p_update
-        return action
-
-    def observe(self, record: Any) -> None:
-        super().observe(record)
-        self.policy.observe(record.action)
-
-    def describe(self) -> dict:
-        d = super().describe()
-        d.update(update_action=self.update_action, budget_cost=self.policy.budget,
-                 skip_offset=self.policy.skip_offset, train_seconds=self.train_seconds,
-                 train_log=self.policy.log[-1] if self.policy.log else None)
-        return d
-
-    def _path(self, folder: str | Path) -> Path:
-        return Path(folder) / f"policy_{self.name.replace(':', '_')}.safetensors"
-
-    def save(self, folder: str | Path) -> Path:
-        return self.policy.save(self._path(folder))
-
-    def load(self, folder: str | Path) -> bool:
-        path = self._path(folder)
-        if not path.exists() or not path.with_suffix(".json").exists():
-            return False
-        meta = json.loads(path.with_suffix(".json").read_text())
-        if (meta["target_rate"], meta["update_action"], meta["seed"]) != (
-            self.target_rate, self.update_action, self.policy.seed
-        ):
-            return False
-        self.policy.load(path)
+        if meta["threshold"] is not None:
+            self.rate.restore(meta["threshold"], meta["scale"])
+        self.log, self.diagnostics = meta.get("log", []), meta.get("diagnostics", {})
         return True

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ponder.gates import Gate
 from ponder.runner import default_args, evaluate_gate, run_experiment
-from ponder.types import ACTIONS
+from ponder.types import ALL_ACTIONS
 from tests.ponder.synthetic import synthetic_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,12 +33,13 @@ def make_tiny_gpt2(folder):
     return str(folder)
 
 
-class RecordingGate:
+class RecordingGate(Gate):
     """Stand-in gate: alternates SKIP / UPDATE_2 and records what the runner showed it."""
 
     name = "stand-in"
 
     def __init__(self, lookahead=False, uses_labels=False):
+        super().__init__()
         self.lookahead, self.uses_labels, self.target_rate = lookahead, uses_labels, 0.5
         self.seen, self.observed, self.last_signal = [], [], None
 
@@ -67,7 +69,7 @@ def test_protocol_shows_each_gate_only_what_it_may_see(lookahead, labels):
         assert (ctx.current is not None) == lookahead
         assert (ctx.oracle_losses is not None) == labels
         if labels:
-            assert set(ctx.oracle_losses) == set(ACTIONS)
+            assert set(ctx.oracle_losses) == set(ALL_ACTIONS)
         assert ctx.budget_left == pytest.approx(0.5 * ctx.n_chunks - (ctx.chunk_idx // 2))
     assert [r["action"] for r in rows[:3]] == ["SKIP", "UPDATE_2", "SKIP"]
     assert [r["gate_signal"] for r in rows[:3]] == [0.0, 1.0, 2.0]
