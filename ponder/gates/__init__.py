@@ -9,7 +9,7 @@ Adaptive Compute Allocation for Code Generation via Test-Time Training":
   target rate and adapted online (`gating/reconstruction.py`, `gating/ema.py`);
 * `oracle`: the label-reading upper bounds Oracle Recovery is measured against;
 * `ppo`: the learned actor-critic of commit 350afb5 trained with PID-Lagrangian PPO
-  (`ponder.policy`, pieces in `ponder.rl`).
+  (`ponder.gates.ppo`, pieces in `ponder.rl`).
 
 The adaptive gates choose per chunk between an UPDATE_k and their skip action, STATIC by default
 (the trained layer without an inner update): see `ponder.gates.base`.

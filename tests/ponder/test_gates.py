@@ -337,7 +337,7 @@ def test_static_skip_gates_are_causal_under_future_perturbation(spec, real_envs)
     check can fail."""
     import copy
 
-    from ponder.policy import PPOConfig
+    from ponder.gates.ppo import PPOConfig
     from ponder.runner import evaluate_gate
 
     train, held_out, perturbed = real_envs

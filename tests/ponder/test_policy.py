@@ -1,4 +1,4 @@
-"""Tests of ponder/rl.py and ponder/policy.py: GAE and PID by hand, PPO on a synthetic environment with a
+"""Tests of ponder/rl.py and ponder/gates/ppo.py: GAE and PID by hand, PPO on a synthetic environment with a
 known optimum, the learned gate's causality and persistence."""
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from ponder.gates import build_gate
-from ponder.gates.ppo import PPOGate
-from ponder.policy import PPOConfig
+from ponder.gates.ppo import PPOConfig, PPOGate
 from ponder.rl import PIDLagrangian, compute_gae
 from ponder.types import ACTIONS, ALL_ACTIONS, ChunkContext, ChunkRecord, flops_multiplier, is_update
 

@@ -166,7 +166,7 @@ def test_all_gates_with_the_real_env_and_report(tmp_path):
     """Integration: every gate spec (PPO included) fits on one PonderEnv, runs on another through the
     runner's protocol, and the report's numbers agree with the records."""
     from ponder.gates import GATE_SPECS, build_gate
-    from ponder.policy import PPOConfig
+    from ponder.gates.ppo import PPOConfig
     from ponder.runner import evaluate_gate
 
     train_env, eval_env = _tiny_ponder_env(2, seed=1), _tiny_ponder_env(2, seed=2)
