@@ -7,7 +7,8 @@ paper "When to Ponder" for the composition and the reconstruction gating), made 
 Modules: `types` (actions, cost model, records), `backbone` (frozen HF LM, offline fallback),
 `cache` (backbone outputs on disk), `simple_layer` (PonderTTT's own layer), `adaptive`
 (pre-norm -> TTT layer -> residual -> tied head), `env` (chunk-by-chunk evaluation), `train`
-(outer loop), `gates` / `policy` (which chunks to update), `runner` / `report` (the experiment).
+(outer loop), `gates` (package: which chunks to update; `build_gate` registry; the learned gate in `gates.ppo`),
+`rl` (its PPO pieces), `runner` / `report` (the experiment).
 Submodules are imported on use; importing `ponder` itself is cheap.
 """
 

@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
 from ponder.adaptive import AdaptiveLM
 from ponder.cache import CachedDoc
-from ponder.types import ACTIONS, INNER_STEPS, ChunkContext, ChunkRecord, check_action, is_update
+from ponder.types import ALL_ACTIONS, INNER_STEPS, ChunkContext, ChunkRecord, check_action, is_update
 
 PROTOCOLS = ("causal", "paper")
 
 
-def count_flops(fn) -> float:
+def count_flops(fn: Callable[[], object]) -> float:
     """Matmul FLOPs of `fn()` as counted by `torch.utils.flop_counter` (elementwise ops are not
     counted: they are a small share here and the same rule applies to every action)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -37,7 +38,7 @@ def count_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def head_only_flops(hidden_size: int, vocab_size: int):
+def head_only_flops(hidden_size: int, vocab_size: int) -> Callable[[int], float]:
     """A stand-in backbone FLOP count (the tied LM head alone, 2 T D V) for environments built
     without a backbone (tests); the runner passes the counted backbone instead."""
     return lambda n_tokens: 2.0 * n_tokens * hidden_size * vocab_size
@@ -62,7 +63,7 @@ class PonderEnv:
     """
 
     def __init__(self, model: AdaptiveLM, cached_docs: list[CachedDoc], max_memo: int = 128,
-                 backbone_flops=None, protocol: str = "causal"):
+                 backbone_flops: Callable[[int], float] | None = None, protocol: str = "causal"):
         if not cached_docs:
             raise ValueError("PonderEnv needs at least one cached document")
         self.model = model.eval()
@@ -203,11 +204,16 @@ class PonderEnv:
         wall = chunk.backbone_s + p["seconds"] + (time.perf_counter() - t0)
         return self._memoise(key, {"loss": loss, "state": p["state"], "wall_s": wall, "recon": recon})
 
-    def peek_losses(self) -> dict[str, float]:
-        """LM loss of the current chunk under every gate action (`ACTIONS`) from the current state.
-        Uses LABELS: for oracle gates only."""
+    def loss_of(self, action: str) -> float:
+        """LM loss of the current chunk under `action` from the current state (memoised). Uses LABELS:
+        for oracles and for training a learned gate on the train split, never for a causal decision."""
         self._require_active()
-        return {a: self._result(a)["loss"] for a in ACTIONS}
+        return float(self._result(check_action(action))["loss"])
+
+    def peek_losses(self) -> dict[str, float]:
+        """LM loss of the current chunk under every action (`ALL_ACTIONS`: the gate actions and STATIC)
+        from the current state. Uses LABELS: for oracle gates only."""
+        return {a: self.loss_of(a) for a in ALL_ACTIONS}
 
     def current_stats(self) -> dict[str, float]:
         """The current chunk's OWN self-supervised and confidence statistics (lookahead gates only)."""
@@ -247,6 +253,3 @@ class PonderEnv:
                       "action_steps": float(INNER_STEPS[action])}
         self._c += 1
         return record, (None if self.done() else self.context())
-
-    def clear_memo(self) -> None:
-        self._memo.clear()

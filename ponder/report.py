@@ -4,24 +4,28 @@ Reproduces the evaluation of PonderTTT's paper "When to Ponder: Adaptive Compute
 Code Generation via Test-Time Training" (deveworld/ponderTTT, later history): loss against compute
 for every fixed mode and gate, and Oracle Recovery,
 
-    OR = (L_skip - L_gate) / (L_skip - L_oracle(u_gate)),
+    OR = (L_B - L_gate) / (L_B - L_oracle(n_u)),
 
-the share of the loss reduction that the label-using budgeted oracle achieves at the SAME update
-rate u_gate which the gate achieves without labels (paper: 82-89% on GPT-2).
+the share of the loss reduction over the gate's baseline B that the label-using oracle achieves
+with the SAME number of updates n_u which the gate spends without labels (paper: 82-89% on GPT-2).
 
 Definitions used here (also printed under the table):
 * loss: mean next-token cross-entropy over all scored tokens of the evaluation chunks (token
   weighted), nats/token; ppl = exp(loss).
-* cost: mean theoretical FLOPs multiplier per chunk (SKIP 1, UPDATE_k 1 + 2k); wall vs SKIP:
-  measured seconds per chunk relative to the fixed SKIP run on the same chunks.
-* update rate u: fraction of chunks whose action is not SKIP.
-* L_oracle(u): the budgeted oracle's loss at rate u for the gate's update action (UPDATE_1 unless
-  the gate's name ends in `:UPDATE_k`), read from the measured points (0, L_skip), every
-  budgeted-oracle run (u_bo, L_bo) and (1, L of fixed:UPDATE_k), linearly interpolated in u. At the
-  target rate, where both the gates and the budgeted oracle are run, no interpolation is involved.
+* cost: counted FLOPs of what ran over SKIP's (the runner's records), and measured wall-clock per
+  chunk relative to the fixed SKIP run on the same chunks.
+* update rate u: fraction of chunks run with an UPDATE_k (SKIP and STATIC take no inner step).
+* baseline B (`baseline_of`): fixed:STATIC for gates that run STATIC on the chunks they do not
+  update (the adaptive gates' default), fixed:SKIP for gates that skip to the bare backbone.
+* L_oracle(n_u) (`exact_rate_references`): UPDATE the n_u chunks with the largest per-chunk
+  advantage L_B - L_UPDATE_k of the fixed runs, B elsewhere: no interpolation between rates. Also
+  the expected random gate at n_u, and the gate's own picks scored with the fixed runs' losses,
+  which separates "does it pick the chunks that gain" from the effect of its carried state.
 * Lookahead gates (which read chunk c's own statistics before scoring chunk c) and label-using
   oracles are listed in separate sections; a lookahead gate's Oracle Recovery is not comparable to
   a causal gate's, and the report prints the difference between each gate and its causal twin.
+* Every loss, difference and recovery carries a 95% paired bootstrap interval (`ponder.stats`);
+  the plots draw them.
 """
 
 from __future__ import annotations
@@ -131,61 +135,81 @@ def interpolate(curve: list[tuple[float, float]], u: float) -> float:
     return float("nan")
 
 
+def baseline_of(records: list[dict], gate: str) -> str:
+    """The fixed run a gate's chunks without update are compared with: `fixed:STATIC` when every
+    chunk it did not update ran STATIC (the adaptive gates' default skip action), else `fixed:SKIP`;
+    `paper:fixed:SKIP` (the paper's SKIP, i.e. STATIC) for paper-protocol runs."""
+    if gate.startswith("paper:"):
+        return "paper:fixed:SKIP"
+    skips = {r["action"] for r in records if _gate_of(r) == gate and not is_update(r["action"])}
+    return "fixed:STATIC" if skips == {"STATIC"} else "fixed:SKIP"
+
+
 def exact_rate_references(records: list[dict], gate: str, update_action: str = "UPDATE_1") -> dict[str, list[dict]]:
-    """Per-chunk rows of the two references of `gate` at its EXACT number of updates n_u (no interpolation).
+    """Per-chunk rows of three references of `gate` at its EXACT number of updates n_u (no interpolation).
 
-    * `oracle@<gate>`: UPDATE the n_u chunks with the largest token-weighted per-chunk gain
-      (`per_chunk_gains`: SKIP loss - loss under fixed:update_action; ties: earlier chunk first),
-      i.e. `BudgetedOracleGate.make_plan` at rate n_u / N, each chunk scored with its loss on that
-      trajectory. This is the paper's recovery oracle (greedy top-u by per-chunk advantage).
-    * `random@<gate>`: the EXPECTED loss of a gate updating n_u chunks uniformly at random: every
-      chunk at SKIP loss - (n_u / N) x its gain.
+    With B = `baseline_of(gate)` (fixed:STATIC for gates that skip to STATIC) and the per-chunk
+    advantage g_k = L_B(k) - L_update(k) of the fixed runs (`per_chunk_gains`):
 
-    Empty when fixed:SKIP / fixed:update_action did not run on the gate's chunks, or n_u is 0.
+    * `oracle@<gate>`: UPDATE the n_u chunks with the largest token-weighted advantage (ties:
+      earlier chunk first), i.e. `BudgetedOracleGate.make_plan` at rate n_u / N, every other chunk
+      at L_B: the paper's recovery oracle (greedy top-u by per-chunk advantage).
+    * `random@<gate>`: the EXPECTED loss of updating n_u chunks uniformly at random: every chunk at
+      L_B(k) - (n_u / N) g_k.
+    * `picks@<gate>`: the gate's own choice of chunks scored with the fixed runs' losses (L_update on
+      the chunks it updated, L_B on the others). It differs from the gate's measured loss only by
+      the carried state (the gate's own trajectory vs the fixed runs'): recovery computed from it
+      measures "does the gate pick the chunks that gain" alone.
+
+    Empty when B / fixed:update_action did not run on the gate's chunks, or n_u is 0.
     """
     from ponder.gates import BudgetedOracleGate
 
     rows = [r for r in records if _gate_of(r) == gate]
+    base = baseline_of(records, gate)
     prefix = "paper:" if gate.startswith("paper:") else ""
-    gains = per_chunk_gains(records, update_action, prefix)
+    gains = per_chunk_gains(records, update_action, prefix, base.rpartition(":")[2])
     upd = _chunk_map(records, f"{prefix}fixed:{update_action}")
     keys = [(r["doc_id"], int(r["chunk_idx"])) for r in rows]
     if not rows or any(k not in gains for k in keys):
         return {}
-    n_u = sum(is_update(r["action"]) for r in rows)
-    if n_u == 0:
+    updated = {(r["doc_id"], int(r["chunk_idx"])) for r in rows if is_update(r["action"])}
+    if not updated:
         return {}
     ntok = {(r["doc_id"], int(r["chunk_idx"])): int(r["n_tokens"]) for r in rows}
-    plan = BudgetedOracleGate.make_plan({k: gains[k] for k in keys}, n_u / len(keys), n_tokens=ntok)
-    u = n_u / len(keys)
-    out = {f"oracle@{gate}": [], f"random@{gate}": []}
+    u = len(updated) / len(keys)
+    plan = BudgetedOracleGate.make_plan({k: gains[k] for k in keys}, u, n_tokens=ntok)
+    out: dict[str, list[dict]] = {f"{ref}@{gate}": [] for ref in ("oracle", "random", "picks")}
     for k in keys:
-        skip = upd[k] + gains[k]
-        base = {"doc_id": k[0], "chunk_idx": k[1], "n_tokens": ntok[k]}
-        out[f"oracle@{gate}"].append(dict(base, gate=f"oracle@{gate}", loss=upd[k] if k in plan else skip))
-        out[f"random@{gate}"].append(dict(base, gate=f"random@{gate}", loss=skip - u * gains[k]))
+        b = upd[k] + gains[k]
+        row = {"doc_id": k[0], "chunk_idx": k[1], "n_tokens": ntok[k]}
+        out[f"oracle@{gate}"].append(dict(row, gate=f"oracle@{gate}", loss=upd[k] if k in plan else b))
+        out[f"random@{gate}"].append(dict(row, gate=f"random@{gate}", loss=b - u * gains[k]))
+        out[f"picks@{gate}"].append(dict(row, gate=f"picks@{gate}", loss=upd[k] if k in updated else b))
     return out
 
 
 def add_oracle_recovery(stats: dict[str, dict], records: list[dict] | None = None, n_boot: int = 1000,
-                        seed: int = 0) -> None:
-    """Fill into every gate's stats, in place: `oracle_loss` and `oracle_recovery` against the
-    oracle at the gate's exact update count, `random_loss` and `recovery_vs_random` against the
-    expected random gate at that count (`exact_rate_references`), `wall_vs_skip`, and, with
+                        seed: int = 0):
+    """Fill into every gate's stats, in place: `baseline` (`baseline_of`), `oracle_loss` and
+    `oracle_recovery` = (L_B - L_gate) / (L_B - L_oracle) against the oracle at the gate's exact
+    update count, `random_loss` and `recovery_vs_random` = (L_random - L_gate) / (L_random - L_oracle)
+    against the expected random gate at that count, `picks_recovery_vs_random` (the same with the
+    gate's picks scored by the fixed runs: `exact_rate_references`), `wall_vs_skip`, and, with
     `records`, paired bootstrap intervals `<key>_ci` (`ponder.stats`) for the loss, the gains over
-    SKIP and STATIC and both recoveries. Without `records` (stats only), recoveries are NaN."""
+    SKIP and STATIC and the recoveries. Without `records` (stats only), recoveries are NaN.
+
+    Returns the `ponder.stats.Bootstrap` used (None without records), for further paired intervals."""
     skip_name = next((n for n in SKIP_NAMES if n in stats), None)
     skip = stats.get(skip_name) if skip_name else None
     static_name = next((n for n in ("fixed:STATIC", "STATIC") if n in stats), None)
     for s in stats.values():
         if skip is not None and skip.get("wall_s_per_chunk"):
             s.setdefault("wall_vs_skip", s["wall_s_per_chunk"] / skip["wall_s_per_chunk"])
-        s.setdefault("oracle_loss", float("nan"))
-        s.setdefault("oracle_recovery", float("nan"))
-        s.setdefault("random_loss", float("nan"))
-        s.setdefault("recovery_vs_random", float("nan"))
+        for key in ("oracle_loss", "oracle_recovery", "random_loss", "recovery_vs_random", "picks_recovery_vs_random"):
+            s.setdefault(key, float("nan"))
     if not records or skip is None:
-        return
+        return None
     from ponder.stats import Bootstrap, interval
 
     refs: dict[str, list[dict]] = {}
@@ -197,59 +221,53 @@ def add_oracle_recovery(stats: dict[str, dict], records: list[dict] | None = Non
     boot = Bootstrap(rows, n_boot=n_boot, seed=seed)
     L = {g: boot.losses(g) for g in boot.gates()}
     point = {g: (sum(r["loss"] * r["n_tokens"] for r in v) / sum(r["n_tokens"] for r in v)) for g, v in refs.items()}
+
+    def recovery(key: str, s: dict, top: str, value: float, lo: str, hi: str, bottom: str) -> None:
+        # (L_top - L_value) / (L_top - L_bottom) and its paired bootstrap interval
+        s[key] = oracle_recovery(top if isinstance(top, float) else point[top], value, point[bottom])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            reps = (L[lo] - L[hi]) / (L[lo] - L[bottom])
+        s[f"{key}_ci"] = interval(reps) if math.isfinite(s[key]) else (float("nan"),) * 2
+
     for name, s in stats.items():
         s["loss_ci"] = interval(L[name])
         s["gain_vs_skip"] = skip["loss"] - s["loss"]
         s["gain_vs_skip_ci"] = interval(L[skip_name] - L[name])
-        if name.startswith("paper:") and "paper:fixed:SKIP" in stats:
-            # the paper's SKIP (the layer without an update) is its own baseline and recovery reference
-            ps = stats["paper:fixed:SKIP"]
-            s["gain_vs_static"] = ps["loss"] - s["loss"]
-            s["gain_vs_static_ci"] = interval(L["paper:fixed:SKIP"] - L[name])
-            o, r = f"oracle@{name}", f"random@{name}"
-            if o in point:
-                s["oracle_ref"] = "paper: greedy top-u chunks by per-chunk advantage"
-                s["oracle_loss"], s["random_loss"] = point[o], point[r]
-                s["oracle_recovery"] = oracle_recovery(ps["loss"], s["loss"], point[o])
-                s["recovery_vs_random"] = oracle_recovery(point[r], s["loss"], point[o])
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    rec = (L["paper:fixed:SKIP"] - L[name]) / (L["paper:fixed:SKIP"] - L[o])
-                    rec_r = (L[r] - L[name]) / (L[r] - L[o])
-                s["oracle_recovery_ci"] = interval(rec)
-                s["recovery_vs_random_ci"] = interval(rec_r)
-            continue
-        if static_name:
-            s["gain_vs_static"] = stats[static_name]["loss"] - s["loss"]
-            s["gain_vs_static_ci"] = interval(L[static_name] - L[name])
-        o, r = f"oracle@{name}", f"random@{name}"
+        paper = name.startswith("paper:") and "paper:fixed:SKIP" in stats
+        ref_static = "paper:fixed:SKIP" if paper else static_name  # the paper's SKIP is our STATIC
+        if ref_static and not (name.startswith("paper:") and not paper):
+            s["gain_vs_static"] = stats[ref_static]["loss"] - s["loss"]
+            s["gain_vs_static_ci"] = interval(L[ref_static] - L[name])
+        o, r, p = f"oracle@{name}", f"random@{name}", f"picks@{name}"
         if o not in point:
             continue
-        s["oracle_ref"] = f"top-{s['update_rate']:.3f} chunks by gain under fixed:{update_action_of(name)}"
+        base = baseline_of(records, name)
+        s["baseline"] = base
+        s["oracle_ref"] = (f"top-{s['update_rate']:.3f} chunks by per-chunk advantage of "
+                           f"{update_action_of(name)} over {base}")
         s["oracle_loss"], s["random_loss"] = point[o], point[r]
-        s["oracle_recovery"] = oracle_recovery(skip["loss"], s["loss"], point[o])
-        s["recovery_vs_random"] = oracle_recovery(point[r], s["loss"], point[o])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rec = (L[skip_name] - L[name]) / (L[skip_name] - L[o])
-            rec_r = (L[r] - L[name]) / (L[r] - L[o])
-        s["oracle_recovery_ci"] = interval(rec) if math.isfinite(s["oracle_recovery"]) else (float("nan"),) * 2
-        s["recovery_vs_random_ci"] = interval(rec_r) if math.isfinite(s["recovery_vs_random"]) else (float("nan"),) * 2
+        recovery("oracle_recovery", s, float(stats[base]["loss"]), s["loss"], base, name, o)
+        recovery("recovery_vs_random", s, r, s["loss"], r, name, o)
+        recovery("picks_recovery_vs_random", s, r, point[p], r, p, o)
     stats_meta = {"n_docs": boot.n_docs, "n_chunks": boot.n_chunks, "n_boot": n_boot}
     for s in stats.values():
         s["bootstrap"] = stats_meta
+    return boot
 
 
 def _chunk_map(records: list[dict], gate: str, field: str = "loss") -> dict[tuple[str, int], float]:
     return {(r["doc_id"], int(r["chunk_idx"])): r.get(field) for r in records if _gate_of(r) == gate}
 
 
-def per_chunk_gains(records: list[dict], update_action: str = "UPDATE_1", prefix: str = "") -> dict[tuple[str, int], float]:
-    """Gain of every chunk under fixed:update_action: its SKIP loss minus its loss (nats/token).
-    `prefix` "paper:" reads the paper-protocol runs (`paper:fixed:...`)."""
+def per_chunk_gains(records: list[dict], update_action: str = "UPDATE_1", prefix: str = "",
+                    base: str = "SKIP") -> dict[tuple[str, int], float]:
+    """Advantage of every chunk under fixed:update_action over fixed:`base` (SKIP or STATIC): its
+    `base` loss minus its loss (nats/token). `prefix` "paper:" reads the paper-protocol runs."""
     upd = _chunk_map(records, f"{prefix}fixed:{update_action}")
-    skip = _chunk_map(records, f"{prefix}fixed:SKIP")
-    if not skip and not prefix:  # the runner also stores each chunk's SKIP loss on every record
-        skip = {(r["doc_id"], int(r["chunk_idx"])): r["skip_loss"] for r in records if r.get("skip_loss") is not None}
-    return {k: skip[k] - v for k, v in upd.items() if k in skip and v is not None}
+    ref = _chunk_map(records, f"{prefix}fixed:{base}")
+    if not ref and base == "SKIP" and not prefix:  # the runner also stores each chunk's SKIP loss on every record
+        ref = {(r["doc_id"], int(r["chunk_idx"])): r["skip_loss"] for r in records if r.get("skip_loss") is not None}
+    return {k: ref[k] - v for k, v in upd.items() if k in ref and v is not None}
 
 
 def _pearson(xs: list[float], ys: list[float]) -> float:
@@ -265,25 +283,46 @@ def _pearson(xs: list[float], ys: list[float]) -> float:
     return sxy / math.sqrt(sxx * syy) if sxx > tiny * (1 + mx * mx) and syy > tiny * (1 + my * my) else float("nan")
 
 
-def signal_correlations(records: list[dict], stats: dict[str, dict]) -> dict[str, dict]:
-    """Per gate with a numeric `gate_signal`: Pearson correlation of its signal with the chunk's
-    UPDATE gain (under fixed:UPDATE_k), and the mean gain of the chunks it updated vs skipped."""
+def signal_correlations(records: list[dict], stats: dict[str, dict], boot=None) -> dict[str, dict]:
+    """Does the gate pick the chunks that gain? Per non-fixed gate, with g_k the per-chunk advantage
+    of its update action over its baseline (`baseline_of`: STATIC for gates that skip to STATIC) in
+    the fixed runs: the Pearson correlation of its `gate_signal` with g_k, the mean g_k of the chunks
+    it updated and of those it did not, and their difference; with `boot` (the paired bootstrap of
+    `add_oracle_recovery`), 95% intervals of the three means over the same resampled chunks."""
+    from ponder.stats import interval
+
     out = {}
     for name in stats:
-        if name.startswith("fixed:"):
+        if name.startswith(("fixed:", "paper:fixed:")):
             continue
-        gains = per_chunk_gains(records, update_action_of(name))
+        base = baseline_of(records, name)
+        prefix = "paper:" if name.startswith("paper:") else ""
+        gains = per_chunk_gains(records, update_action_of(name), prefix, base.rpartition(":")[2])
         rows = [r for r in records if _gate_of(r) == name and (r["doc_id"], int(r["chunk_idx"])) in gains]
         pairs = [(float(r["gate_signal"]), gains[(r["doc_id"], int(r["chunk_idx"]))]) for r in rows
                  if r.get("gate_signal") is not None and math.isfinite(float(r["gate_signal"]))]
         upd = [gains[(r["doc_id"], int(r["chunk_idx"]))] for r in rows if is_update(r["action"])]
         skp = [gains[(r["doc_id"], int(r["chunk_idx"]))] for r in rows if not is_update(r["action"])]
-        out[name] = {
+        entry = {
+            "baseline": base,
             "signal_gain_corr": _pearson([p[0] for p in pairs], [p[1] for p in pairs]),
             "n_signal": len(pairs),
             "mean_gain_updated": sum(upd) / len(upd) if upd else float("nan"),
             "mean_gain_skipped": sum(skp) / len(skp) if skp else float("nan"),
         }
+        entry["gain_difference"] = entry["mean_gain_updated"] - entry["mean_gain_skipped"]
+        if boot is not None and upd and skp:
+            g, is_upd = np.zeros(len(boot.keys)), np.zeros(len(boot.keys))
+            present = np.zeros(len(boot.keys))
+            for r in rows:
+                i = boot.index[(r["doc_id"], int(r["chunk_idx"]))]
+                g[i], is_upd[i], present[i] = gains[(r["doc_id"], int(r["chunk_idx"]))], is_update(r["action"]), 1.0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                mu = (boot.counts @ (g * is_upd)) / (boot.counts @ is_upd)
+                ms = (boot.counts @ (g * present * (1 - is_upd))) / (boot.counts @ (present * (1 - is_upd)))
+            entry["mean_gain_updated_ci"], entry["mean_gain_skipped_ci"] = interval(mu), interval(ms)
+            entry["gain_difference_ci"] = interval(mu - ms)
+        out[name] = entry
     return out
 
 
@@ -335,6 +374,61 @@ def _sections(stats: dict[str, dict]) -> list[tuple[str, list[str]]]:
             ("Paper protocol (--protocol paper): UPDATE steps on chunk c, then re-forwards and scores chunk c, so "
              "it READS THE SCORED TOKENS (not causal); its SKIP is the layer without an update (our STATIC), and "
              "'gain vs STATIC' and recoveries use that SKIP. Compare with the leak-free tables above", paper)]
+
+
+def picks_markdown(stats: dict[str, dict], corr: dict[str, dict]) -> list[str]:
+    """The "does the gate pick the chunks that gain?" section: per gate the mean per-chunk advantage
+    of the chunks it updated vs skipped (with intervals), and its recovery vs random measured and
+    as implied by its picks alone, with a verdict on whether the two views agree."""
+    rows = [(n, c) for n, c in corr.items() if n in stats]
+    if not rows:
+        return []
+    lines = ["## Does the gate pick the chunks that gain?", "",
+             "Per-chunk advantage g = loss of the gate's baseline (fixed:STATIC for gates that skip to STATIC, "
+             "else fixed:SKIP) - loss under fixed:UPDATE_k, on the same chunk. 'from picks' scores the gate's "
+             "choice of chunks with those fixed-run losses; 'measured' is the gate's own run, whose carried "
+             "state follows its own choices. Means are per chunk; 95% paired bootstrap intervals.", "",
+             "| gate | baseline | corr(signal, g) | mean g, updated | mean g, not updated | difference | "
+             "recovery vs random, measured | from picks | agree? |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+
+    def ci(c, key):
+        return fmt_ci(c.get(key), *(c.get(f"{key}_ci") or (None, None)), "+.4f")
+
+    def pct(s, key):
+        v, (lo, hi) = s.get(key), (s.get(f"{key}_ci") or (None, None))
+        if v is None or not math.isfinite(v):
+            return "—"
+        ok = lo is not None and math.isfinite(lo) and math.isfinite(hi)
+        return f"{100 * v:.0f}%" + (f" [{100 * lo:.0f}, {100 * hi:.0f}]" if ok else "")
+
+    for n, c in rows:
+        s = stats[n]
+        lines.append(f"| {n} | {c.get('baseline', '—')} | {_fmt(c['signal_gain_corr'], '+.3f')} | "
+                     f"{ci(c, 'mean_gain_updated')} | {ci(c, 'mean_gain_skipped')} | {ci(c, 'gain_difference')} | "
+                     f"{pct(s, 'recovery_vs_random')} | {pct(s, 'picks_recovery_vs_random')} | {_agreement(s, c)} |")
+    lines += ["", "Both views say the same when the gate's updated chunks gain more than its other chunks "
+              "(difference > 0) exactly when its measured loss beats the random gate at its rate (recovery vs "
+              "random > 0). Where they disagree, the 'from picks' column isolates the choice of chunks: the "
+              "rest is the carried state of the gate's own trajectory (which the fixed runs do not share), "
+              "or noise when the intervals include 0.", ""]
+    return lines
+
+
+def _agreement(s: dict, c: dict) -> str:
+    """'yes' / 'no (...)' / '—': do the sign of the picks' difference of means and of the measured
+    recovery vs random agree; when not, the reason read from the numbers."""
+    diff, meas, picks = c.get("gain_difference"), s.get("recovery_vs_random"), s.get("picks_recovery_vs_random")
+    if any(v is None or not math.isfinite(v) for v in (diff, meas)):
+        return "—"
+    if (diff > 0) == (meas > 0):
+        return "yes"
+    lo, hi = c.get("gain_difference_ci") or (float("nan"), float("nan"))
+    if math.isfinite(lo) and lo <= 0 <= hi:
+        return "no: neither is resolved (the difference's interval includes 0)"
+    if picks is not None and math.isfinite(picks) and (picks > 0) == (diff > 0):
+        return "no: its picks agree; its own carried state moves the measured loss"
+    return "no"
 
 
 def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict] | None = None,
@@ -393,16 +487,7 @@ def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict
                   "tokens late in chunk c influence how its early tokens are predicted; the causal gate uses "
                   "chunk c-1's. The difference above is the price of causality.", ""]
     if corr:
-        rows = [(n, c) for n, c in corr.items() if n in stats]
-        if rows:
-            lines += ["## Does the gate pick the chunks that gain?", "",
-                      "Per-chunk gain = SKIP loss - loss under fixed:UPDATE_k on the same chunk.", "",
-                      "| gate | corr(signal, gain) | mean gain of updated chunks | mean gain of skipped chunks |",
-                      "| --- | ---: | ---: | ---: |"]
-            for n, c in rows:
-                lines.append(f"| {n} | {_fmt(c['signal_gain_corr'], '+.3f')} | {_fmt(c['mean_gain_updated'], '+.4f')} | "
-                             f"{_fmt(c['mean_gain_skipped'], '+.4f')} |")
-            lines.append("")
+        lines += picks_markdown(stats, corr)
     by_idx = gain_by_chunk_index(records) if records else []
     if by_idx:
         lines += ["## Gain of UPDATE_1 by chunk index (does the carried state add memory?)", "",
@@ -422,9 +507,12 @@ def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict
               "same chunks. wall vs SKIP: measured seconds per chunk / those of fixed:SKIP (includes that pass).",
               "* update rate u: fraction of chunks run with an UPDATE_k (SKIP and STATIC take no inner step).",
               "* L_oracle at rate: the oracle at the gate's EXACT update count (no interpolation): UPDATE the "
-              "n_u chunks with the largest per-chunk gain (SKIP loss - loss under fixed:UPDATE_k; labels), each "
-              "scored with its loss on that trajectory (the paper's greedy top-u recovery oracle).",
-              "* oracle recovery = (L_SKIP - L_gate) / (L_SKIP - L_oracle(u)); recovery vs random = "
+              "n_u chunks with the largest per-chunk advantage (loss of the gate's baseline B - loss under "
+              "fixed:UPDATE_k; labels), each scored with its fixed-run loss (the paper's greedy top-u oracle).",
+              "* baseline B of a gate: fixed:STATIC when every chunk it did not update ran STATIC (the adaptive "
+              "gates' default: they choose between the trained layer without and with an inner update), else "
+              "fixed:SKIP (gates built with skip_action='SKIP', named '<gate>/SKIP').",
+              "* oracle recovery = (L_B - L_gate) / (L_B - L_oracle(u)); recovery vs random = "
               "(L_random(u) - L_gate) / (L_random(u) - L_oracle(u)), L_random(u) = the expected loss of updating "
               "n_u chunks uniformly at random (0% = no better than random, 100% = the oracle); — when the oracle "
               "gains nothing or u is 0 or 1.", ""]
@@ -453,7 +541,7 @@ def plot_pareto(stats: dict[str, dict], path: Path) -> None:
     axes_keys = [("cost", "avg FLOPs multiplier per chunk (SKIP = 1)")]
     if has_wall:
         axes_keys.append(("wall_vs_skip", "measured wall-clock per chunk / SKIP"))
-    fig, axes = plt.subplots(1, len(axes_keys), figsize=(6.4 * len(axes_keys), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(axes_keys) + 1, figsize=(6.4 * (len(axes_keys) + 1), 4.8), squeeze=False)
     for ax, (key, xlabel) in zip(axes[0], axes_keys):
         fixed = [f"fixed:{a}" for a in ACTIONS if f"fixed:{a}" in stats]
         if len(fixed) > 1:
@@ -472,6 +560,10 @@ def plot_pareto(stats: dict[str, dict], path: Path) -> None:
         for name, s in stats.items():
             label = f"{name} (lookahead)" if s["lookahead"] and not s["uses_labels"] else name
             ax.scatter([s[key]], [s["loss"]], zorder=3, **_style(name, s))
+            lo, hi = s.get("loss_ci") or (float("nan"), float("nan"))
+            if math.isfinite(lo) and math.isfinite(hi):  # 95% bootstrap interval of the loss
+                ax.errorbar([s[key]], [s["loss"]], yerr=[[s["loss"] - lo], [hi - s["loss"]]], fmt="none",
+                            ecolor="0.6", elinewidth=0.8, capsize=2, zorder=2)
             # stack the labels of (nearly) coinciding points instead of printing them on top of each other
             near = sum(abs(s[key] - px) < 0.03 * dx and abs(s["loss"] - py) < 0.03 * dy for px, py in placed)
             placed.append((s[key], s["loss"]))
@@ -487,16 +579,42 @@ def plot_pareto(stats: dict[str, dict], path: Path) -> None:
         plt.Line2D([], [], marker="*", color="0.45", ls="", ms=12, label="oracle (uses labels)"),
     ]
     axes[0][0].legend(handles=handles + axes[0][0].get_legend_handles_labels()[0], fontsize=8, loc="best")
-    fig.suptitle("Loss vs compute: every mode and gate (lower left is better)")
+    _plot_gain_intervals(stats, axes[0][-1])
+    fig.suptitle("Loss vs compute: every mode and gate (lower left is better); bars: 95% paired bootstrap intervals")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_gains(records: list[dict], stats: dict[str, dict], path: Path) -> bool:
-    """Per-chunk gains of UPDATE_1 over SKIP: their histogram (top) and, per gate, which chunks it
-    updated (filled) or skipped (hollow) along the same gain axis (bottom)."""
-    gains = per_chunk_gains(records, "UPDATE_1")
+def _plot_gain_intervals(stats: dict[str, dict], ax) -> None:
+    """Forest plot: each mode's and gate's gain over STATIC (over SKIP when STATIC did not run) with
+    its 95% paired bootstrap interval. Paired intervals are much narrower than the loss intervals,
+    which mostly reflect which documents were held out."""
+    key = "gain_vs_static" if any(s.get("gain_vs_static") is not None for s in stats.values()) else "gain_vs_skip"
+    names = [n for n in stats if stats[n].get(key) is not None and math.isfinite(stats[n][key])]
+    for row, name in enumerate(names):
+        s = stats[name]
+        lo, hi = s.get(f"{key}_ci") or (float("nan"), float("nan"))
+        style = _style(name, s)
+        color = style.get("color", style.get("edgecolors", "k"))
+        if math.isfinite(lo) and math.isfinite(hi):
+            ax.plot([lo, hi], [row, row], color=color, lw=2, alpha=0.7)
+        ax.scatter([s[key]], [row], zorder=3, **style)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{key.replace('_', ' ')} (nats/token), 95% paired bootstrap interval")
+    ax.grid(axis="x", alpha=0.3)
+
+
+def plot_gains(records: list[dict], stats: dict[str, dict], path: Path, corr: dict[str, dict] | None = None) -> bool:
+    """Per-chunk advantages of UPDATE_1 over STATIC (over SKIP when STATIC did not run): their
+    histogram (top) and, per gate, which chunks it updated (filled) or not (hollow) along the same
+    axis, with the mean advantage of its updated (black) and other (grey) chunks and their 95%
+    bootstrap intervals from `corr` (`signal_correlations`) (bottom)."""
+    base = "STATIC" if any(_gate_of(r) == "fixed:STATIC" for r in records) else "SKIP"
+    gains = per_chunk_gains(records, "UPDATE_1", base=base)
     if not gains:
         return False
     import matplotlib
@@ -505,36 +623,44 @@ def plot_gains(records: list[dict], stats: dict[str, dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     values = list(gains.values())
-    gates = [n for n in stats if not n.startswith("fixed:") and update_action_of(n) == "UPDATE_1"]
+    gates = [n for n in stats if not n.startswith(("fixed:", "paper:")) and update_action_of(n) == "UPDATE_1"
+             and baseline_of(records, n) == f"fixed:{base}"]
     fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(7.6, 2.6 + 0.45 * max(len(gates), 2) + 2.4), sharex=True,
                                    gridspec_kw={"height_ratios": [2.4, 0.45 * max(len(gates), 2) + 0.6]})
     ax0.hist(values, bins=20, color="0.7")
     ax0.axvline(0.0, color="k", lw=0.8)
     ax0.set_ylabel("chunks")
-    ax0.set_title(f"Per-chunk gain of UPDATE_1 over SKIP (all {len(values)} held-out chunks, fixed:UPDATE_1 run)",
+    ax0.set_title(f"Per-chunk advantage of UPDATE_1 over {base} (all {len(values)} held-out chunks, fixed runs)",
                   fontsize=10)
     for row, name in enumerate(gates):
         upd, skp = [], []
         for r in records:
             key = (r["doc_id"], int(r["chunk_idx"]))
             if _gate_of(r) == name and key in gains:
-                (skp if r["action"] == "SKIP" else upd).append(gains[key])
+                (upd if is_update(r["action"]) else skp).append(gains[key])
         color = "0.45" if stats[name]["uses_labels"] else ("tab:red" if stats[name]["lookahead"] else "tab:green")
         # a small deterministic vertical jitter keeps chunks with equal gains apart
         jit = [0.28 * (((i * 7919) % 13) / 12 - 0.5) for i in range(len(skp) + len(upd))]
         ax1.scatter(skp, [row + j for j in jit[:len(skp)]], marker="o", facecolors="none", edgecolors=color,
                     alpha=0.6, s=28)
         ax1.scatter(upd, [row + j for j in jit[len(skp):]], marker="o", color=color, alpha=0.8, s=28)
-        if upd:
-            m = sum(upd) / len(upd)
-            ax1.plot([m, m], [row - 0.35, row + 0.35], color="k", lw=1.5)
+        c = (corr or {}).get(name, {})
+        for key, shade, dy in (("mean_gain_updated", "k", -0.3), ("mean_gain_skipped", "0.5", 0.3)):
+            m = c.get(key)
+            if m is None or not math.isfinite(m):
+                continue
+            ax1.plot([m, m], [row + dy - 0.12, row + dy + 0.12], color=shade, lw=1.8)
+            lo, hi = c.get(f"{key}_ci") or (float("nan"), float("nan"))
+            if math.isfinite(lo) and math.isfinite(hi):
+                ax1.plot([lo, hi], [row + dy, row + dy], color=shade, lw=1.2)
     ax1.set_yticks(range(len(gates)))
     ax1.set_yticklabels([f"{n} (lookahead)" if stats[n]["lookahead"] and not stats[n]["uses_labels"] else n
                          for n in gates], fontsize=8)
     ax1.set_ylim(-0.6, max(len(gates), 1) - 0.4)
     ax1.invert_yaxis()
     ax1.axvline(0.0, color="k", lw=0.8)
-    ax1.set_xlabel("gain (nats/token); filled: chunk UPDATEd by the gate, hollow: SKIPped, bar: mean gain of its updates")
+    ax1.set_xlabel("advantage (nats/token). Dots: filled = updated, hollow = not. Bars: mean and 95% interval "
+                   "(black: updated chunks, grey: the others)")
     ax1.xaxis.label.set_size(8)
     ax1.grid(axis="x", alpha=0.3)
     fig.tight_layout()
@@ -582,8 +708,8 @@ def write_report(run_dir: str | Path, records: list[dict], summary: dict) -> Non
                     stats[name][k] = bool(given[k])
             if given.get("wall_vs_skip") is not None:
                 stats[name]["wall_vs_skip"] = given["wall_vs_skip"]
-    add_oracle_recovery(stats, records)
-    corr = signal_correlations(records, stats)
+    boot = add_oracle_recovery(stats, records)
+    corr = signal_correlations(records, stats, boot)
     out = dict(summary)
     gates = {k: dict(v) for k, v in (summary.get("gates") or {}).items()}
     for name, s in stats.items():
@@ -595,11 +721,11 @@ def write_report(run_dir: str | Path, records: list[dict], summary: dict) -> Non
         if name in corr:
             entry["signal"] = corr[name]
     out["gates"] = gates
-    out["report"] = {"oracle_recovery": "(L_SKIP - L_gate) / (L_SKIP - L_budgeted_oracle(u_gate)), see results.md",
+    out["report"] = {"oracle_recovery": "(L_B - L_gate) / (L_B - L_oracle(u_gate)), B = the gate's baseline (STATIC or SKIP), oracle at its exact update count; see results.md",
                      "files": ["summary.json", "results.md", "pareto.png", "gains.png"]}
     out["gain_by_chunk_index"] = gain_by_chunk_index(records)
     _write_atomic(run_dir / "results.md", results_markdown(stats, summary, corr, records))
     plot_pareto(stats, run_dir / "pareto.png")
-    if not plot_gains(records, stats, run_dir / "gains.png"):
+    if not plot_gains(records, stats, run_dir / "gains.png", corr):
         out["report"]["files"].remove("gains.png")
     _write_atomic(run_dir / "summary.json", json.dumps(_jsonable(out), indent=1))

@@ -28,10 +28,15 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ponder.types import ACTIONS, ALL_ACTIONS, INNER_STEPS, is_update
+
+if TYPE_CHECKING:
+    from ponder.env import PonderEnv
+    from ponder.gates import Gate
 
 DEFAULT_COMPARE = ("random", "recon", "recon-lookahead", "oracle", "budgeted-oracle", "ppo")
 MODES = (*ALL_ACTIONS, "ADAPTIVE")
@@ -183,11 +188,10 @@ def backbone_flop_counter(backbone):
     return lambda n: b * n + c * n * n
 
 
-def evaluate_gate(env, gate, doc_ids: list[str], target_rate: float | None = None) -> list[dict]:
+def evaluate_gate(env: PonderEnv, gate: Gate, doc_ids: list[str], target_rate: float | None = None) -> list[dict]:
     """Run `gate` over `doc_ids` with the runner's protocol; one dict per chunk (ChunkRecord + gate info)."""
-    if hasattr(gate, "prepare"):
-        gate.prepare(env, doc_ids)
-    rate = getattr(gate, "target_rate", None) or target_rate
+    gate.prepare(env, doc_ids)
+    rate = gate.target_rate or target_rate
     rows = []
     for doc_id in doc_ids:
         gate.reset(doc_id)
@@ -196,20 +200,20 @@ def evaluate_gate(env, gate, doc_ids: list[str], target_rate: float | None = Non
         while ctx is not None:
             if rate is not None:
                 ctx.budget_left = rate * ctx.n_chunks - used  # update allowance left in this document, in chunks
-            if getattr(gate, "lookahead", False):
+            if gate.lookahead:
                 ctx.current = env.current_stats()
-            if getattr(gate, "uses_labels", False):
+            if gate.uses_labels:
                 ctx.oracle_losses = env.peek_losses()
             action = gate.decide(ctx)
-            signal = getattr(gate, "last_signal", None)
+            signal = gate.last_signal
             chunk = env.docs[doc_id].chunks[ctx.chunk_idx]
             record, ctx = env.step(action, gate_signal=None if signal is None else float(signal),
-                                   signal_pass=bool(getattr(gate, "needs_recon_pass", False)))
+                                   signal_pass=gate.needs_recon_pass)
             gate.observe(record)
             used += int(is_update(action))
             row = record.to_dict()
-            row.update(gate=gate.name, lookahead=bool(getattr(gate, "lookahead", False)),
-                       uses_labels=bool(getattr(gate, "uses_labels", False)), skip_loss=chunk.skip_loss)
+            row.update(gate=gate.name, lookahead=gate.lookahead, uses_labels=gate.uses_labels,
+                       skip_loss=chunk.skip_loss)
             rows.append(row)
     return rows
 
@@ -363,10 +367,9 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
         t0 = time.perf_counter()
         try:
             gate = _build_gate(spec, args)
-            if not (gate.load(run_dir / "gates") if hasattr(gate, "load") else False):
+            if not gate.load(run_dir / "gates"):
                 gate.fit(train_env, train_env.doc_ids())
-                if hasattr(gate, "save"):
-                    gate.save(run_dir / "gates")
+                gate.save(run_dir / "gates")
             rows = evaluate_gate(eval_env, gate, eval_ids, args.target_rate)
         except (ImportError, NotImplementedError) as err:  # a gate that is not available here
             skipped[spec] = f"{type(err).__name__}: {err}"
@@ -385,7 +388,7 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
         for spec in PAPER_SPECS:
             t0 = time.perf_counter()
             gate = _build_gate(spec, args)
-            if not (gate.load(run_dir / "gates") if hasattr(gate, "load") else False):
+            if not gate.load(run_dir / "gates"):
                 gate.fit(train_env, train_env.doc_ids())  # the same unlabeled signal as the causal run
             rows = evaluate_gate(paper_env, gate, eval_ids, args.target_rate)
             name = f"paper:{gate.name}"
@@ -496,18 +499,9 @@ def _write_outputs(run_dir: Path, records: list[dict], summary: dict) -> dict:
     with open(run_dir / "chunks.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    try:
-        from ponder.report import write_report
-    except ImportError:
-        write_report = None
-    if write_report is not None:
-        write_report(run_dir, records, summary)
-    else:  # without the report module: the summary and a plain table
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        lines = ["| gate | loss | ppl | cost | update rate |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {k} | {v['loss']:.4f} | {v['ppl']:.3f} | {v['cost']:.2f} | {v['update_rate']:.2f} |"
-                  for k, v in summary["gates"].items()]
-        (run_dir / "results.md").write_text("\n".join(lines) + "\n")
+    from ponder.report import write_report
+
+    write_report(run_dir, records, summary)
     return json.loads((run_dir / "summary.json").read_text())
 
 

@@ -12,11 +12,13 @@ from dataclasses import asdict, dataclass
 
 ACTIONS: tuple[str, ...] = ("SKIP", "UPDATE_1", "UPDATE_2", "UPDATE_4")
 # STATIC: the trained adaptive layer applied with its inner updates off (the carried fast weights
-# are used as they are). A baseline beside SKIP, not a gate action: it separates "a trained
-# adapter" from "test-time training". The paper's SKIP (its TTT layer with no gradient step) is
-# this STATIC; our SKIP is the bare backbone.
+# are used as they are, and passed on unchanged). A baseline beside SKIP that separates "a trained
+# adapter" from "test-time training", and what the adaptive gates run on a chunk they do not update
+# (`ponder.gates.base`). The paper's SKIP (its TTT layer with no gradient step) is this STATIC; our
+# SKIP is the bare backbone.
 BASELINES: tuple[str, ...] = ("STATIC",)
 ALL_ACTIONS: tuple[str, ...] = (*ACTIONS, *BASELINES)
+UPDATE_ACTIONS: tuple[str, ...] = ("UPDATE_1", "UPDATE_2", "UPDATE_4")
 INNER_STEPS: dict[str, int] = {"SKIP": 0, "UPDATE_1": 1, "UPDATE_2": 2, "UPDATE_4": 4, "STATIC": 0}
 
 

@@ -1,4 +1,4 @@
-"""Tests of ponder/gates.py against a synthetic environment that follows the PonderEnv contract.
+"""Tests of ponder/gates/ against a synthetic environment that follows the PonderEnv contract.
 
 The fake environment is independent of the gates: every chunk has a known reconstruction signal
 and known losses per action, so rates, plans and argmins can be checked against hand computation.
@@ -21,11 +21,12 @@ from ponder.gates import (
     build_gate,
     quantile,
 )
-from ponder.types import ACTIONS, ChunkContext, ChunkRecord, flops_multiplier
+from ponder.types import ACTIONS, ALL_ACTIONS, ChunkContext, ChunkRecord, flops_multiplier, is_update
 
 
 class FakeEnv:
-    """Documents of chunks with recon signal s_c ~ N(shift, 1); SKIP loss 3 + noise; UPDATE gains 0.1 * s_c."""
+    """Documents of chunks with recon signal s_c ~ N(shift, 1); SKIP loss 3 + noise; STATIC gains 0.05 +
+    noise over SKIP (a trained adapter); UPDATE gains 0.1 * s_c over STATIC."""
 
     def __init__(self, n_docs: int, n_chunks: int, seed: int, shift: float = 0.0):
         rng = random.Random(seed)
@@ -35,10 +36,11 @@ class FakeEnv:
             for _ in range(n_chunks):
                 s = rng.gauss(shift, 1.0)
                 skip = 3.0 + 0.3 * rng.gauss(0, 1)
-                losses = {"SKIP": skip}
+                static = skip - 0.05 + 0.02 * rng.gauss(0, 1)
+                losses = {"SKIP": skip, "STATIC": static}
                 for a in ACTIONS[1:]:
                     k = int(a.split("_")[1])
-                    losses[a] = skip - 0.1 * s - 0.001 * k
+                    losses[a] = static - 0.1 * s - 0.001 * k
                 chunks.append({"signal": s, "losses": losses})
             self.docs[f"doc{seed}_{d}"] = chunks
         self.peeks = 0
@@ -62,6 +64,10 @@ class FakeEnv:
     def peek_losses(self):
         self.peeks += 1
         return dict(self.docs[self.doc][self.c]["losses"])
+
+    def loss_of(self, action):
+        self.peeks += 1
+        return self.docs[self.doc][self.c]["losses"][action]
 
     def current_stats(self):
         return {"recon_loss": self.docs[self.doc][self.c]["signal"]}
@@ -93,7 +99,7 @@ def run_gate(gate, env, doc_ids):
 
 
 def update_rate(records):
-    return sum(r.action != "SKIP" for r in records) / len(records)
+    return sum(is_update(r.action) for r in records) / len(records)
 
 
 def test_quantile_matches_hand_values():
@@ -168,7 +174,7 @@ def test_causal_recon_gate_never_reads_current():
     high = decisions(lambda kw: ChunkContext(**kw, current={"recon_loss": 1e6}))
     low = decisions(lambda kw: ChunkContext(**kw, current={"recon_loss": -1e6}))
     assert raising == high == low
-    assert 10 < sum(a != "SKIP" for a in raising) < 40
+    assert 10 < sum(is_update(a) for a in raising) < 40
 
 
 def test_lookahead_gate_does_read_current():
@@ -177,31 +183,32 @@ def test_lookahead_gate_does_read_current():
     assert gate.lookahead and not ReconGate(0.5).lookahead
     feats = {"prev_recon_loss": 0.0}
     assert gate.decide(ChunkContext("d", 1, 2, feats, current={"recon_loss": 5.0})) == "UPDATE_1"
-    assert gate.decide(ChunkContext("d", 1, 2, feats, current={"recon_loss": -5.0})) == "SKIP"
+    assert gate.decide(ChunkContext("d", 1, 2, feats, current={"recon_loss": -5.0})) == "STATIC"
 
 
 def test_recon_gate_without_signal_paces_by_rate():
     gate = ReconGate(0.5, eta=0.0)
     gate.calibrate([0.0, 1.0])
     ctx = ChunkContext("d", 0, 3, {})
-    gate.ema_rate = 0.4
+    gate.rate.ema_rate = 0.4
     assert gate.decide(ctx) == "UPDATE_1" and gate.last_signal is None
-    gate.ema_rate = 0.6
-    assert gate.decide(ctx) == "SKIP"
+    gate.rate.ema_rate = 0.6
+    assert gate.decide(ctx) == "STATIC"
 
 
 def test_oracle_picks_argmin_and_cheaper_on_ties():
     gate = OracleGate()
-    ctx = ChunkContext("d", 0, 1, {}, oracle_losses={"SKIP": 2.0, "UPDATE_1": 1.5, "UPDATE_2": 1.2, "UPDATE_4": 1.3})
-    assert gate.decide(ctx) == "UPDATE_2"
-    assert gate.last_signal == pytest.approx(0.8)
-    tie = ChunkContext("d", 0, 1, {}, oracle_losses={"SKIP": 2.0, "UPDATE_1": 1.0, "UPDATE_2": 1.0, "UPDATE_4": 1.0})
-    assert gate.decide(tie) == "UPDATE_1"
+    losses = {"SKIP": 1.0, "STATIC": 2.0, "UPDATE_1": 1.5, "UPDATE_2": 1.2, "UPDATE_4": 1.3}
+    assert gate.decide(ChunkContext("d", 0, 1, {}, oracle_losses=losses)) == "UPDATE_2"  # SKIP is no candidate
+    assert gate.last_signal == pytest.approx(0.8)  # over STATIC
+    tie = {"SKIP": 2.0, "STATIC": 1.0, "UPDATE_1": 1.0, "UPDATE_2": 1.0, "UPDATE_4": 1.0}
+    assert gate.decide(ChunkContext("d", 0, 1, {}, oracle_losses=tie)) == "STATIC"  # the cheapest of the tied
     env = FakeEnv(5, 8, seed=6)
     recs = run_gate(gate, env, env.doc_ids())
     for r in recs:
         losses = env.docs[r.doc_id][r.chunk_idx]["losses"]
-        assert r.loss == pytest.approx(min(losses.values()))
+        assert r.loss == pytest.approx(min(v for a, v in losses.items() if a != "SKIP"))
+    assert set(OracleGate(ALL_ACTIONS).actions) == set(ALL_ACTIONS)
     with pytest.raises(ValueError, match="oracle_losses"):
         gate.decide(ChunkContext("d", 0, 1, {}))
 
@@ -216,12 +223,13 @@ def test_budgeted_oracle_respects_budget_and_takes_top_gains(rate):
     gate.prepare(env, env.doc_ids())
     recs = run_gate(gate, env, env.doc_ids())
     n = len(recs)
-    assert sum(r.action != "SKIP" for r in recs) == round(rate * n)
-    # independent check: the updated chunks are exactly the largest SKIP - UPDATE_1 gains
-    gains = sorted(((ch["losses"]["SKIP"] - ch["losses"]["UPDATE_1"], d, c)
+    assert sum(is_update(r.action) for r in recs) == round(rate * n)
+    assert {r.action for r in recs} == {"STATIC", "UPDATE_1"}  # the skip action is STATIC
+    # independent check: the updated chunks are exactly the largest STATIC - UPDATE_1 advantages
+    gains = sorted(((ch["losses"]["STATIC"] - ch["losses"]["UPDATE_1"], d, c)
                     for d, chunks in env.docs.items() for c, ch in enumerate(chunks)), reverse=True)
     expected = {(d, c) for _, d, c in gains[:round(rate * n)]}
-    assert {(r.doc_id, r.chunk_idx) for r in recs if r.action != "SKIP"} == expected
+    assert {(r.doc_id, r.chunk_idx) for r in recs if is_update(r.action)} == expected
     # and it beats random at the same rate
     rand = run_gate(RandomGate(rate, seed=0), env, env.doc_ids())
     assert sum(r.loss for r in recs) < sum(r.loss for r in rand)
@@ -247,7 +255,7 @@ def test_random_gate_rate_and_seeding():
 
 def test_fixed_gate_and_build_gate_specs():
     env = FakeEnv(2, 5, seed=9)
-    for action in ACTIONS:
+    for action in ALL_ACTIONS:
         recs = run_gate(build_gate(f"fixed:{action}"), env, env.doc_ids())
         assert {r.action for r in recs} == {action}
     for spec in GATE_SPECS:
@@ -256,6 +264,10 @@ def test_fixed_gate_and_build_gate_specs():
         g = build_gate(spec, target_rate=0.5)
         assert g.lookahead == (spec == "recon-lookahead")
         assert g.uses_labels == ("oracle" in spec)
+        if not spec.startswith("fixed") and spec != "oracle":
+            assert g.skip_action == "STATIC" and g.name == spec
+            legacy = build_gate(spec, target_rate=0.5, skip_action="SKIP")
+            assert legacy.skip_action == "SKIP" and legacy.name == f"{spec}/SKIP"
     g = build_gate("recon:UPDATE_2", target_rate=0.5)
     assert g.update_action == "UPDATE_2" and g.name == "recon:UPDATE_2"
     assert isinstance(build_gate("fixed:SKIP"), FixedGate)
@@ -264,7 +276,8 @@ def test_fixed_gate_and_build_gate_specs():
 @pytest.mark.parametrize(
     "spec,rate,match",
     [("nope", 0.5, "unknown gate spec"), ("fixed:UPDATE_3", None, "fixed:"), ("recon", None, "target update rate"),
-     ("random", 1.5, "must be in"), ("recon:SKIP", 0.5, "update action"), ("oracle:UPDATE_1", None, "no suffix")],
+     ("random", 1.5, "must be in"), ("recon:SKIP", 0.5, "update action"), ("oracle:UPDATE_1", None, "no suffix"),
+     ("ppo", None, "target update rate")],
 )
 def test_build_gate_rejects_bad_specs(spec, rate, match):
     with pytest.raises(ValueError, match=match):
@@ -283,6 +296,7 @@ def test_recon_gate_save_load_roundtrip(tmp_path):
     assert other.threshold == gate.threshold and other.scale == gate.scale
     assert not ReconGate(0.6).load(tmp_path)  # calibrated for another rate
     assert not ReconGate(0.4, lookahead=True).load(tmp_path)
+    assert not ReconGate(0.4, skip_action="SKIP").load(tmp_path)  # another file, never this one
     assert math.isfinite(other.threshold)
 
 
@@ -290,8 +304,58 @@ def test_causal_recon_gate_ignores_placeholder_of_chunk_zero():
     """The core fills prev_* of chunk 0 with 0.0 and has_prev = 0: that is no measurement."""
     gate = ReconGate(0.5, eta=0.0)
     gate.calibrate([-1.0, 1.0])
-    gate.ema_rate = 0.9  # over the target: a chunk without signal is SKIPped
+    gate.rate.ema_rate = 0.9  # over the target: a chunk without signal is not updated
     ctx0 = ChunkContext("d", 0, 3, {"has_prev": 0.0, "prev_recon_loss": 0.0})
-    assert gate.decide(ctx0) == "SKIP" and gate.last_signal is None
+    assert gate.decide(ctx0) == "STATIC" and gate.last_signal is None
     ctx1 = ChunkContext("d", 1, 3, {"has_prev": 1.0, "prev_recon_loss": 0.5})
     assert gate.decide(ctx1) == "UPDATE_1" and gate.last_signal == 0.5
+
+
+# -- causality with the real environment: perturbing future tokens never changes a causal decision --------
+@pytest.fixture(scope="module")
+def real_envs():
+    """(train env, held-out env, the held-out env with its last document's chunks 1.. replaced by
+    other tokens and hidden states: the 'future' of that document's chunk 0), one tiny model."""
+    from ponder.cache import CachedDoc
+    from ponder.env import PonderEnv
+    from tests.ponder.synthetic import synthetic_env
+
+    train, held_out = synthetic_env(3, seed=1), synthetic_env(3, seed=2)
+    other = synthetic_env(1, seed=11).docs["d0"].chunks
+    last = held_out.doc_ids()[-1]
+    docs = [CachedDoc(d.doc_id, d.chunks[:1] + other[1:] if d.doc_id == last else list(d.chunks))
+            for d in held_out.docs.values()]
+    return train, held_out, PonderEnv(held_out.model, docs)
+
+
+@pytest.mark.parametrize("spec", ["random", "recon", "ppo", "recon-lookahead"])
+def test_static_skip_gates_are_causal_under_future_perturbation(spec, real_envs):
+    """Each adaptive gate (skip action STATIC) is fitted once, then run on the held-out documents and
+    on a copy whose last document has chunk 1 onwards replaced. Everything before that document's
+    chunk 1, and the DECISION at chunk 1 (and the signal it rests on), must be identical for a causal
+    gate; the lookahead gate's signal at chunk 1 changes (it reads chunk 1 itself), which shows the
+    check can fail."""
+    import copy
+
+    from ponder.gates.ppo import PPOConfig
+    from ponder.runner import evaluate_gate
+
+    train, held_out, perturbed = real_envs
+    kw = {"config": PPOConfig(iterations=2, docs_per_iter=2, max_seconds=30), "verbose": False} if spec == "ppo" else {}
+    gate = build_gate(spec, target_rate=0.5, **kw)
+    gate.fit(train, train.doc_ids())
+    last = held_out.doc_ids()[-1]
+    ref = evaluate_gate(held_out, copy.deepcopy(gate), held_out.doc_ids(), 0.5)
+    got = evaluate_gate(perturbed, copy.deepcopy(gate), held_out.doc_ids(), 0.5)
+    assert {r["action"] for r in ref} <= {"STATIC", "UPDATE_1"}
+    before = [(a, b) for a, b in zip(ref, got) if a["doc_id"] != last or a["chunk_idx"] < 1]
+    assert len(before) == 7
+    for a, b in before:
+        assert (a["action"], a["gate_signal"], a["loss"], a["recon_loss"]) == (
+            b["action"], b["gate_signal"], b["loss"], b["recon_loss"])
+    a, b = (next(r for r in rows if r["doc_id"] == last and r["chunk_idx"] == 1) for rows in (ref, got))
+    if spec == "recon-lookahead":
+        assert a["gate_signal"] != b["gate_signal"]  # it reads chunk 1's own reconstruction loss
+    else:
+        assert (a["action"], a["gate_signal"]) == (b["action"], b["gate_signal"])
+        assert a["loss"] != b["loss"]  # the chunk itself did change

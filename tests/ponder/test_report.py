@@ -16,7 +16,7 @@ from ponder.report import (
     per_chunk_gains,
     write_report,
 )
-from ponder.types import flops_multiplier
+from ponder.types import flops_multiplier, is_update
 
 # per chunk (doc d0/d1, chunks 0..3): SKIP loss and UPDATE_1 loss; n_tokens 10 everywhere
 SKIP = [3.0, 3.0, 3.0, 3.0, 2.0, 2.0, 2.0, 2.0]
@@ -166,13 +166,13 @@ def test_all_gates_with_the_real_env_and_report(tmp_path):
     """Integration: every gate spec (PPO included) fits on one PonderEnv, runs on another through the
     runner's protocol, and the report's numbers agree with the records."""
     from ponder.gates import GATE_SPECS, build_gate
-    from ponder.policy import PPOConfig
+    from ponder.gates.ppo import PPOConfig
     from ponder.runner import evaluate_gate
 
     train_env, eval_env = _tiny_ponder_env(2, seed=1), _tiny_ponder_env(2, seed=2)
     records = []
     for spec in GATE_SPECS:
-        kw = {"config": PPOConfig(iterations=2, docs_per_iter=2)} if spec == "ppo" else {}
+        kw = {"config": PPOConfig(iterations=2, docs_per_iter=2), "verbose": False} if spec == "ppo" else {}
         gate = build_gate(spec, target_rate=None if spec.startswith("fixed") or spec == "oracle" else 0.5, **kw)
         gate.fit(train_env, train_env.doc_ids())
         rows = evaluate_gate(eval_env, gate, eval_env.doc_ids(), 0.5)
@@ -181,18 +181,20 @@ def test_all_gates_with_the_real_env_and_report(tmp_path):
     by_gate = {}
     for r in records:
         by_gate.setdefault(r["gate"], []).append(r)
-    assert sum(r["action"] != "SKIP" for r in by_gate["budgeted-oracle"]) == 3  # exactly half of 6 chunks
+    assert sum(is_update(r["action"]) for r in by_gate["budgeted-oracle"]) == 3  # exactly half of 6 chunks
+    assert {r["action"] for r in by_gate["budgeted-oracle"]} == {"STATIC", "UPDATE_1"}
     assert all(r["action"] == "SKIP" for r in by_gate["fixed:SKIP"])
     write_report(tmp_path, records, {"run": "integration", "gates": {}})
     out = json.loads((tmp_path / "summary.json").read_text())
     assert set(out["gates"]) == {g for g in by_gate}
     bo = out["gates"]["budgeted-oracle"]
     assert bo["oracle_recovery"] == pytest.approx(1.0) or bo["oracle_recovery"] is None
-    skip = out["gates"]["fixed:SKIP"]["loss"]
+    static = out["gates"]["fixed:STATIC"]["loss"]  # the adaptive gates skip to STATIC: their baseline
     for name in ("recon", "ppo", "random"):
         g = out["gates"][name]
         if g["oracle_recovery"] is not None:
-            assert g["oracle_recovery"] == pytest.approx(oracle_recovery(skip, g["loss"], g["oracle_loss"]))
+            assert g["baseline"] == "fixed:STATIC"
+            assert g["oracle_recovery"] == pytest.approx(oracle_recovery(static, g["loss"], g["oracle_loss"]))
 
 
 def test_compare_script_table_and_plot(tmp_path):
@@ -227,3 +229,77 @@ def test_gain_by_chunk_index_by_hand():
         lo, hi = r["vs_skip_ci"]
         assert lo <= want <= hi
         assert "vs_static" not in r  # no fixed:STATIC run in these records
+
+
+# -- gates that skip to STATIC: their baseline, exact-count oracle and picks ----------------------------------
+STATIC = [x - 0.05 for x in SKIP]
+ADV = [st - u for st, u in zip(STATIC, UPD)]  # advantage over STATIC: GAINS - 0.05
+
+
+def _static_records():
+    S, T, U = "SKIP", "STATIC", "UPDATE_1"
+    recs = _records("fixed:SKIP", [S] * 8) + _records("fixed:UPDATE_1", [U] * 8)
+    for row in _records("fixed:STATIC", [S] * 8):
+        recs.append(dict(row, action=T, loss=STATIC[KEYS.index((row["doc_id"], row["chunk_idx"]))]))
+    picks = [U, T, U, T, U, U, T, T]
+    for gate, bonus in (("recon", 0.0), ("ppo", 0.2)):  # ppo: its own trajectory scores its updates 0.2 better
+        for i, ((doc, c), a) in enumerate(zip(KEYS, picks)):
+            loss = UPD[i] - bonus if a == U else STATIC[i]
+            recs.append({"gate": gate, "doc_id": doc, "chunk_idx": c, "action": a, "loss": loss, "n_tokens": 10,
+                         "cost": 1.2, "wall_s": 0.2, "gate_signal": float(i), "recon_loss": 1.0,
+                         "lookahead": False, "uses_labels": False, "skip_loss": SKIP[i]})
+    return recs
+
+
+def test_static_skip_gates_are_scored_against_static_at_their_exact_count():
+    from ponder.report import baseline_of, exact_rate_references, signal_correlations
+
+    recs = _static_records()
+    assert baseline_of(recs, "recon") == "fixed:STATIC" and baseline_of(_all_records(), "recon") == "fixed:SKIP"
+    assert per_chunk_gains(recs, base="STATIC") == pytest.approx({k: a for k, a in zip(KEYS, ADV)})
+    refs = exact_rate_references(recs, "recon")
+    # the oracle at 4 updates takes the 4 largest advantages: chunks 6, 0, 3 and (tie at 0.05) d0's chunk 1
+    updated = {(r["doc_id"], r["chunk_idx"]) for r, s in zip(refs["oracle@recon"], STATIC) if r["loss"] != s}
+    assert updated == {KEYS[6], KEYS[0], KEYS[3], KEYS[1]}
+    stats = aggregate(recs)
+    boot = add_oracle_recovery(stats, recs, n_boot=300)
+    l_static = sum(STATIC) / 8
+    l_or, l_rand = l_static - 1.0 / 8, l_static - 0.5 * sum(ADV) / 8
+    l_gate = l_static - (ADV[0] + ADV[2] + ADV[4] + ADV[5]) / 8
+    r = stats["recon"]
+    assert r["baseline"] == "fixed:STATIC"
+    assert r["oracle_loss"] == pytest.approx(l_or) and r["random_loss"] == pytest.approx(l_rand)
+    assert r["oracle_recovery"] == pytest.approx((l_static - l_gate) / (l_static - l_or))  # 0.2
+    assert r["recovery_vs_random"] == pytest.approx((l_rand - l_gate) / (l_rand - l_or))
+    assert r["picks_recovery_vs_random"] == pytest.approx(r["recovery_vs_random"])  # its losses ARE the fixed runs'
+    assert r["gain_vs_static"] == pytest.approx(l_static - l_gate)
+    # ppo picks the same chunks: same picks recovery, but its own trajectory makes its measured loss better
+    p = stats["ppo"]
+    assert p["picks_recovery_vs_random"] == pytest.approx(r["picks_recovery_vs_random"])
+    assert p["recovery_vs_random"] == pytest.approx((l_rand - (l_gate - 0.8 / 8)) / (l_rand - l_or))
+    corr = signal_correlations(recs, stats, boot)
+    c = corr["recon"]
+    assert c["baseline"] == "fixed:STATIC"
+    assert c["mean_gain_updated"] == pytest.approx((ADV[0] + ADV[2] + ADV[4] + ADV[5]) / 4)
+    assert c["mean_gain_skipped"] == pytest.approx((ADV[1] + ADV[3] + ADV[6] + ADV[7]) / 4)
+    for key in ("mean_gain_updated", "mean_gain_skipped", "gain_difference"):
+        lo, hi = c[f"{key}_ci"]
+        assert lo <= c[key] <= hi and hi > lo
+    from ponder.report import _agreement
+
+    assert _agreement(stats["recon"], corr["recon"]) == "yes"  # both negative: it picks the wrong chunks
+    assert _agreement(stats["ppo"], corr["ppo"]).startswith("no")
+
+
+def test_report_with_static_gates_writes_intervals(tmp_path):
+    recs = _static_records()
+    write_report(tmp_path, recs, {"run": "static", "gates": {}})
+    md = (tmp_path / "results.md").read_text()
+    section = md.split("## Does the gate pick the chunks that gain?", 1)[1].split("## ", 1)[0]
+    row = next(line for line in section.splitlines() if line.startswith("| recon |"))
+    assert "fixed:STATIC" in row and "[" in row and "| yes |" in row
+    out = json.loads((tmp_path / "summary.json").read_text())
+    assert out["gates"]["recon"]["oracle_recovery"] == pytest.approx(0.2)
+    assert len(out["gates"]["recon"]["signal"]["gain_difference_ci"]) == 2
+    for png in ("pareto.png", "gains.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
