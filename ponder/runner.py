@@ -49,10 +49,10 @@ PAPER_SPECS = ("fixed:SKIP", "fixed:UPDATE_1", "fixed:UPDATE_2", "fixed:UPDATE_4
 # full: about an hour on 2 idle cores; long files only (16 chunks = 2,048 tokens per document), so
 #   the gain can be measured per chunk index across a whole document.
 PRESETS: dict[str, dict] = {
-    "default": dict(chunk_size=128, max_train_docs=24, max_val_docs=4, max_eval_docs=12, max_chunks_per_doc=4,
-                    min_doc_chunks=2, steps=36, batch_chunks=4, eval_every=6, patience=2, lr=1e-3),
-    "full": dict(chunk_size=128, max_train_docs=40, max_val_docs=5, max_eval_docs=12, max_chunks_per_doc=16,
-                 min_doc_chunks=16, steps=200, batch_chunks=8, eval_every=20, patience=3, lr=1e-3),
+    "default": dict(chunk_size=128, max_train_docs=40, max_val_docs=4, max_eval_docs=20, max_chunks_per_doc=4,
+                    min_doc_chunks=2, steps=40, batch_chunks=4, eval_every=8, patience=2, lr=1e-3),
+    "full": dict(chunk_size=128, max_train_docs=120, max_val_docs=8, max_eval_docs=20, max_chunks_per_doc=16,
+                 min_doc_chunks=16, steps=400, batch_chunks=8, eval_every=40, patience=3, lr=1e-3),
 }
 
 
