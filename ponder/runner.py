@@ -94,6 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--train-mode", default="UPDATE_1", choices=[a for a in ACTIONS if a != "SKIP"])
     g.add_argument("--aux-recon-weight", type=float, default=0.0)
+    g.add_argument("--init-from", default=None, metavar="RUN_DIR",
+                   help="start from RUN_DIR/ckpt.pt when this run folder has no checkpoint yet: a finished "
+                        "checkpoint whose model, training options and documents match this run's is reused "
+                        "without training (re-evaluate a trained layer with other gate or evaluation options); "
+                        "any mismatch stops with a message")
     g.add_argument("--overwrite", "--retrain", dest="overwrite", action="store_true",
                    help="delete the run folder's earlier results (checkpoint, tables) when its options differ, "
                         "and train afresh; without it a run folder is only ever resumed with identical options")
@@ -142,7 +147,7 @@ def resolve_preset(args: argparse.Namespace) -> argparse.Namespace:
 
 # options that change no number of the run: they are not part of its identity (a preset is only a
 # name for its values: the resolved values are)
-NOT_IDENTITY = ("out", "run_name", "cache_dir", "threads", "no_progress", "overwrite", "preset")
+NOT_IDENTITY = ("out", "run_name", "cache_dir", "threads", "no_progress", "overwrite", "preset", "init_from")
 
 
 def run_identity(args: argparse.Namespace) -> dict:
@@ -194,6 +199,8 @@ def _validate(args: argparse.Namespace) -> None:
 
         if not glob.glob(str(Path(args.dataset).expanduser())):
             raise FileNotFoundError(f"--dataset {args.dataset}: no such file, folder or glob match")
+    if args.init_from and not (Path(args.init_from).expanduser() / "ckpt.pt").exists():
+        raise FileNotFoundError(f"--init-from {args.init_from}: no ckpt.pt there (give a run folder of a finished run)")
     for spec in _gate_specs(args):  # builds each gate (cheap): an unknown spec fails now, not after training
         _build_gate(spec, args)
 
@@ -412,6 +419,11 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
                        eval_every=args.eval_every if val_docs else 0, patience=args.patience)
     model = AdaptiveLM(acfg, backbone.embedding)
     data_id = [d.doc_id for d in train_docs] + [d.doc_id for d in val_docs]
+    if args.init_from and not (run_dir / "ckpt.pt").exists():
+        src = Path(args.init_from).expanduser() / "ckpt.pt"
+        shutil.copyfile(src, run_dir / ".ckpt.pt.init.tmp")
+        (run_dir / ".ckpt.pt.init.tmp").replace(run_dir / "ckpt.pt")
+        print(f"[run] --init-from: copied {src} (checked against this run's options below)", flush=True)
     try:
         ck = load_checkpoint(run_dir)
     except DamagedFileError as err:

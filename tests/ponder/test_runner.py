@@ -287,3 +287,19 @@ def test_run_selects_on_validation_and_writes_curves(tiny_run):
     assert [json.loads(x) for x in lines] == tr["curve"]
     assert (run_dir / "curves.png").exists()
     assert {"data_s", "train_s", "eval_s", "eval_cpu_s"} <= set(summary["timing"])
+
+
+def test_trained_layer_is_reevaluated_with_other_gate_options_without_retraining(tiny_run, tmp_path, capsys):
+    summary, run_dir, args = tiny_run
+    capsys.readouterr()
+    again = run_experiment(dict(args, out=str(tmp_path), run_name="re", compare_gates="random", init_from=str(run_dir)))
+    printed = capsys.readouterr().out
+    assert "--init-from: copied" in printed and "reusing" in printed
+    assert (tmp_path / "re" / "ckpt.pt").read_bytes() == (run_dir / "ckpt.pt").read_bytes()  # not trained further
+    assert again["training"]["steps"] == summary["training"]["steps"]
+    assert again["training"]["selected_step"] == summary["training"]["selected_step"]
+    for mode in ("fixed:UPDATE_1", "fixed:STATIC"):
+        assert again["gates"][mode]["loss"] == pytest.approx(summary["gates"][mode]["loss"], abs=1e-9)
+    # a checkpoint trained with other options is refused, not silently used
+    with pytest.raises(ValueError, match="another configuration"):
+        run_experiment(dict(args, out=str(tmp_path), run_name="re2", lr=5e-3, init_from=str(run_dir)))
