@@ -22,6 +22,7 @@ budgeted oracle only), then per eval document `reset` and per chunk: context (+ 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -332,20 +333,33 @@ def validation_pool(train_texts: list[str], fraction: float = 0.1) -> tuple[list
     return train, val
 
 
+@functools.lru_cache(maxsize=2)
+def split_texts(dataset: str | None, text_field: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], int]:
+    """(training, validation, held-out texts, held-out documents dropped as near-duplicates) of a corpus:
+    the held-out split after `content_split` against ALL training files, the validation pool carved
+    from the training files (`validation_pool`). Memoised per process: reading and comparing the
+    corpus costs seconds, and repeated runs (tests, sweeps) need it once."""
+    from ttt_common.data import load_texts
+
+    texts = {split: load_texts(dataset, text_field=text_field, split=split) for split in ("train", "eval")}
+    if not texts["eval"]:
+        raise ValueError(f"--dataset {dataset or 'stdlib'}: its held-out split is empty")
+    held_out, dropped = content_split(texts["train"], texts["eval"])
+    train, val = validation_pool(texts["train"])
+    return tuple(train), tuple(val), tuple(held_out), dropped
+
+
 def _load_data(args, backbone, cache_dir):
     """Tokenized, chunked and cached train / validation / held-out documents (+ held-out documents dropped
     as near-duplicates of training ones)."""
     from ponder.cache import build_cache, select_documents
-    from ttt_common.data import load_texts
 
-    texts = {split: load_texts(args.dataset, text_field=args.text_field, split=split) for split in ("train", "eval")}
-    if not texts["eval"]:
-        raise ValueError(f"--dataset {args.dataset or 'stdlib'}: its held-out split is empty")
-    texts["eval"], dropped = content_split(texts["train"], texts["eval"])
+    train, val, held_out, dropped = split_texts(args.dataset, args.text_field)
     print(f"[run] content split: dropped {dropped} held-out documents sharing > 50% of their distinctive lines "
           "with the training documents (near-duplicates and exact copies)", flush=True)
-    if args.max_val_docs:
-        texts["train"], texts["val"] = validation_pool(texts["train"])
+    # without validation the whole training split trains (validation texts are training files)
+    texts = {"train": list(train) if args.max_val_docs else list(train) + list(val), "val": list(val),
+             "eval": list(held_out)}
     out = {}
     for split, n in (("train", args.max_train_docs), ("val", args.max_val_docs), ("eval", args.max_eval_docs)):
         if not n:

@@ -1,6 +1,6 @@
 """Training-side sweep for choosing the presets: train the adaptive layer with several settings on
 the same cached data and compare them on the VALIDATION documents only (carved from the training
-files; the held-out test documents are never loaded), with the CPU seconds each setting used.
+files; the held-out test documents are never used), with the CPU seconds each setting used.
 
     python scripts/sweep_ponder.py --preset default --grid "lr=3e-4,1e-3,3e-3" --grid "batch_chunks=1,4"
 
@@ -44,10 +44,9 @@ def sweep(args: argparse.Namespace, grid: list[dict]) -> list[dict]:
     from ponder.adaptive import AdaptiveConfig, AdaptiveLM
     from ponder.backbone import default_cache_dir, load_backbone
     from ponder.cache import build_cache, select_documents
-    from ponder.runner import _cpu_s, _validate, resolve_preset, validation_pool
+    from ponder.runner import _cpu_s, _validate, resolve_preset, split_texts
     from ponder.train import TrainConfig, train
     from ponder.types import INNER_STEPS
-    from ttt_common.data import load_texts
 
     resolve_preset(args)
     _validate(args)
@@ -57,7 +56,7 @@ def sweep(args: argparse.Namespace, grid: list[dict]) -> list[dict]:
         torch.set_num_threads(args.threads)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     backbone = load_backbone(args.base, cache_dir)
-    train_texts, val_texts = validation_pool(load_texts(args.dataset, text_field=args.text_field, split="train"))
+    train_texts, val_texts, _, _ = split_texts(args.dataset, args.text_field)  # the held-out texts stay unused
     docs = {}
     for split, texts, n in (("train", train_texts, args.max_train_docs), ("val", val_texts, args.max_val_docs)):
         sel = select_documents(texts, backbone.tokenizer, n, args.chunk_size, min_chunks=args.min_doc_chunks,

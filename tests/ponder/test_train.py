@@ -108,7 +108,7 @@ def test_lanes_give_each_step_chunks_of_different_documents():
 def test_resume_with_batches_and_validation_is_exact(tmp_path):
     docs, emb = _docs(n_docs=4)
     val, _ = _docs(seed=1, n_docs=2)
-    cfg = TrainConfig(steps=8, lr=2e-2, seed=2, save_every=1, batch_chunks=3, eval_every=2, patience=0)
+    cfg = TrainConfig(steps=8, lr=2e-2, seed=2, save_every=4, batch_chunks=3, eval_every=2, patience=0)
     full_model = _model(emb)
     full = train(full_model, docs, cfg, tmp_path / "full", progress=False, val_docs=val)
     part = train(_model(emb), docs, cfg, tmp_path / "part", stop_after=5, progress=False, val_docs=val)
