@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) scripts/run_ponder.py --mode UPDATE_2
+	$(PY) scripts/run_ponder.py --preset default --mode UPDATE_2
 
 test: venv
 	$(PY) -m ruff check .

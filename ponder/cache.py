@@ -15,10 +15,11 @@ and SKIP need:
 
 Each chunk is its own backbone window (the backbone sees no earlier chunk; the adaptive layer's
 carried state is what links the chunks of a document), and is scored on its n - 1 within-window
-next-token predictions. The cache key hashes the weights by content (every tensor, and the config
-without its path: moving a model or `--cache-dir` does not duplicate entries), the documents'
-token ids and the chunking. Entries are checked files (`ponder.storage`): a damaged one is rebuilt,
-saying so. The cache folder is capped at $TTT_PONDER_CACHE_MAX_GB (default 8) by evicting the least
+next-token predictions. There is one entry per document, streamed to disk as it is computed (an
+interrupted caching run keeps the finished documents; presets that share documents share their
+entries). An entry's key hashes the weights by content (every tensor, and the config without its
+path: moving a model or `--cache-dir` does not duplicate entries), the chunking and the document's
+token ids. Entries are checked files (`ponder.storage`): a damaged one is rebuilt, saying so. The cache folder is capped at $TTT_PONDER_CACHE_MAX_GB (default 8) by evicting the least
 recently used entries; `rm -rf .cache/ponder` clears it.
 """
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from ponder.backbone import Backbone, default_cache_dir
 from ponder.storage import DamagedFileError, clean_stale_tmp, load_checked, prune_cache, save_checked
 
-CACHE_VERSION = 2  # 2: checked files, key by weight content (no model path)
+CACHE_VERSION = 3  # 2: checked files, key by weight content (no model path); 3: one entry per document
 DEFAULT_MAX_CACHE_GB = 8.0
 
 
@@ -130,15 +131,14 @@ def model_fingerprint(backbone: Backbone) -> str:
     return fp
 
 
-def cache_key(backbone: Backbone, docs: list[tuple[str, list[list[int]]]], chunk_size: int) -> str:
+def cache_key(backbone: Backbone, chunks: list[list[int]], chunk_size: int) -> str:
+    """Key of one document's entry: weights (by content), chunking and the document's token ids."""
     h = hashlib.sha256()
     h.update(f"v{CACHE_VERSION}|{model_fingerprint(backbone)}|{chunk_size}".encode())
-    for doc_id, chunks in docs:
-        h.update(doc_id.encode())
-        for c in chunks:
-            h.update(torch.tensor(c, dtype=torch.int64).numpy().tobytes())
-            h.update(b"|")
-    return h.hexdigest()[:20]
+    for c in chunks:
+        h.update(torch.tensor(c, dtype=torch.int64).numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:24]
 
 
 @torch.no_grad()
@@ -158,46 +158,48 @@ def compute_chunk(backbone: Backbone, ids: list[int]) -> CachedChunk:
 
 def build_cache(backbone: Backbone, docs: list[tuple[str, list[list[int]]]], chunk_size: int,
                 cache_dir: Path | None = None, desc: str = "backbone", progress: bool = True) -> list[CachedDoc]:
-    """Cached backbone outputs for `docs` (computed and saved atomically on a miss).
+    """Cached backbone outputs for `docs`: each document's entry is loaded, or computed and saved
+    atomically as soon as it is done (streamed: a killed run loses at most the document in progress).
 
     Args:
         docs: output of `select_documents`.
         chunk_size: the chunking used (part of the key).
-        cache_dir: root (default `.cache/`); files go to `<root>/ponder/<key>.pt`.
+        cache_dir: root (default `.cache/`); entries go to `<root>/ponder/<key>.pt`.
     """
+    from tqdm.auto import tqdm
+
     root = Path(cache_dir or default_cache_dir()) / "ponder"
     for p in clean_stale_tmp(root):
         print(f"[cache] removed a leftover temporary file {p}", flush=True)
-    key = cache_key(backbone, docs, chunk_size)
-    path = root / f"{key}.pt"
-    if path.exists():
-        try:
-            payload = load_checked(path)
-        except DamagedFileError as err:
-            print(f"[cache] {desc}: {err}; rebuilding it", flush=True)
-        else:
-            os.utime(path)  # most recently used: the size cap evicts others first
-            print(f"[cache] {desc}: reused {path} ({sum(len(d.chunks) for d in payload['docs'])} chunks)", flush=True)
-            return payload["docs"]
-    from tqdm.auto import tqdm
-
     n_total = sum(len(c) for _, c in docs)
-    # one untimed call first: the first forward pays one-off start-up costs that are no chunk's cost
-    backbone.forward_chunk(torch.tensor([docs[0][1][0]]))
     bar = tqdm(total=n_total, desc=f"[cache] {desc} forward", disable=not progress, mininterval=2.0)
-    out = []
+    out, paths, reused, warm = [], [], 0, False
     for doc_id, chunks in docs:
-        cached = []
-        for ids in chunks:
-            cached.append(compute_chunk(backbone, ids))
-            bar.update(1)
+        path = root / f"{cache_key(backbone, chunks, chunk_size)}.pt"
+        paths.append(path)
+        cached = None
+        if path.exists():
+            try:
+                cached = load_checked(path)["chunks"]
+            except DamagedFileError as err:
+                print(f"[cache] {desc}: {err}; rebuilding it", flush=True)
+            else:
+                os.utime(path)  # most recently used: the size cap evicts others first
+                reused += 1
+        if cached is None:
+            if not warm:  # one untimed call first: the first forward pays one-off start-up costs
+                backbone.forward_chunk(torch.tensor([chunks[0]]))
+                warm = True
+            cached = [compute_chunk(backbone, ids) for ids in chunks]
+            save_checked({"chunks": cached, "meta": {"base": backbone.name, "chunk_size": chunk_size,
+                                                     "model_fingerprint": model_fingerprint(backbone),
+                                                     "n_chunks": len(chunks)}}, path)
         out.append(CachedDoc(doc_id, cached))
+        bar.update(len(chunks))
     bar.close()
-    meta = {"base": backbone.name, "model_fingerprint": model_fingerprint(backbone), "chunk_size": chunk_size,
-            "n_docs": len(docs), "n_chunks": n_total}
-    save_checked({"docs": out, "meta": meta}, path)
-    (root / f"{key}.json").write_text(json.dumps(meta, indent=1))
+    print(f"[cache] {desc}: reused {reused} of {len(docs)} documents, computed {len(docs) - reused} "
+          f"({n_total} chunks in all) in {root}", flush=True)
     max_gb = float(os.environ.get("TTT_PONDER_CACHE_MAX_GB", DEFAULT_MAX_CACHE_GB))
-    for p in prune_cache(root, int(max_gb * 2**30), keep=(path,)):
+    for p in prune_cache(root, int(max_gb * 2**30), keep=tuple(paths)):
         print(f"[cache] size cap {max_gb:g} GB (TTT_PONDER_CACHE_MAX_GB): evicted {p}", flush=True)
     return out

@@ -24,7 +24,7 @@ import json
 import math
 from pathlib import Path
 
-from ponder.runner import add_arguments, identity_hash, run_experiment, run_identity
+from ponder.runner import add_arguments, identity_hash, resolve_preset, run_experiment, run_identity
 from ponder.stats import fmt_ci
 from ponder.types import ACTIONS
 
@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad or not layers:
         parser.error(f"--layers {args.layers!r}: each must be one of {DEFAULT_LAYERS}")
     args.layers = layers
+    resolve_preset(args)  # the preset's chunking and steps name the output folder
     if args.run_name is not None:
         parser.error("--run-name is set per layer by this script; use --tag to name the comparison")
     return args

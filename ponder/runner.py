@@ -22,6 +22,7 @@ budgeted oracle only), then per eval document `reset` and per chunk: context (+ 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -46,6 +47,21 @@ PAPER_SPECS = ("fixed:SKIP", "fixed:UPDATE_1", "fixed:UPDATE_2", "fixed:UPDATE_4
                "budgeted-oracle")
 
 
+# Data and training options of each preset (README, ponder section: how they were chosen and what
+# each yields). Both use 128-token chunks: the backbone sees each chunk alone, so the adaptive
+# layer's state, carried across a document's chunks, is the only memory of what came before.
+# default: what `make demo` runs, <= 8 minutes on 2 idle cores from a fresh clone (model conversion
+#   and backbone caching included);
+# full: about an hour on 2 idle cores; long files only (16 chunks = 2,048 tokens per document), so
+#   the gain can be measured per chunk index across a whole document.
+PRESETS: dict[str, dict] = {
+    "default": dict(chunk_size=128, max_train_docs=40, max_val_docs=4, max_eval_docs=20, max_chunks_per_doc=4,
+                    min_doc_chunks=2, steps=40, batch_chunks=4, eval_every=8, patience=2, lr=1e-3),
+    "full": dict(chunk_size=128, max_train_docs=120, max_val_docs=8, max_eval_docs=20, max_chunks_per_doc=16,
+                 min_doc_chunks=16, steps=400, batch_chunks=8, eval_every=40, patience=3, lr=1e-3),
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The experiment's command-line options (shared by scripts/run_ponder.py and scripts/compare_ponder.py)."""
     from ponder.adaptive import LAYER_KINDS
@@ -57,20 +73,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--num-heads", type=int, default=0, help="TTT heads (0: hidden // 64)")
     g.add_argument("--ttt-base-lr", type=float, default=1.0, help="official layers' base inner learning rate")
     g.add_argument("--simple-inner-lr", type=float, default=1e-2, help="ponder-simple's inner learning rate")
+    g = parser.add_argument_group("preset", "a preset sets the data / training options below that are not given "
+                                  "explicitly (an explicit option always wins); see PRESETS in ponder/runner.py")
+    g.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                   help="'default': the <= 8-minute demo (make demo); 'full': about an hour on 2 cores")
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=None, help="HF dataset id or local files (default: the stdlib code corpus)")
     g.add_argument("--text-field", default="text")
-    g.add_argument("--chunk-size", type=int, default=512)
-    g.add_argument("--max-train-docs", type=int, default=8)
-    g.add_argument("--max-eval-docs", type=int, default=6)
-    g.add_argument("--max-chunks-per-doc", type=int, default=4)
-    g.add_argument("--min-doc-chunks", type=int, default=2, help="only documents with at least this many chunks")
+    g.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (preset)")
+    g.add_argument("--max-train-docs", type=int, default=None, help="training documents (preset)")
+    g.add_argument("--max-val-docs", type=int, default=None,
+                   help="validation documents, carved from the TRAINING files (never the test split), for "
+                        "checkpoint selection and early stopping (preset; 0: no validation)")
+    g.add_argument("--max-eval-docs", type=int, default=None, help="held-out (test) documents (preset)")
+    g.add_argument("--max-chunks-per-doc", type=int, default=None, help="preset")
+    g.add_argument("--min-doc-chunks", type=int, default=None,
+                   help="only documents with at least this many chunks (preset)")
     g = parser.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=24, help="outer optimizer steps (one chunk each; ~1 epoch of the default data)")
-    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--steps", type=int, default=None, help="outer optimizer steps (preset)")
+    g.add_argument("--batch-chunks", type=int, default=None,
+                   help="chunks per optimizer step, from as many documents (preset)")
+    g.add_argument("--eval-every", type=int, default=None, help="validate every N steps (preset; 0: never)")
+    g.add_argument("--patience", type=int, default=None,
+                   help="stop after N validations without improvement (preset; 0: run all --steps)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (preset)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--train-mode", default="UPDATE_1", choices=[a for a in ACTIONS if a != "SKIP"])
     g.add_argument("--aux-recon-weight", type=float, default=0.0)
+    g.add_argument("--init-from", default=None, metavar="RUN_DIR",
+                   help="start from RUN_DIR/ckpt.pt when this run folder has no checkpoint yet: a finished "
+                        "checkpoint whose model, training options and documents match this run's is reused "
+                        "without training (re-evaluate a trained layer with other gate or evaluation options); "
+                        "any mismatch stops with a message")
     g.add_argument("--overwrite", "--retrain", dest="overwrite", action="store_true",
                    help="delete the run folder's earlier results (checkpoint, tables) when its options differ, "
                         "and train afresh; without it a run folder is only ever resumed with identical options")
@@ -97,16 +131,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def default_args(**overrides) -> argparse.Namespace:
+    """The options of `run_ponder.py` with no flags, `overrides` applied, then the preset resolved."""
     args = add_arguments(argparse.ArgumentParser()).parse_args([])
     for k, v in overrides.items():
         if not hasattr(args, k):
             raise ValueError(f"unknown experiment option {k!r}")
         setattr(args, k, v)
+    return resolve_preset(args)
+
+
+def resolve_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every preset option left unset (None) from `PRESETS[args.preset]`; explicit values are kept.
+    Idempotent; returns `args` (changed in place)."""
+    if args.preset not in PRESETS:
+        raise ValueError(f"--preset {args.preset!r} is not one of {sorted(PRESETS)}")
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
     return args
 
 
-# options that change no number of the run: they are not part of its identity
-NOT_IDENTITY = ("out", "run_name", "cache_dir", "threads", "no_progress", "overwrite")
+# options that change no number of the run: they are not part of its identity (a preset is only a
+# name for its values: the resolved values are)
+NOT_IDENTITY = ("out", "run_name", "cache_dir", "threads", "no_progress", "overwrite", "preset", "init_from")
 
 
 def run_identity(args: argparse.Namespace) -> dict:
@@ -127,10 +174,11 @@ def _validate(args: argparse.Namespace) -> None:
     """Check every option, file and gate spec before anything expensive (loading, caching, training)."""
     if args.chunk_size < 2:
         raise ValueError(f"--chunk-size {args.chunk_size} must be >= 2")
-    for name in ("max_train_docs", "max_eval_docs", "max_chunks_per_doc", "min_doc_chunks", "mini_batch_size"):
+    for name in ("max_train_docs", "max_eval_docs", "max_chunks_per_doc", "min_doc_chunks", "mini_batch_size",
+                 "batch_chunks"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    for name in ("steps", "num_heads", "threads"):
+    for name in ("steps", "num_heads", "threads", "max_val_docs", "eval_every", "patience"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
     for name in ("lr", "ttt_base_lr", "simple_inner_lr"):
@@ -141,6 +189,9 @@ def _validate(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"--{name.replace('_', '-')} {v} must be a finite number >= 0")
+    if args.eval_every and not args.max_val_docs:
+        raise ValueError(f"--eval-every {args.eval_every} needs validation documents (--max-val-docs is 0); "
+                         "pass --eval-every 0 to train without validation")
     if args.min_doc_chunks > args.max_chunks_per_doc:
         raise ValueError(f"--min-doc-chunks {args.min_doc_chunks} > --max-chunks-per-doc {args.max_chunks_per_doc}")
     if not 0.0 < args.target_rate <= 1.0:
@@ -154,8 +205,27 @@ def _validate(args: argparse.Namespace) -> None:
 
         if not glob.glob(str(Path(args.dataset).expanduser())):
             raise FileNotFoundError(f"--dataset {args.dataset}: no such file, folder or glob match")
+    if args.init_from and not (Path(args.init_from).expanduser() / "ckpt.pt").exists():
+        raise FileNotFoundError(f"--init-from {args.init_from}: no ckpt.pt there (give a run folder of a finished run)")
     for spec in _gate_specs(args):  # builds each gate (cheap): an unknown spec fails now, not after training
         _build_gate(spec, args)
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system, all threads) this process has used."""
+    import os
+
+    t = os.times()
+    return t.user + t.system
+
+
+def _loadavg() -> float | None:
+    import os
+
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def _short(name: str) -> str:
@@ -248,23 +318,62 @@ def content_split(train_texts: list[str], eval_texts: list[str], max_shared: flo
     return kept, dropped
 
 
-def _load_data(args, backbone, cache_dir):
-    from ponder.cache import build_cache, select_documents
+def validation_pool(train_texts: list[str], fraction: float = 0.1) -> tuple[list[str], list[str]]:
+    """Carve validation documents out of the TRAINING texts (the test split is never read here).
+
+    A text goes to the validation pool when the hash of its content falls in the first `fraction`
+    (deterministic, independent of file order); validation texts that share more than half of their
+    distinctive lines with the remaining training texts are dropped (`content_split`), so selection
+    is not rewarded for memorising near-duplicates.
+
+    Returns:
+        (training texts, validation texts), disjoint.
+    """
+    def in_val(t: str) -> bool:
+        return int(hashlib.sha256(t.encode("utf-8", "replace")).hexdigest()[:8], 16) < fraction * 16**8
+
+    train = [t for t in train_texts if not in_val(t)]
+    val, _ = content_split(train, [t for t in train_texts if in_val(t)])
+    return train, val
+
+
+@functools.lru_cache(maxsize=2)
+def split_texts(dataset: str | None, text_field: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], int]:
+    """(training, validation, held-out texts, held-out documents dropped as near-duplicates) of a corpus:
+    the held-out split after `content_split` against ALL training files, the validation pool carved
+    from the training files (`validation_pool`). Memoised per process: reading and comparing the
+    corpus costs seconds, and repeated runs (tests, sweeps) need it once."""
     from ttt_common.data import load_texts
 
-    texts = {split: load_texts(args.dataset, text_field=args.text_field, split=split) for split in ("train", "eval")}
+    texts = {split: load_texts(dataset, text_field=text_field, split=split) for split in ("train", "eval")}
     if not texts["eval"]:
-        raise ValueError(f"--dataset {args.dataset or 'stdlib'}: its held-out split is empty")
-    texts["eval"], dropped = content_split(texts["train"], texts["eval"])
+        raise ValueError(f"--dataset {dataset or 'stdlib'}: its held-out split is empty")
+    held_out, dropped = content_split(texts["train"], texts["eval"])
+    train, val = validation_pool(texts["train"])
+    return tuple(train), tuple(val), tuple(held_out), dropped
+
+
+def _load_data(args, backbone, cache_dir):
+    """Tokenized, chunked and cached train / validation / held-out documents (+ held-out documents dropped
+    as near-duplicates of training ones)."""
+    from ponder.cache import build_cache, select_documents
+
+    train, val, held_out, dropped = split_texts(args.dataset, args.text_field)
     print(f"[run] content split: dropped {dropped} held-out documents sharing > 50% of their distinctive lines "
           "with the training documents (near-duplicates and exact copies)", flush=True)
+    # without validation the whole training split trains (validation texts are training files)
+    texts = {"train": list(train) if args.max_val_docs else list(train) + list(val), "val": list(val),
+             "eval": list(held_out)}
     out = {}
-    for split, n in (("train", args.max_train_docs), ("eval", args.max_eval_docs)):
+    for split, n in (("train", args.max_train_docs), ("val", args.max_val_docs), ("eval", args.max_eval_docs)):
+        if not n:
+            out[split] = []
+            continue
         docs = select_documents(texts[split], backbone.tokenizer, n, args.chunk_size, min_chunks=args.min_doc_chunks,
                                 max_chunks=args.max_chunks_per_doc, seed=args.seed, prefix=split)
         out[split] = build_cache(backbone, docs, args.chunk_size, cache_dir, desc=split,
                                  progress=not args.no_progress)
-    return out["train"], out["eval"], dropped
+    return out["train"], out["val"], out["eval"], dropped
 
 
 def _gate_specs(args) -> list[str]:
@@ -290,8 +399,9 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
 
     if isinstance(args, dict):
         args = default_args(**args)
+    resolve_preset(args)
     _validate(args)
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), _cpu_s()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -307,20 +417,31 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
     from ponder.cache import model_fingerprint
 
     claim_run_dir(run_dir, identity, args.overwrite, model=model_fingerprint(backbone))
-    train_docs, eval_docs, n_dropped = _load_data(args, backbone, cache_dir)
+    t0, c0 = time.perf_counter(), _cpu_s()
+    train_docs, val_docs, eval_docs, n_dropped = _load_data(args, backbone, cache_dir)
+    data_s, data_cpu = time.perf_counter() - t0, _cpu_s() - c0
     n_train = sum(len(d.chunks) for d in train_docs)
+    n_val = sum(len(d.chunks) for d in val_docs)
     n_eval = sum(len(d.chunks) for d in eval_docs)
-    print(f"[run] data: {len(train_docs)} train docs ({n_train} chunks), {len(eval_docs)} held-out docs "
-          f"({n_eval} chunks), chunk size {args.chunk_size}", flush=True)
+    print(f"[run] data ({data_s:.0f} s): {len(train_docs)} train docs ({n_train} chunks), {len(val_docs)} validation "
+          f"docs ({n_val} chunks, from the training files), {len(eval_docs)} held-out docs ({n_eval} chunks), "
+          f"chunk size {args.chunk_size}; {args.steps} steps x {args.batch_chunks} chunks = "
+          f"{args.steps * args.batch_chunks / max(1, n_train):.1f} epochs at most", flush=True)
 
     acfg = AdaptiveConfig(hidden_size=backbone.hidden_size, layer=args.ttt_layer, num_heads=args.num_heads,
                           mini_batch_size=args.mini_batch_size, ttt_base_lr=args.ttt_base_lr,
                           simple_inner_lr=args.simple_inner_lr)
     tcfg = TrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
                        inner_steps=INNER_STEPS[args.train_mode], aux_recon_weight=args.aux_recon_weight,
-                       seed=args.seed, save_every=max(1, min(25, args.steps)))
+                       seed=args.seed, save_every=max(1, min(25, args.steps)), batch_chunks=args.batch_chunks,
+                       eval_every=args.eval_every if val_docs else 0, patience=args.patience)
     model = AdaptiveLM(acfg, backbone.embedding)
-    data_id = [d.doc_id for d in train_docs]
+    data_id = [d.doc_id for d in train_docs] + [d.doc_id for d in val_docs]
+    if args.init_from and not (run_dir / "ckpt.pt").exists():
+        src = Path(args.init_from).expanduser() / "ckpt.pt"
+        shutil.copyfile(src, run_dir / ".ckpt.pt.init.tmp")
+        (run_dir / ".ckpt.pt.init.tmp").replace(run_dir / "ckpt.pt")
+        print(f"[run] --init-from: copied {src} (checked against this run's options below)", flush=True)
     try:
         ck = load_checkpoint(run_dir)
     except DamagedFileError as err:
@@ -341,17 +462,27 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
         (run_dir / "ckpt.pt").unlink()
         ck = None
     start_step = ck["step"] if ck is not None and (run_dir / "ckpt.pt").exists() else 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     if ck is not None and (run_dir / "ckpt.pt").exists():
         print(f"[run] resuming / reusing {run_dir}/ckpt.pt (step {ck['step']} of {tcfg.steps})", flush=True)
     result = train(model, train_docs, tcfg, run_dir, resume=True, progress=not args.no_progress,
-                   extra={"data_id": data_id, "base": backbone.name})
-    train_s = time.perf_counter() - t0
+                   extra={"data_id": data_id, "base": backbone.name}, val_docs=val_docs)
+    train_s, train_cpu = time.perf_counter() - t0, _cpu_s() - c0
     losses, skips = result["losses"], result["skip_losses"]
     tail = max(1, len(losses) // 4)
     if losses:
         print(f"[run] training: {result['step']} steps in {train_s:.1f} s; last {tail} steps: LM loss "
               f"{sum(losses[-tail:]) / tail:.3f} vs backbone {sum(skips[-tail:]) / tail:.3f} on the same chunks", flush=True)
+    if result["curve"]:
+        from ponder.train import write_curves
+
+        write_curves(run_dir, result["curve"], title=f"{args.ttt_layer} on {_short(backbone.name)}, chunk "
+                                                     f"{args.chunk_size}, batch {args.batch_chunks}, lr {args.lr:g}")
+        last = result["curve"][-1]
+        print(f"[run] validation: selected step {result['best_step']} (loss {result['best_val_loss']:.4f} vs backbone "
+              f"{last['val_skip_loss']:.4f}){'; stopped early' if result['stopped_early'] else ''}; "
+              f"curves in {run_dir}/curves.jsonl, curves.png", flush=True)
+    t_eval, c_eval = time.perf_counter(), _cpu_s()
 
     if result["step"] != start_step and (run_dir / "gates").exists():
         shutil.rmtree(run_dir / "gates")  # calibrated for other slow weights: refit below
@@ -402,23 +533,33 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
             print(f"[run] {name:<24} loss {summary['loss']:.4f}  update rate {summary['update_rate']:.2f}  "
                   "(paper protocol: reads the scored tokens)", flush=True)
 
+    eval_s, eval_cpu = time.perf_counter() - t_eval, _cpu_s() - c_eval
+    print(f"[run] evaluation alone: {eval_s:.0f} s ({eval_cpu:.0f} CPU-s)", flush=True)
     skip = gates_summary.get("SKIP") or gates_summary.get("fixed:SKIP")
     if skip is not None:
         for s in gates_summary.values():
             s["wall_vs_skip"] = s["wall_s_per_chunk"] / skip["wall_s_per_chunk"]
     requested = args.mode if args.mode != "ADAPTIVE" else (args.gate or ["recon"])[0]
     summary = {
-        "run": run_name, "mode": args.mode, "requested": requested, "base": backbone.name, "base_reason": backbone.reason,
+        "run": run_name, "preset": args.preset, "mode": args.mode, "requested": requested, "base": backbone.name, "base_reason": backbone.reason,
         "ttt_layer": args.ttt_layer, "protocol": args.protocol,
         "ttt_loss_weight": args.aux_recon_weight, "adaptive_config": acfg.to_dict(), "train_config": _jsonable(tcfg),
         "data": {"dataset": args.dataset or "stdlib", "chunk_size": args.chunk_size, "train_docs": len(train_docs),
-                 "train_chunks": n_train, "eval_docs": len(eval_docs), "eval_chunks": n_eval,
+                 "train_chunks": n_train, "train_tokens": sum(c.n_scored for d in train_docs for c in d.chunks),
+                 "val_docs": len(val_docs), "val_chunks": n_val, "eval_docs": len(eval_docs), "eval_chunks": n_eval,
                  "eval_tokens": sum(c.n_scored for d in eval_docs for c in d.chunks),
                  "eval_dropped_near_duplicates": n_dropped},
-        "training": {"steps": result["step"], "seconds": train_s,
+        "training": {"steps": result["step"], "seconds": train_s, "batch_chunks": args.batch_chunks,
+                     "selected_step": result["best_step"], "best_val_loss": result["best_val_loss"],
+                     "stopped_early": result["stopped_early"], "curve": result["curve"],
                      "final_loss": sum(losses[-tail:]) / tail if losses else None,
                      "final_skip_loss": sum(skips[-tail:]) / tail if losses else None},
         "target_rate": args.target_rate, "gates": gates_summary, "skipped_gates": skipped,
+        # wall-clock and CPU seconds (user + system, all threads) per phase: on a shared machine the CPU
+        # seconds over the thread count estimate the idle wall-clock
+        "timing": {"data_s": data_s, "train_s": train_s, "eval_s": eval_s, "data_cpu_s": data_cpu,
+                   "train_cpu_s": train_cpu, "eval_cpu_s": eval_cpu, "total_cpu_s": _cpu_s() - c_start,
+                   "threads": torch.get_num_threads(), "load_avg_1min_at_end": _loadavg()},
         "total_s": time.perf_counter() - t_start,
     }
     summary = _write_outputs(run_dir, records, summary)

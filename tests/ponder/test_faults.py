@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def _cmd(base, out, cache):
     return [sys.executable, str(ROOT / "scripts" / "run_ponder.py"), "--base", base, "--chunk-size", "16",
             "--max-train-docs", "3", "--max-eval-docs", "2", "--max-chunks-per-doc", "3", "--min-doc-chunks", "2",
-            "--steps", "60", "--mini-batch-size", "4", "--compare-gates", "random,recon", "--out", str(out),
+            "--steps", "30", "--batch-chunks", "2", "--max-val-docs", "1", "--eval-every", "5", "--patience", "0",
+            "--mini-batch-size", "4", "--compare-gates", "random,recon", "--out", str(out),
             "--run-name", "r", "--cache-dir", str(cache), "--no-progress"]
 
 

@@ -81,7 +81,8 @@ def tiny_run(tmp_path_factory):
     base = make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
     out = tmp_path_factory.mktemp("results")
     args = dict(base=base, chunk_size=16, max_train_docs=2, max_eval_docs=2, max_chunks_per_doc=3,
-                min_doc_chunks=2, steps=3, out=str(out), run_name="tiny", cache_dir=str(out / "cache"),
+                min_doc_chunks=2, steps=4, batch_chunks=2, max_val_docs=1, eval_every=2, patience=0,
+                out=str(out), run_name="tiny", cache_dir=str(out / "cache"),
                 compare_gates="random,recon,recon-lookahead,oracle,budgeted-oracle", mini_batch_size=4,
                 no_progress=True, mode="ADAPTIVE", gate=["recon"])
     return run_experiment(args), out / "tiny", args
@@ -241,3 +242,68 @@ def test_paper_protocol_gets_its_own_labelled_table(tiny_run, tmp_path):
     assert "| paper:fixed:UPDATE_1 |" in section and "| fixed:UPDATE_1 |" not in section
     # the default protocol evaluates nothing of the kind
     assert not any(k.startswith("paper:") for k in tiny_run[0]["gates"])
+
+
+def test_presets_resolve_and_explicit_options_win():
+    from ponder.runner import PRESETS, add_arguments, identity_hash, resolve_preset, run_identity
+
+    for name, values in PRESETS.items():
+        args = default_args(preset=name)
+        assert {k: getattr(args, k) for k in values} == values
+    parser = add_arguments(__import__("argparse").ArgumentParser())
+    args = resolve_preset(parser.parse_args(["--preset", "full", "--lr", "3e-3", "--steps", "5"]))
+    assert (args.lr, args.steps, args.chunk_size) == (3e-3, 5, PRESETS["full"]["chunk_size"])
+    assert resolve_preset(parser.parse_args([])).steps == PRESETS["default"]["steps"]  # no flag: the default preset
+    # the preset is a name for its values: the same values give the same run, other values another
+    full = default_args(preset="full")
+    spelled = default_args(**PRESETS["full"])
+    assert identity_hash(run_identity(full)) == identity_hash(run_identity(spelled))
+    assert identity_hash(run_identity(full)) != identity_hash(run_identity(default_args()))
+    with pytest.raises(ValueError, match="--preset 'huge'"):
+        default_args(preset="huge")
+    with pytest.raises(ValueError, match="--eval-every 3 needs validation documents"):
+        run_experiment(dict(max_val_docs=0, eval_every=3))
+
+
+def test_validation_is_carved_from_training_files_only():
+    from ponder.runner import _line_set, validation_pool
+    from ttt_common.data import load_texts
+
+    train_texts, test_texts = load_texts(None, split="train"), load_texts(None, split="eval")
+    train, val = validation_pool(train_texts)
+    assert len(val) >= 20 and len(train) + len(val) <= len(train_texts)
+    assert set(val) <= set(train_texts) and not set(val) & set(train)
+    assert not set(val) & set(test_texts)  # never a test-split file
+    train_lines = set().union(*(_line_set(t) for t in train))
+    for t in val:  # near-duplicates of training files stay out of validation
+        lines = _line_set(t)
+        assert not lines or len(lines & train_lines) / len(lines) <= 0.5
+    assert validation_pool(list(reversed(train_texts)))[1] == [t for t in reversed(train_texts) if t in set(val)]
+
+
+def test_run_selects_on_validation_and_writes_curves(tiny_run):
+    summary, run_dir, _ = tiny_run
+    tr = summary["training"]
+    assert summary["data"]["val_docs"] >= 1 and tr["curve"]
+    assert tr["best_val_loss"] == min(r["val_loss"] for r in tr["curve"])
+    assert tr["selected_step"] in [r["step"] for r in tr["curve"]]
+    lines = (run_dir / "curves.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == tr["curve"]
+    assert (run_dir / "curves.png").exists()
+    assert {"data_s", "train_s", "eval_s", "eval_cpu_s"} <= set(summary["timing"])
+
+
+def test_trained_layer_is_reevaluated_with_other_gate_options_without_retraining(tiny_run, tmp_path, capsys):
+    summary, run_dir, args = tiny_run
+    capsys.readouterr()
+    again = run_experiment(dict(args, out=str(tmp_path), run_name="re", compare_gates="random", init_from=str(run_dir)))
+    printed = capsys.readouterr().out
+    assert "--init-from: copied" in printed and "reusing" in printed
+    assert (tmp_path / "re" / "ckpt.pt").read_bytes() == (run_dir / "ckpt.pt").read_bytes()  # not trained further
+    assert again["training"]["steps"] == summary["training"]["steps"]
+    assert again["training"]["selected_step"] == summary["training"]["selected_step"]
+    for mode in ("fixed:UPDATE_1", "fixed:STATIC"):
+        assert again["gates"][mode]["loss"] == pytest.approx(summary["gates"][mode]["loss"], abs=1e-9)
+    # a checkpoint trained with other options is refused, not silently used
+    with pytest.raises(ValueError, match="another configuration"):
+        run_experiment(dict(args, out=str(tmp_path), run_name="re2", lr=5e-3, init_from=str(run_dir)))

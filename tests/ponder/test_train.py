@@ -87,3 +87,75 @@ def test_bad_config_raises():
         TrainConfig(inner_steps=0)
     with pytest.raises(ValueError, match="at least one cached document"):
         train(_model(_docs()[1]), [], TrainConfig(steps=1), None, progress=False)
+
+
+def test_lanes_give_each_step_chunks_of_different_documents():
+    from ponder.train import ChunkStream
+
+    docs, _ = _docs(n_docs=6, n_chunks=3)
+    stream = ChunkStream(docs, seed=1, lanes=3)
+    epoch = [stream.next() for _ in range(18)]
+    assert sorted(epoch) == [(d, c) for d in range(6) for c in range(3)]  # every chunk once per epoch
+    for i in range(0, 18, 3):
+        assert len({d for d, _ in epoch[i:i + 3]}) == 3  # one step: 3 documents
+    for d in range(6):
+        assert [c for dd, c in epoch if dd == d] == [0, 1, 2]  # in order within a document
+    one = ChunkStream(docs, seed=1, lanes=1)
+    seq = [one.next() for _ in range(18)]
+    assert all(len({d for d, _ in seq[i:i + 3]}) == 1 for i in range(0, 18, 3))  # one lane: document by document
+
+
+def test_resume_with_batches_and_validation_is_exact(tmp_path):
+    docs, emb = _docs(n_docs=4)
+    val, _ = _docs(seed=1, n_docs=2)
+    cfg = TrainConfig(steps=8, lr=2e-2, seed=2, save_every=4, batch_chunks=3, eval_every=2, patience=0)
+    full_model = _model(emb)
+    full = train(full_model, docs, cfg, tmp_path / "full", progress=False, val_docs=val)
+    part = train(_model(emb), docs, cfg, tmp_path / "part", stop_after=5, progress=False, val_docs=val)
+    assert part["step"] == 5 and len(part["curve"]) == 2
+    torch.manual_seed(999)
+    resumed_model = _model(emb)
+    resumed = train(resumed_model, docs, cfg, tmp_path / "part", progress=False, val_docs=val)
+    assert resumed["losses"] == full["losses"] and resumed["curve"] == full["curve"]
+    assert resumed["best_step"] == full["best_step"]
+    for (n, a), (_, b) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert [r["step"] for r in full["curve"]] == [2, 4, 6, 8]
+    # the model ends with the selected (best validation) weights: its validation loss is the minimum
+    from ponder.train import validation_loss
+
+    best = min(r["val_loss"] for r in full["curve"])
+    assert full["best_val_loss"] == best
+    assert validation_loss(full_model, val, 1)[0] == pytest.approx(best, abs=1e-6)
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path, monkeypatch):
+    import ponder.train as train_mod
+
+    docs, emb = _docs(n_docs=4)
+    val, _ = _docs(seed=1, n_docs=1)
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 1.0])  # best at the 2nd validation, then 2 worse ones
+
+    monkeypatch.setattr(train_mod, "validation_loss", lambda *a: (next(scripted), 9.0))
+    model = _model(emb)
+    cfg = TrainConfig(steps=20, lr=2e-2, seed=0, save_every=100, batch_chunks=2, eval_every=2, patience=2)
+    out = train(model, docs, cfg, tmp_path / "es", progress=False, val_docs=val)
+    assert out["stopped_early"] and out["step"] == 8 and out["best_step"] == 4
+    # a rerun of the stopped run trains nothing more and ends with the same selected weights
+    again_model = _model(emb)
+    again = train(again_model, docs, cfg, tmp_path / "es", progress=False, val_docs=val)
+    assert again["step"] == 8
+    # the selected weights are those after step 4: the same as a 4-step run without validation
+    ref = _model(emb)
+    train(ref, docs, TrainConfig(steps=4, lr=2e-2, seed=0, save_every=100, batch_chunks=2), None, progress=False)
+    for m in (model, again_model):
+        for (n, a), (_, b) in zip(ref.state_dict().items(), m.state_dict().items()):
+            assert torch.equal(a, b), n
+
+
+def test_validation_needs_documents():
+    docs, emb = _docs()
+    with pytest.raises(ValueError, match="eval_every=2 needs validation documents"):
+        train(_model(emb), docs, TrainConfig(steps=2, eval_every=2), None, progress=False)
+    with pytest.raises(ValueError, match="batch_chunks=0"):
+        TrainConfig(batch_chunks=0)
