@@ -10,7 +10,11 @@ Added (defaults keep the official behaviour and checkpoints):
     residual_ttt: stack with residual connections, h_{i+1} = h_i + MLP_i(h_i).
     greedy_ttt: update every MLP of the stack with its own local inner loss (see `lact.layers`).
     ttt_backprop: how the outer gradient flows through the inner updates: "autograd", "manual"
-        (recompute-per-chunk `autograd.Function`) or "auto" (manual whenever gradients are needed).
+        (recompute-per-chunk `autograd.Function`; the layer also recomputes the elementwise pieces
+        around it) or "auto": manual when gradients are needed (grad mode on and the input or a
+        parameter requires grad) AND the sequence spans at least two update chunks
+        (T > 2 * lact_chunk_size), autograd otherwise. Decoding with a cache runs autograd in every mode
+        (`LaCTSWIGLULayer.resolve_backprop`).
 
 All combinations are checked here, at construction, so a bad config fails before a model is built.
 """
@@ -60,7 +64,7 @@ class LaCTSWIGLUConfig(PretrainedConfig):
         r (1): stacked MLPs per layer, int >= 1.
         residual_ttt (False): residual stack; turned off with a warning when greedy_ttt is set.
         greedy_ttt (False): per-MLP local inner objectives instead of end-to-end.
-        ttt_backprop ("auto"): one of "auto", "autograd", "manual".
+        ttt_backprop ("auto"): one of "auto", "autograd", "manual" (see the module docstring for "auto").
 
     Raises:
         ValueError/TypeError at construction for impossible values, naming the key and the value.

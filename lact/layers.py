@@ -409,8 +409,15 @@ class LaCTSWIGLULayer(nn.Module):
         return weights
 
     def resolve_backprop(self, *tensors: torch.Tensor) -> str:
-        """The backprop mode used now: "auto" -> "manual" iff an outer gradient will be needed and
-        the sequence spans at least two update chunks (with fewer, autograd's graph is as small)."""
+        """The backprop mode of a call without a cache, for `tensors` (hidden_states first).
+
+        "autograd" and "manual" are returned as set. "auto" -> "manual" iff (1) an outer gradient will be
+        needed: grad mode is on and a tensor or a parameter requires grad, and (2) the sequence spans at
+        least two update chunks, T > 2 * lact_chunk_size (with fewer, autograd's graph is as small);
+        else "autograd". "manual" also makes `forward` recompute the fast-weight inputs and output
+        (`_fast_inputs`, `_fast_output`) in backward. Calls with a cache (use_cache or past_key_values)
+        run the stateful op under autograd whatever the mode.
+        """
         if self.ttt_backprop != "auto":
             return self.ttt_backprop
         needs_grad = torch.is_grad_enabled() and (
