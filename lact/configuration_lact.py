@@ -10,7 +10,11 @@ Added (defaults keep the official behaviour and checkpoints):
     residual_ttt: stack with residual connections, h_{i+1} = h_i + MLP_i(h_i).
     greedy_ttt: update every MLP of the stack with its own local inner loss (see `lact.layers`).
     ttt_backprop: how the outer gradient flows through the inner updates: "autograd", "manual"
-        (recompute-per-chunk `autograd.Function`) or "auto" (manual whenever gradients are needed).
+        (recompute-per-chunk `autograd.Function`; the layer also recomputes the elementwise pieces
+        around it) or "auto": manual when gradients are needed (grad mode on and the input or a
+        parameter requires grad) AND the sequence spans at least two update chunks
+        (T > 2 * lact_chunk_size), autograd otherwise. Decoding with a cache runs autograd in every mode
+        (`LaCTSWIGLULayer.resolve_backprop`).
 
 All combinations are checked here, at construction, so a bad config fails before a model is built.
 """
@@ -63,7 +67,7 @@ class LaCTSWIGLUConfig(PretrainedConfig):
         r (1): stacked MLPs per layer, int >= 1.
         residual_ttt (False): residual stack; turned off with a warning when greedy_ttt is set.
         greedy_ttt (False): per-MLP local inner objectives instead of end-to-end.
-        ttt_backprop ("auto"): one of "auto", "autograd", "manual".
+        ttt_backprop ("auto"): one of "auto", "autograd", "manual" (see the module docstring for "auto").
 
     Raises:
         ValueError/TypeError at construction for impossible values, naming the key and the value.
@@ -249,11 +253,31 @@ class LaCTSWIGLUConfig(PretrainedConfig):
                     "qkv_silu", "no_v_silu", "learnable_ttt_scale", "fp32_states", "use_fused_kernel"):
             if not isinstance(getattr(self, key), bool):
                 raise TypeError(f"{key}={getattr(self, key)!r} must be a bool")
-        if self.greedy_ttt and self.residual_ttt:
-            warnings.warn(
-                "greedy_ttt=True is incompatible with residual_ttt=True (each greedy MLP is trained on its "
-                "own local objective, which a residual stack does not define); setting residual_ttt=False",
-                UserWarning,
-                stacklevel=3,
-            )
-            self.residual_ttt = False
+        self.residual_ttt = resolve_greedy_residual(self.greedy_ttt, self.residual_ttt, stacklevel=3)
+
+
+def resolve_greedy_residual(greedy_ttt: bool, residual_ttt: bool, stacklevel: int = 2) -> bool:
+    """The `residual_ttt` to use with `greedy_ttt`: the one rule shared by the config and the layer.
+
+    A greedy MLP regresses v with its own output, which a residual stack (h + MLP(h)) does not
+    produce, so the pair has no meaning. The config and `LaCTSWIGLULayer` both call this: the pair
+    warns (UserWarning) and residual is turned off, so a config file that sets both still loads. The
+    chunk op `lact.ops.lact_swiglu`, which takes explicit flags and never sees a config, raises a
+    ValueError for the pair instead of changing what it was asked to compute.
+
+    Args:
+        greedy_ttt, residual_ttt: the requested flags.
+        stacklevel: as `warnings.warn`'s, counted from the caller of this function.
+
+    Returns:
+        `residual_ttt`, or False when both flags are set.
+    """
+    if greedy_ttt and residual_ttt:
+        warnings.warn(
+            "greedy_ttt=True is incompatible with residual_ttt=True (each greedy MLP is trained on its "
+            "own local objective, which a residual stack does not define); setting residual_ttt=False",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+        return False
+    return residual_ttt

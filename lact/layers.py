@@ -48,14 +48,15 @@ this port computes in the model's dtype (autocast is used only for fp32_states +
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from lact import ops as lact_ops
+from lact.configuration_lact import TTT_BACKPROP_MODES, resolve_greedy_residual
 from lact.modules import RMSNorm, RotaryEmbedding
 from lact.ops.window_attention import _nonfinite_rows, window_attention  # window_attention also re-exported
 
@@ -65,11 +66,6 @@ BASE_LR = 1e-3  # the reference's base inner learning rate (softplus(0 + inv_sof
 def inv_softplus(x: float) -> float:
     """Inverse of softplus: y such that log(1 + exp(y)) = x (x > 0)."""
     return x + math.log(-math.expm1(-x))
-
-
-def l2_norm(x: torch.Tensor) -> torch.Tensor:
-    """Row L2 normalisation as the reference: x / (|x| + 1e-5) over the last axis, in x's dtype."""
-    return (x / (x.norm(dim=-1, keepdim=True) + 1e-5)).type(x.dtype)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +113,17 @@ def cached_window_attention(
     o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
     o = torch.where(poisoned[..., None], torch.full((), float("nan"), dtype=o.dtype, device=o.device), o)
     return o.transpose(1, 2)
+
+
+def _direct(fn, *args):
+    return fn(*args)
+
+
+def _recomputed(fn, *args):
+    """fn(*args) keeping only its inputs for backward: fn runs again there (same operations on the same
+    inputs, so the same values and gradients). For the layer's elementwise pieces around the fast-weight
+    op (SiLU, L2 norm, RoPE, head reshapes, RMSNorm), whose saved intermediates are [B, T, hidden] each."""
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
 
 @dataclass
@@ -225,170 +232,155 @@ class SwiGLUFastWeights(nn.Module):
         _make_fast_weights(self, num_heads, d_in, d_h, d_out, low_rank, init_gain)
 
 
+@dataclass
+class LaCTLayerOptions:
+    """Every option of `LaCTSWIGLULayer`, with the reference layer's defaults: the one list of them.
+
+    The names are the reference constructor's (and `LaCTSWIGLUConfig`'s), so the same keyword
+    arguments build either layer. The defaults are the reference layer's, which differ from the
+    config's; a layer built from a config (`LaCTSWIGLULayer.from_config`) takes every value from it.
+
+    Sizes (required): hidden_size; num_attn_heads (attention heads, head dim hidden / heads);
+    num_lact_heads (fast-weight heads H_fw, width d = hidden / H_fw); inter_multi (fast-weight inner
+    width d_h = int(d * inter_multi)); window_size (attention window W, None = full causal);
+    lact_chunk_size (tokens per fast-weight update).
+    Attention: qkv_bias, attn_qk_norm (RMSNorm of q, k), rope_theta, max_position_embeddings.
+    Fast-weight inputs: qkv_silu, no_v_silu, ttt_nope (no RoPE on the fast q, k), lr_dim (only 1),
+        lr_parameterization (only "mamba"), use_momentum.
+    Fast-weight update: use_muon, ttt_prenorm, ttt_loss_type (only "dot_product"), w0_w2_low_rank
+        (> 0: low-rank initial w0, w2), fw_init_gain, fp32_states, learnable_ttt_scale.
+    use_fused_kernel: see the module docstring.
+    Added here: r (stacked MLPs, 1 = reference), residual_ttt, greedy_ttt (stack variants, see the
+        module docstring), ttt_backprop (see `LaCTSWIGLULayer.resolve_backprop`), attn_norm_eps (eps of
+        q_norm/k_norm and ttt_norm; fla's RMSNorm default, as the reference; not a config field).
+    """
+
+    hidden_size: int
+    num_attn_heads: int
+    num_lact_heads: int
+    inter_multi: float
+    window_size: int | None
+    lact_chunk_size: int
+    qkv_bias: bool = False
+    attn_qk_norm: bool = True
+    qkv_silu: bool = True
+    no_v_silu: bool = False
+    lr_dim: int = 1
+    use_muon: bool = False
+    lr_parameterization: str = "mamba"
+    learnable_ttt_scale: bool = False
+    ttt_prenorm: bool = False
+    ttt_nope: bool = False
+    rope_theta: float = 500000.0
+    max_position_embeddings: int = 2048
+    w0_w2_low_rank: int = -1
+    use_momentum: bool = False
+    ttt_loss_type: str = "dot_product"
+    fw_init_gain: float = 0.5
+    use_fused_kernel: bool = False
+    fp32_states: bool = False
+    r: int = 1
+    residual_ttt: bool = False
+    greedy_ttt: bool = False
+    ttt_backprop: str = "auto"
+    attn_norm_eps: float = 1e-5
+
+    # options a `LaCTSWIGLUConfig` does not carry: `from_config` leaves them at their defaults
+    NOT_IN_CONFIG = ("attn_norm_eps",)
+
+    @classmethod
+    def kwargs_from_config(cls, config) -> dict:
+        """{option: value} read from a `LaCTSWIGLUConfig` (every field but `NOT_IN_CONFIG`)."""
+        return {f.name: getattr(config, f.name) for f in fields(cls) if f.name not in cls.NOT_IN_CONFIG}
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attn_heads or self.hidden_size % self.num_lact_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by num_attn_heads={self.num_attn_heads} and "
+                f"num_lact_heads={self.num_lact_heads}"
+            )
+        if self.lr_dim != 1:
+            raise ValueError(f"lr_dim={self.lr_dim} is not supported (one learning rate per token, head, weight)")
+        if self.lr_parameterization.lower() != "mamba":
+            raise ValueError(f"lr_parameterization={self.lr_parameterization!r} is not implemented; use 'mamba'")
+        if self.ttt_loss_type != "dot_product":
+            raise ValueError(f"ttt_loss_type={self.ttt_loss_type!r} is not supported; use 'dot_product'")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r={self.r!r} must be an int >= 1 (number of stacked fast-weight MLPs)")
+        if self.ttt_backprop not in TTT_BACKPROP_MODES:
+            raise ValueError(f"ttt_backprop={self.ttt_backprop!r} must be one of {TTT_BACKPROP_MODES}")
+        # stacklevel 4: __post_init__ <- the dataclass __init__ <- LaCTSWIGLULayer.__init__ <- its caller
+        self.residual_ttt = resolve_greedy_residual(self.greedy_ttt, self.residual_ttt, stacklevel=4)
+
+
 class LaCTSWIGLULayer(nn.Module):
     """LaCT layer: window attention plus chunked SwiGLU fast-weight MLP(s), output-mixed.
 
-    Constructor arguments and defaults are the reference layer's (note they differ from the config
-    defaults; `LaCTBlock` passes every one from the config), plus:
-        r: stacked fast-weight MLPs (1 = reference).
-        residual_ttt, greedy_ttt: stack variants (see the module docstring).
-        ttt_backprop: "autograd", "manual" or "auto" (manual whenever gradients are needed).
-        attn_norm_eps: eps of q_norm/k_norm and ttt_norm (fla RMSNorm default 1e-5, as the reference).
+    Args:
+        hidden_size, num_attn_heads, num_lact_heads, inter_multi, window_size, lact_chunk_size: the sizes.
+        layer_idx: index of the layer in the model (kept for the caller; changes nothing here).
+        **options: any other field of `LaCTLayerOptions` (the reference layer's keyword arguments and
+            defaults, plus r, residual_ttt, greedy_ttt, ttt_backprop, attn_norm_eps). Every option is
+            also an attribute of the layer (`layer.r`, `layer.window_size`, ...).
 
     forward(hidden_states [B, T, hidden], attention_mask [B, T] or None, past_key_values=LaCTLayerState or None,
             use_cache=False) -> (o [B, T, hidden], None, the new LaCTLayerState if use_cache else None)
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_attn_heads: int,
-        num_lact_heads: int,
-        inter_multi: float,
-        window_size: int | None,
-        lact_chunk_size: int,
-        qkv_bias: bool = False,
-        attn_qk_norm: bool = True,
-        qkv_silu: bool = True,
-        no_v_silu: bool = False,
-        lr_dim: int = 1,
-        use_muon: bool = False,
-        lr_parameterization: str = "mamba",
-        learnable_ttt_scale: bool = False,
-        ttt_prenorm: bool = False,
-        ttt_nope: bool = False,
-        rope_theta: float = 500000.0,
-        layer_idx: int | None = None,
-        max_position_embeddings: int = 2048,
-        w0_w2_low_rank: int = -1,
-        use_momentum: bool = False,
-        ttt_loss_type: str = "dot_product",
-        fw_init_gain: float = 0.5,
-        use_fused_kernel: bool = False,
-        fp32_states: bool = False,
-        r: int = 1,
-        residual_ttt: bool = False,
-        greedy_ttt: bool = False,
-        ttt_backprop: str = "auto",
-        attn_norm_eps: float = 1e-5,
-    ):
+    def __init__(self, hidden_size: int, num_attn_heads: int, num_lact_heads: int, inter_multi: float,
+                 window_size: int | None, lact_chunk_size: int, layer_idx: int | None = None, **options):
         super().__init__()
-        if hidden_size % num_attn_heads or hidden_size % num_lact_heads:
-            raise ValueError(
-                f"hidden_size={hidden_size} must be divisible by num_attn_heads={num_attn_heads} and "
-                f"num_lact_heads={num_lact_heads}"
-            )
-        if lr_dim != 1:
-            raise ValueError(f"lr_dim={lr_dim} is not supported (one learning rate per token, head, weight)")
-        if lr_parameterization.lower() != "mamba":
-            raise ValueError(f"lr_parameterization={lr_parameterization!r} is not implemented; use 'mamba'")
-        if ttt_loss_type != "dot_product":
-            raise ValueError(f"ttt_loss_type={ttt_loss_type!r} is not supported; use 'dot_product'")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r={r!r} must be an int >= 1 (number of stacked fast-weight MLPs)")
-        if ttt_backprop not in ("auto", "autograd", "manual"):
-            raise ValueError(f"ttt_backprop={ttt_backprop!r} must be 'auto', 'autograd' or 'manual'")
-        if greedy_ttt and residual_ttt:
-            warnings.warn("greedy_ttt=True with residual_ttt=True: setting residual_ttt=False", UserWarning,
-                          stacklevel=2)
-            residual_ttt = False
-
-        self.hidden_size = hidden_size
-        self.num_heads = num_attn_heads
-        self.head_dim = hidden_size // num_attn_heads
-        self.inter_multi = inter_multi
-        self.window_size = window_size
+        opts = LaCTLayerOptions(hidden_size, num_attn_heads, num_lact_heads, inter_multi, window_size,
+                                lact_chunk_size, **options)
+        for f in fields(opts):
+            setattr(self, f.name, getattr(opts, f.name))
         self.layer_idx = layer_idx
-        self.max_position_embeddings = max_position_embeddings
-        self.rope_theta = rope_theta
+        self._build_attention(opts)
+        self._build_fast_weights(opts)
+        # use_fused_kernel (the official config's flag) selects the Triton chunk step where it can run
+        # (CUDA + triton importable), the torch step elsewhere: same values either way
+        self.ttt_kernel = "auto" if opts.use_fused_kernel else "torch"
 
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=qkv_bias)
-        self.attn_qk_norm = attn_qk_norm
-        if attn_qk_norm:
-            self.q_norm = RMSNorm(hidden_size, eps=attn_norm_eps)
-            self.k_norm = RMSNorm(hidden_size, eps=attn_norm_eps)
-        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.rotary = RotaryEmbedding(self.head_dim, base=rope_theta)
+    def _build_attention(self, opts: LaCTLayerOptions) -> None:
+        """qkv (shared by attention and fast weights), q/k norms, RoPE, o_proj."""
+        self.num_heads = opts.num_attn_heads
+        self.head_dim = opts.hidden_size // opts.num_attn_heads
+        self.qkv = nn.Linear(opts.hidden_size, 3 * opts.hidden_size, bias=opts.qkv_bias)
+        if opts.attn_qk_norm:
+            self.q_norm = RMSNorm(opts.hidden_size, eps=opts.attn_norm_eps)
+            self.k_norm = RMSNorm(opts.hidden_size, eps=opts.attn_norm_eps)
+        self.o_proj = nn.Linear(opts.hidden_size, opts.hidden_size, bias=False)
+        self.rotary = RotaryEmbedding(self.head_dim, base=opts.rope_theta)
 
-        # fast weights
-        self.use_muon = use_muon
-        self.lact_chunk_size = lact_chunk_size
-        self.num_fw_heads = num_lact_heads
-        self.fw_head_dim = hidden_size // num_lact_heads
-        self.qkv_silu = qkv_silu
-        self.no_v_silu = no_v_silu
-        self.ttt_prenorm = ttt_prenorm
-        self.ttt_nope = ttt_nope
-        self.d_in = self.d_out = self.fw_head_dim
-        self.d_h = int(self.d_in * inter_multi)
-        self.w0_w2_low_rank = w0_w2_low_rank
-        self.fw_init_gain = fw_init_gain
-        self.r = r
-        self.residual_ttt = residual_ttt
-        self.greedy_ttt = greedy_ttt
-        self.ttt_backprop = ttt_backprop
-        fw_shape = (self.num_fw_heads, self.d_in, self.d_h, self.d_out, w0_w2_low_rank, fw_init_gain)
-        if r == 1:
+    def _build_fast_weights(self, opts: LaCTLayerOptions) -> None:
+        """The r initial fast-weight MLPs and the per-token projections (lrs, momentum, output scale)."""
+        H = self.num_fw_heads = opts.num_lact_heads
+        self.fw_head_dim = self.d_in = self.d_out = opts.hidden_size // H
+        self.d_h = int(self.d_in * opts.inter_multi)
+        fw_shape = (H, self.d_in, self.d_h, self.d_out, opts.w0_w2_low_rank, opts.fw_init_gain)
+        if opts.r == 1:
             # the reference's names: `w0`, `w1`, `w2` directly on the layer
             _make_fast_weights(self, *fw_shape)
         else:
-            self.fast_mlps = nn.ModuleList(SwiGLUFastWeights(*fw_shape) for _ in range(r))
+            self.fast_mlps = nn.ModuleList(SwiGLUFastWeights(*fw_shape) for _ in range(opts.r))
 
-        # per-token learning rates: 3 per fast-weight head (for w0, w1, w2)
-        self.lr_dim = lr_dim * 3 * self.num_fw_heads
-        self.lr_proj = nn.Linear(hidden_size, self.lr_dim)
-        self.lr_parameterization = lr_parameterization
+        # per-token learning rates: 3 per fast-weight head (for w0, w1, w2); the reference's name
+        # `lr_dim` for the projection width
+        self.lr_dim = opts.lr_dim * 3 * H
+        self.lr_proj = nn.Linear(opts.hidden_size, self.lr_dim)
         self.base_lr_inv = inv_softplus(BASE_LR)
-
-        self.qk_scale = nn.Parameter(torch.ones(hidden_size, 2))
-        self.qk_offset = nn.Parameter(torch.zeros(hidden_size, 2))
-        self.learnable_ttt_scale = learnable_ttt_scale
-        if learnable_ttt_scale:
-            self.ttt_scale_proj = nn.Linear(hidden_size, self.num_fw_heads)
-        self.ttt_norm = RMSNorm(self.fw_head_dim, elementwise_affine=True, eps=attn_norm_eps)
-
-        self.use_momentum = use_momentum
-        if use_momentum:
-            self.momentum_proj = nn.Sequential(nn.Linear(hidden_size, self.num_fw_heads), nn.Sigmoid())
-        self.ttt_loss_type = ttt_loss_type
-        self.use_fused_kernel = use_fused_kernel
-        self.ttt_kernel = "auto" if use_fused_kernel else "torch"  # the chunk step's implementation
-        self.fp32_states = fp32_states
+        self.qk_scale = nn.Parameter(torch.ones(opts.hidden_size, 2))
+        self.qk_offset = nn.Parameter(torch.zeros(opts.hidden_size, 2))
+        if opts.learnable_ttt_scale:
+            self.ttt_scale_proj = nn.Linear(opts.hidden_size, H)
+        self.ttt_norm = RMSNorm(self.fw_head_dim, elementwise_affine=True, eps=opts.attn_norm_eps)
+        if opts.use_momentum:
+            self.momentum_proj = nn.Sequential(nn.Linear(opts.hidden_size, H), nn.Sigmoid())
 
     @classmethod
     def from_config(cls, config, layer_idx: int | None = None) -> LaCTSWIGLULayer:
         """Build the layer from a `LaCTSWIGLUConfig` (what `LaCTBlock` does)."""
-        return cls(
-            hidden_size=config.hidden_size,
-            num_attn_heads=config.num_attn_heads,
-            num_lact_heads=config.num_lact_heads,
-            inter_multi=config.inter_multi,
-            window_size=config.window_size,
-            lact_chunk_size=config.lact_chunk_size,
-            qkv_bias=config.qkv_bias,
-            attn_qk_norm=config.attn_qk_norm,
-            qkv_silu=config.qkv_silu,
-            no_v_silu=config.no_v_silu,
-            lr_dim=config.lr_dim,
-            use_muon=config.use_muon,
-            lr_parameterization=config.lr_parameterization,
-            learnable_ttt_scale=config.learnable_ttt_scale,
-            ttt_prenorm=config.ttt_prenorm,
-            ttt_nope=config.ttt_nope,
-            rope_theta=config.rope_theta,
-            layer_idx=layer_idx,
-            max_position_embeddings=config.max_position_embeddings,
-            w0_w2_low_rank=config.w0_w2_low_rank,
-            use_momentum=config.use_momentum,
-            ttt_loss_type=config.ttt_loss_type,
-            fw_init_gain=config.fw_init_gain,
-            use_fused_kernel=config.use_fused_kernel,
-            fp32_states=config.fp32_states,
-            r=config.r,
-            residual_ttt=config.residual_ttt,
-            greedy_ttt=config.greedy_ttt,
-            ttt_backprop=config.ttt_backprop,
-        )
+        return cls(layer_idx=layer_idx, **LaCTLayerOptions.kwargs_from_config(config))
 
     # -- helpers -------------------------------------------------------------------------------
     def fast_weight_owners(self) -> list[nn.Module]:
@@ -416,8 +408,15 @@ class LaCTSWIGLULayer(nn.Module):
         return weights
 
     def resolve_backprop(self, *tensors: torch.Tensor) -> str:
-        """The backprop mode used now: "auto" -> "manual" iff an outer gradient will be needed and
-        the sequence spans at least two update chunks (with fewer, autograd's graph is as small)."""
+        """The backprop mode of a call without a cache, for `tensors` (hidden_states first).
+
+        "autograd" and "manual" are returned as set. "auto" -> "manual" iff (1) an outer gradient will be
+        needed: grad mode is on and a tensor or a parameter requires grad, and (2) the sequence spans at
+        least two update chunks, T > 2 * lact_chunk_size (with fewer, autograd's graph is as small);
+        else "autograd". "manual" also makes `forward` recompute the fast-weight inputs and output
+        (`_fast_inputs`, `_fast_output`) in backward. Calls with a cache (use_cache or past_key_values)
+        run the stateful op under autograd whatever the mode.
+        """
         if self.ttt_backprop != "auto":
             return self.ttt_backprop
         needs_grad = torch.is_grad_enabled() and (
@@ -442,6 +441,37 @@ class LaCTSWIGLULayer(nn.Module):
         """[B * H_fw, T, d] -> [B, T, H_fw * d]."""
         _, T, d = x.shape
         return x.reshape(batch_size, self.num_fw_heads, T, d).transpose(1, 2).reshape(batch_size, T, self.num_fw_heads * d)
+
+    def _fast_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fast-weight q, k, v [B * H_fw, T, d] from the attention's q, k, v [B, T, hidden] (before RoPE):
+        per-channel rescale of q, k, SiLU, L2 norm per fast-weight head, RoPE at positions offset.. ."""
+        B, T, _ = q.shape
+        fast_q, fast_k = self._rescale_qk(q, k)
+        fast_v = v
+        if self.qkv_silu:
+            fast_q, fast_k = F.silu(fast_q), F.silu(fast_k)
+            if not self.no_v_silu:
+                fast_v = F.silu(fast_v)
+        # L2 norm per fast-weight head: [B, T, H_fw, d]
+        fast_q = lact_ops.l2_norm(fast_q.reshape(B, T, self.num_fw_heads, self.fw_head_dim))
+        fast_k = lact_ops.l2_norm(fast_k.reshape(B, T, self.num_fw_heads, self.fw_head_dim))
+        if not self.ttt_nope:
+            # the reference rotates the fast q, k with the attention's RoPE, over the attention heads
+            fast_q, fast_k = self.rotary(fast_q.reshape(B, T, self.num_heads, self.head_dim),
+                                         fast_k.reshape(B, T, self.num_heads, self.head_dim), seqlen_offset=offset)
+        return (self._to_fw_heads(fast_q.reshape(B, T, self.hidden_size)),
+                self._to_fw_heads(fast_k.reshape(B, T, self.hidden_size)),
+                self._to_fw_heads(fast_v))
+
+    def _fast_output(self, fw_x: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The fast-weight branch's share of the output, [B, T, hidden]: RMSNorm per head of the op's
+        output fw_x [B * H_fw, T, d], times silu(ttt_scale_proj(x)) per head when learnable_ttt_scale."""
+        ttt_x = self.ttt_norm(fw_x)
+        if self.learnable_ttt_scale:
+            scale = F.silu(self.ttt_scale_proj(hidden_states))  # [B, T, H_fw]
+            ttt_x = ttt_x * self._to_fw_heads(scale)
+        return self._from_fw_heads(ttt_x, hidden_states.shape[0])
 
     # -- forward -------------------------------------------------------------------------------
     def forward(
@@ -497,8 +527,10 @@ class LaCTSWIGLULayer(nn.Module):
         q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)
         if self.attn_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        fast_q, fast_k = self._rescale_qk(q, k)
-        fast_v = v
+        # the manual backprop also recomputes the fast-weight path's elementwise pieces in backward
+        recompute = (past is None and not use_cache and torch.is_grad_enabled()
+                     and self.resolve_backprop(hidden_states) == "manual")
+        run = _recomputed if recompute else _direct
 
         # attention branch: [B, T, H, D]
         qh = q.reshape(B, T, self.num_heads, self.head_dim)
@@ -512,22 +544,7 @@ class LaCTSWIGLULayer(nn.Module):
         o = o.reshape(B, T, self.hidden_size)
 
         # fast-weight branch
-        if self.qkv_silu:
-            fast_q, fast_k = F.silu(fast_q), F.silu(fast_k)
-            if not self.no_v_silu:
-                fast_v = F.silu(fast_v)
-        # L2 norm per fast-weight head: [B, T, H_fw, d]
-        fast_q = l2_norm(fast_q.reshape(B, T, self.num_fw_heads, self.fw_head_dim))
-        fast_k = l2_norm(fast_k.reshape(B, T, self.num_fw_heads, self.fw_head_dim))
-        if not self.ttt_nope:
-            # the reference rotates the fast q, k with the attention's RoPE, over the attention heads
-            fq, fk = self.rotary(fast_q.reshape(B, T, self.num_heads, self.head_dim),
-                                 fast_k.reshape(B, T, self.num_heads, self.head_dim), seqlen_offset=offset)
-            fast_q, fast_k = fq, fk
-        fast_q = self._to_fw_heads(fast_q.reshape(B, T, self.hidden_size))
-        fast_k = self._to_fw_heads(fast_k.reshape(B, T, self.hidden_size))
-        fast_v = self._to_fw_heads(fast_v)
-
+        fast_q, fast_k, fast_v = run(self._fast_inputs, q, k, v, offset)
         # learning rates and momentum in (at least) float32, as the reference's `.float()`; float64
         # models keep float64 so that the whole op can run in double precision
         lr = F.softplus(_upcast(self.lr_proj(hidden_states)) + self.base_lr_inv)  # [B, T, 3 * H_fw]
@@ -561,10 +578,5 @@ class LaCTSWIGLULayer(nn.Module):
             start = max(keys.shape[1] - keep, 0)
             new_state = LaCTLayerState(keys[:, start:], values[:, start:], carry)
 
-        ttt_x = self.ttt_norm(fw_x)
-        if self.learnable_ttt_scale:
-            scale = F.silu(self.ttt_scale_proj(hidden_states))  # [B, T, H_fw]
-            ttt_x = ttt_x * self._to_fw_heads(scale)
-        ttt_x = self._from_fw_heads(ttt_x, B)
-        o = self.o_proj(o + ttt_x.to(o.dtype))
+        o = self.o_proj(o + run(self._fast_output, fw_x, hidden_states).to(o.dtype))
         return o, None, new_state

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from lact import LaCTForCausalLM, LaCTSWIGLUConfig, LaCTSWIGLULayer
+from lact import layers as layers_mod
 from lact import ops as lact_ops
 from lact.layers import window_attention
 from lact.modules import GatedMLP, RMSNorm, RotaryEmbedding
@@ -461,6 +462,63 @@ def test_manual_and_autograd_backprop_agree_at_model_level(case):
         torch.testing.assert_close(grads["manual"][name], g, rtol=1e-9, atol=1e-12, msg=name)
     fw = [n for n in grads["manual"] if ".fast_mlps." in n or n.endswith((".w1", ".w0", ".w2"))]
     assert fw and all(grads["manual"][n].abs().amax() > 0 for n in fw)
+
+
+def test_manual_layer_recomputes_the_fast_weight_pieces_with_autograds_gradients(monkeypatch):
+    """ttt_backprop="manual": the layer runs the fast-weight inputs (rescale, SiLU, L2 norm, RoPE) and
+    output (RMSNorm, scale) under `_recomputed`; every gradient equals the autograd path's."""
+    calls = []
+    real = layers_mod._recomputed
+
+    def spy(fn, *args):
+        calls.append(fn.__name__)
+        return real(fn, *args)
+
+    monkeypatch.setattr(layers_mod, "_recomputed", spy)
+    cfg = dict(r=2, w0_w2_low_rank=4, use_momentum=True, learnable_ttt_scale=True, rope_theta=1000.0)
+    x = torch.randn(2, 29, 16, dtype=torch.float64)  # 3 update chunks of 8 + a partial one
+    cot = torch.randn_like(x)
+    grads = {}
+    for mode in ("autograd", "manual"):
+        torch.manual_seed(0)
+        layer = LaCTSWIGLULayer.from_config(tiny_config(ttt_backprop=mode, **cfg)).double()
+        perturb_params(layer, seed=4)
+        xi = x.clone().requires_grad_()
+        named = dict(layer.named_parameters())
+        o = layer(xi)[0]
+        grads[mode] = (o.detach(), torch.autograd.grad(o, [xi, *named.values()], cot))
+    assert calls == ["_fast_inputs", "_fast_output"]  # manual only; autograd keeps every intermediate
+    assert torch.equal(grads["autograd"][0], grads["manual"][0])
+    for name, a, m in zip(["x", *named], grads["autograd"][1], grads["manual"][1]):
+        torch.testing.assert_close(m, a, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_recomputed_pieces_save_only_their_inputs():
+    """What `_recomputed` keeps for backward is its inputs (and parameters), none of the [B, T, hidden]
+    intermediates that the plain call saves; values and gradients are bit-identical."""
+    torch.manual_seed(0)
+    layer = LaCTSWIGLULayer.from_config(tiny_config(use_momentum=True, learnable_ttt_scale=True))
+    perturb_params(layer, seed=5)
+    qkv = torch.randn(2, 19, 48).requires_grad_()
+    fw_x = torch.randn(4, 19, 8).requires_grad_()
+    hidden = torch.randn(2, 19, 16).requires_grad_()
+    pieces = {"inputs": (layer._fast_inputs, (*qkv.chunk(3, dim=-1), 0)), "output": (layer._fast_output, (fw_x, hidden))}
+    allowed = {t.untyped_storage().data_ptr() for t in (qkv, fw_x, hidden, *layer.parameters())}
+    for name, (fn, args) in pieces.items():
+        results = {}
+        for how, run in (("plain", layers_mod._direct), ("recomputed", layers_mod._recomputed)):
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+                out = run(fn, *args)
+            out = out if isinstance(out, tuple) else (out,)
+            foreign = [tuple(t.shape) for t in saved if t.untyped_storage().data_ptr() not in allowed]
+            cot = [torch.ones_like(o) for o in out]
+            results[how] = (out, torch.autograd.grad(out, [qkv, fw_x, hidden, *layer.parameters()], cot,
+                                                     allow_unused=True, materialize_grads=True), foreign)
+        assert results["plain"][2], f"{name}: the plain call saves intermediates (else this test proves nothing)"
+        assert results["recomputed"][2] == [], f"{name}: recomputed piece saved {results['recomputed'][2]}"
+        for a, b in zip(results["plain"][0] + results["plain"][1], results["recomputed"][0] + results["recomputed"][1]):
+            assert torch.equal(a, b), name
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
