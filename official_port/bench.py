@@ -21,6 +21,13 @@ projections plus the dual form's products; fwd+bwd counted as 3x fwd).
 
     python scripts/bench_official.py --ref /path/to/ttt-lm-pytorch --clock cpu --threads 1 2 --rounds 3
 
+`--ref-jax PATH` adds the official JAX layer (a local checkout of test-time-training/ttt-lm-jax, run
+by `--jax-python`, a python with the pins of requirements/parity-jax.txt, as parity's live mode;
+timed by `official_port/bench_jax.py`: jit-compiled, compile time excluded). `--baseline PATH`
+adds another checkout of this project (e.g. `git worktree add /tmp/base main`) timed in the same
+rounds, so a speed change is a ratio ours-new / ours-old under the same load. With several
+implementations the order rotates each round.
+
 `--clock cpu` counts this process's CPU seconds: robust to other jobs with one thread, but with
 several threads it also counts OpenMP spin-waiting, which under contention dwarfs the work: time
 threads > 1 with the wall clock on an idle machine.
@@ -34,6 +41,7 @@ import multiprocessing as mp
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -91,9 +99,8 @@ def _measure(q, layer_name: str, impl: str, batch: int, seq_len: int, repeats: i
         out, _, _ = layer(xg)
         out.square().mean().backward()
 
-    result = {}
+    # one mode per process: the CPU peak-RSS growth then belongs to that mode alone
     fn = fwd if mode == "fwd" else fwd_bwd
-    # one mode per process (the caller spawns one per mode): the CPU peak-RSS growth then belongs to it alone
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -115,8 +122,7 @@ def _measure(q, layer_name: str, impl: str, batch: int, seq_len: int, repeats: i
     else:  # peak RSS growth of this process over its state after building the layer
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     best = min(times)
-    result[mode] = {"tok_s": batch * seq_len / best, "sec": best, "peak_mib": max(peak, 0) / 2**20}
-    module.zero_grad(set_to_none=True)
+    result = {mode: {"tok_s": batch * seq_len / best, "sec": best, "peak_mib": max(peak, 0) / 2**20}}
     q.put(result)
 
 
@@ -151,11 +157,27 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} {' '.join(map(str, values))} must be >= 1")
     if args.threads and any(t < 0 for t in args.threads):
         raise UsageError(f"--threads {' '.join(map(str, args.threads))} must be >= 0 (0 = torch default)")
-    if args.threads and len(args.threads) > 1 and not args.ref:
-        raise UsageError("--threads takes one value without --ref")
+    side_by_side = args.ref or args.ref_jax or args.baseline
+    if args.threads and len(args.threads) > 1 and not side_by_side:
+        raise UsageError("--threads takes one value without --ref/--ref-jax/--baseline")
     if args.ref and not os.path.isfile(os.path.join(args.ref, "ttt.py")):
         raise UsageError(f"--ref {args.ref!r}: no ttt.py there (expected a checkout of "
                          "test-time-training/ttt-lm-pytorch)")
+    if args.ref_jax:
+        if not os.path.isfile(os.path.join(args.ref_jax, "ttt", "models", "ttt_layer.py")):
+            raise UsageError(f"--ref-jax {args.ref_jax!r}: no ttt/models/ttt_layer.py there (expected a checkout of "
+                             "test-time-training/ttt-lm-jax)")
+        try:
+            probe = subprocess.run([args.jax_python, "-c", "import jax, flax"], capture_output=True, text=True)
+            err = (probe.stderr.strip().splitlines() or [""])[-1] if probe.returncode else ""
+        except OSError as exc:
+            err = str(exc)
+        if err:
+            raise UsageError(f"--ref-jax: --jax-python {args.jax_python!r} cannot import jax and flax ({err}); "
+                             "make a separate venv with requirements/parity-jax.txt and pass its python")
+    if args.baseline and not os.path.isfile(os.path.join(args.baseline, "official_port", "bench.py")):
+        raise UsageError(f"--baseline {args.baseline!r}: no official_port/bench.py there (expected another "
+                         "checkout of this project)")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         raise UsageError(f"--device {args.device!r} must be 'cpu' or 'cuda[:N]'")
 
@@ -198,13 +220,58 @@ def layer_matmul_flops_per_token(layer_name: str, D: int, H: int, m: int) -> flo
     return proj + H * per_mb / m
 
 
+_BASE_WORKER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from official_port.bench import _measure
+
+
+class _Print:
+    def put(self, result):
+        print(json.dumps(result))
+
+
+_measure(_Print(), *json.loads(sys.argv[2]))
+"""
+
+
+def _last_json_line(proc: subprocess.CompletedProcess, what: str) -> dict:
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _measure_base(base: str, layer_name: str, batch: int, args, mode: str) -> float:
+    """tok/s of another checkout of this project (`--baseline`) in a fresh python (its own imports)."""
+    payload = json.dumps([layer_name, "dual", batch, args.seq_len, args.repeats, args.device, args.threads_now,
+                          args.clock, mode])
+    proc = subprocess.run([sys.executable, "-c", _BASE_WORKER, base, payload], cwd=base, capture_output=True,
+                          text=True)
+    return _last_json_line(proc, f"--baseline {base}")[mode]["tok_s"]
+
+
+def _measure_jax(args, layer_name: str, batch: int, mode: str) -> float:
+    """tok/s of the official JAX layer (`--ref-jax`), timed by `official_port/bench_jax.py` in the jax python."""
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_jax.py")
+    proc = subprocess.run([args.jax_python, worker, "--repo", args.ref_jax, "--layer", layer_name, "--batch",
+                           str(batch), "--seq-len", str(args.seq_len), "--repeats", str(args.repeats), "--threads",
+                           str(args.threads_now), "--clock", args.clock, "--mode", mode],
+                          capture_output=True, text=True)
+    return _last_json_line(proc, f"--ref-jax ({args.jax_python})")["tok_s"]
+
+
 def compare_ref(args) -> int:
-    """Side by side with ttt-lm-pytorch (`--ref`): alternating fresh processes, per-round and median ratios."""
+    """Side by side with the references (`--ref`, `--ref-jax`) and/or another checkout of this project
+    (`--baseline`): fresh processes, implementations rotating their order round by round, per-round
+    and median ratios ours / each other."""
     from official_port.configuration_ttt import TTTConfig
 
     cfg = TTTConfig.from_preset("125m-TTT")
     D, H, m = cfg.hidden_size, cfg.num_attention_heads, cfg.mini_batch_size
     modes = ("fwd", "fwd+bwd")
+    others = [name for name, on in (("ref", args.ref), ("jax", args.ref_jax), ("base", args.baseline)) if on]
+    impls = ["ours", *others]
     limits = {}
     for threads in args.threads:
         for batch in args.batch:
@@ -214,38 +281,51 @@ def compare_ref(args) -> int:
             print(f"matmul limit: [{batch * args.seq_len}, {D}] @ [{D}, {D}] threads={threads}: "
                   f"{g:.1f} GFLOP/s", flush=True)
     cells = [(ln, b, th, mode) for ln in args.layers for b in args.batch for th in args.threads for mode in modes]
-    tok = {c: {"ours": [], "ref": []} for c in cells}
+    tok = {c: {k: [] for k in impls} for c in cells}
     for rnd in range(args.rounds):
         for c in cells:
             ln, b, th, mode = c
-            order = ("dual", "ref") if rnd % 2 == 0 else ("ref", "dual")
+            args.threads_now = th
+            order = impls[rnd % len(impls):] + impls[:rnd % len(impls)]  # who goes first rotates
             got = {}
             for impl in order:
-                r = measure(ln, impl, b, args.seq_len, args.repeats, args.device, th, args.clock, modes=(mode,),
-                            ref_path=args.ref)
-                got["ours" if impl == "dual" else "ref"] = r[mode]["tok_s"]
+                if impl == "jax":
+                    got[impl] = _measure_jax(args, ln, b, mode)
+                elif impl == "base":
+                    got[impl] = _measure_base(args.baseline, ln, b, args, mode)
+                else:
+                    r = measure(ln, "dual" if impl == "ours" else "ref", b, args.seq_len, args.repeats, args.device,
+                                th, args.clock, modes=(mode,), ref_path=args.ref)
+                    got[impl] = r[mode]["tok_s"]
             for k, v in got.items():
                 tok[c][k].append(v)
-            print(f"round {rnd + 1}/{args.rounds} {ln:<10} B={b} threads={th} {mode:<7}: ours {got['ours']:>8.0f} "
-                  f"ref {got['ref']:>8.0f} tok/s  ratio {got['ours'] / got['ref']:.2f}x", flush=True)
+            print(f"round {rnd + 1}/{args.rounds} {ln:<10} B={b} threads={th} {mode:<7}: "
+                  + " ".join(f"{k} {got[k]:>7.0f}" for k in impls) + " tok/s  "
+                  + " ".join(f"ours/{k} {got['ours'] / got[k]:.2f}x" for k in others), flush=True)
     print(f"\ndevice={args.device} clock={args.clock} L={args.seq_len} rounds={args.rounds} "
           f"(best of {args.repeats} per process); medians over rounds; 'of limit' = tok/s x matmul FLOPs/token "
-          "/ measured matmul FLOP/s (fwd+bwd counted as 3x fwd)")
-    head = (f"{'layer':<10} {'B':>2} {'thr':>3} {'mode':<7} {'ref tok/s':>9} {'ours tok/s':>10} {'ratio':>6} "
-            f"{'per-round ratios':<24} {'ours of limit':>13}")
+          "/ measured matmul FLOP/s (fwd+bwd counted as 3x fwd); ref = ttt-lm-pytorch, jax = ttt-lm-jax, "
+          "base = --baseline checkout")
+    head = (f"{'layer':<10} {'B':>2} {'thr':>3} {'mode':<7} " + " ".join(f"{k + ' tok/s':>10}" for k in impls)
+            + "  " + " ".join(f"{'ours/' + k:>9} {'per round':<18}" for k in others) + f" {'ours of limit':>13}")
     print(head)
     print("-" * len(head))
     rows = []
     for c in cells:
         ln, b, th, mode = c
-        ours, ref = tok[c]["ours"], tok[c]["ref"]
-        ratios = [o / r for o, r in zip(ours, ref)]
+        ours = tok[c]["ours"]
         fl = layer_matmul_flops_per_token(ln, D, H, m) * (3 if mode == "fwd+bwd" else 1)
         frac = statistics.median(ours) * fl / (limits[th, b] * 1e9)
-        print(f"{ln:<10} {b:>2} {th:>3} {mode:<7} {statistics.median(ref):>9.0f} {statistics.median(ours):>10.0f} "
-              f"{statistics.median(ratios):>5.2f}x {' '.join(f'{x:.2f}' for x in ratios):<24} {frac:>13.2f}")
-        rows.append({"layer": ln, "batch": b, "threads": th, "mode": mode, "ours_tok_s": ours, "ref_tok_s": ref,
-                     "ratios": ratios, "matmul_gflops": limits[th, b], "ours_of_limit": frac})
+        row = {"layer": ln, "batch": b, "threads": th, "mode": mode, "matmul_gflops": limits[th, b],
+               "ours_of_limit": frac, **{f"{k}_tok_s": tok[c][k] for k in impls}}
+        line = f"{ln:<10} {b:>2} {th:>3} {mode:<7} " + " ".join(f"{statistics.median(tok[c][k]):>10.0f}" for k in impls)
+        line += " "
+        for k in others:
+            ratios = [o / r for o, r in zip(ours, tok[c][k])]
+            row[f"ratios_{k}"] = ratios
+            line += f" {statistics.median(ratios):>8.2f}x {' '.join(f'{x:.2f}' for x in ratios):<18}"
+        print(line + f" {frac:>13.2f}")
+        rows.append(row)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
@@ -275,10 +355,17 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--ref", help="a local checkout of test-time-training/ttt-lm-pytorch: time it side by side")
-    ap.add_argument("--rounds", type=int, default=3, help="with --ref: alternating rounds (median reported)")
+    ap.add_argument("--ref-jax", help="a local checkout of test-time-training/ttt-lm-jax: time the official JAX "
+                    "layer side by side, run by --jax-python")
+    ap.add_argument("--jax-python", default=os.environ.get("TTT_LM_JAX_PYTHON", "python"),
+                    help="a python with jax and flax (requirements/parity-jax.txt; default $TTT_LM_JAX_PYTHON)")
+    ap.add_argument("--baseline", help="another checkout of this project (e.g. a git worktree of an older "
+                    "commit): timed as 'base' in the same rounds (ours-new / ours-old ratios)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="with --ref/--ref-jax/--baseline: rounds of rotating order (median reported)")
     args = ap.parse_args(argv)
     validate_args(args)
-    if args.ref:
+    if args.ref or args.ref_jax or args.baseline:
         args.threads = args.threads or [1, 2]
         args.layers = [ln for ln in args.layers if ln in ("ttt_linear", "ttt_mlp")]
         return compare_ref(args)

@@ -4,11 +4,16 @@ Reproduces `TTTLinearBase.process_mini_batch` / `TTTMLPBase.process_mini_batch` 
 `TTTBase.ttt` in test-time-training/ttt-lm-jax `ttt/models/ttt_layer.py`, value for value, and
 extends it to any length and to an explicit state (see `official_port.ops.state.InnerState`).
 
+Layout: `dual_ttt_linear` and `dual_ttt_mlp` are the two ops (`dual_ttt(kind, ...)` picks one).
+Each writes only what its inner model differs in (the per-mini-batch forward, gradients and
+update); `_prepare` (state-independent tensors), `_scan` (the loop over mini-batches) and
+`_finish` (output LayerNorm, new state, stats) are shared.
+
 Speed-relevant choices (all exact, none changes values beyond float rounding):
   * batch and heads are folded into one bmm batch, and the scan runs over mini-batches only;
-  * each inner bias is folded into its weight as an extra row (`[W; b]`), with a column of ones
-    appended to the inputs; then `Q K^T + 1` (the dual form's attention plus its bias term) is a
-    single product `[Q, 1][K, 1]^T` and every update is one `baddbmm`;
+  * each inner bias is folded into its weight as an extra row (`[W; b]`, see `_fold`), with a
+    column of ones appended to the inputs; then `Q K^T + 1` (the dual form's attention plus its
+    bias term) is a single product `[Q, 1][K, 1]^T` and every update is one `baddbmm`;
   * everything that does not depend on the inner state (eta matrices, `E * tril(Q K^T + 1)`, the
     scaled keys of the update, targets) is computed for all mini-batches before the scan;
   * the output LayerNorm of all mini-batches runs once after the scan.
@@ -20,6 +25,9 @@ lower-triangular, and its update is not applied: those tokens go back to the sta
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,6 +36,8 @@ from torch.utils.checkpoint import checkpoint
 from official_port.ops.state import InnerState, check_op_inputs
 
 LN_EPS = 1e-6
+
+Params = tuple[Tensor, ...]  # folded inner params, each [BH, in+1, out]
 
 
 def gelu_tanh_derivative(x: Tensor) -> Tensor:
@@ -79,35 +89,287 @@ def _with_ones(x: Tensor) -> Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
 
-def dual_ttt(
-    kind: str,
-    XQ: Tensor,
-    XK: Tensor,
-    XV: Tensor,
-    gate: Tensor,
-    token_eta: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    state: InnerState,
-    *,
-    inner_steps: int = 1,
-    output_stats: bool = False,
-    init_params: tuple[Tensor, ...] | None = None,
-    remat_group_size: int = 0,
-) -> tuple[Tensor, InnerState, tuple[Tensor, Tensor, Tensor] | None]:
-    """Mini-batch dual-form TTT inner loop; same contract as `official_port.ops.naive.naive_ttt`.
+def _fold(w: Tensor, b: Tensor) -> Tensor:
+    """Weight `[B, H, i, o]` and bias `[B, H, 1, o]` -> `[B*H, i+1, o]` (`[W; b]`, bias as last row)."""
+    B, H, i, o = w.shape
+    return torch.cat([w, b], dim=-2).reshape(B * H, i + 1, o)
+
+
+def _unfold(W: Tensor, B: int, H: int) -> tuple[Tensor, Tensor]:
+    """Inverse of `_fold`: `[B*H, i+1, o]` -> (weight `[B, H, i, o]`, bias `[B, H, 1, o]`)."""
+    i = W.shape[-2] - 1
+    W = W.reshape(B, H, i + 1, W.shape[-1])
+    return W[:, :, :i], W[:, :, i:]
+
+
+def _fold_params(params: tuple[Tensor, ...]) -> Params:
+    """`(W1, b1[, W2, b2])` with leading `[B, H]` -> one folded `[B*H, i+1, o]` tensor per layer."""
+    return tuple(_fold(params[i], params[i + 1]) for i in range(0, len(params), 2))
+
+
+def _unfold_params(W: Params, B: int, H: int) -> tuple[Tensor, ...]:
+    return tuple(t for Wl in W for t in _unfold(Wl, B, H))
+
+
+@dataclass
+class _MiniBatches:
+    """The state-independent tensors of one call, split per mini-batch (scan index j < n).
+
+    Tuples hold one `[BH, ...]` tensor per mini-batch: indexing a stacked `x[j]` inside the scan
+    would make autograd scatter every step's gradient into a zero tensor of the full size
+    (quadratic in n). `Ka`, `KQa` carry the ones column of the folded bias.
+    """
+
+    B: int
+    H: int
+    m: int
+    r: int  # tokens of the state's partial mini-batch, prepended to this call's
+    T: int  # tokens of this call
+    n: int  # mini-batches touched (the last may be partial)
+    n_full: int  # mini-batches completed (their update is applied)
+    K: Tensor  # [B, H, r+T, d] keys incl. the state's (for the new state's tail)
+    V: Tensor
+    g: Tensor  # [B, H, r+T]
+    Qb: Tensor  # [n, BH, m, d] queries (zeros for the state's rows and the padding)
+    Ka: tuple[Tensor, ...]  # [BH, m, d+1]  [K, 1]
+    KQa: tuple[Tensor, ...]  # [BH, 2m, d+1]  [K, 1; Q, 1]: one product gives K W and Q W
+    tgt: tuple[Tensor, ...]  # [BH, m, d]  reconstruction target V - K
+    E: tuple[Tensor, ...]  # [BH, m, m]  eta[i, s] = token_eta[i] * gate[s], lower-triangular
+    e_last: tuple[Tensor, ...]  # [BH, m, 1]  the last row of E (the update's weights)
+    M1: tuple[Tensor, ...]  # [BH, m, m]  E * tril([Q, 1][K, 1]^T)
+    eKt: tuple[Tensor, ...]  # [BH, d+1, m]  (e_last * [K, 1])^T, the first layer's update
+    gamma: Tensor  # [BH, 1, d] ttt_norm weight per (batch, head)
+    beta: Tensor
+    guard: bool  # some key/value/gate is non-finite: the scan isolates its rows (see `_scan`)
+
+
+def _prepare(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor, ln_weight: Tensor,
+             ln_bias: Tensor, state: InnerState) -> _MiniBatches:
+    """Everything that does not depend on the inner state, for all mini-batches at once."""
+    B, H, T, d = XQ.shape
+    m = token_eta.numel()
+    r = state.num_buffered
+    K = torch.cat([state.k, XK], dim=2) if r else XK
+    V = torch.cat([state.v, XV], dim=2) if r else XV
+    g = torch.cat([state.gate, gate], dim=2) if r else gate
+    L = r + T
+    n, n_full = -(-L // m), L // m
+    pad = n * m - L
+    Q = F.pad(XQ, (0, 0, r, pad)) if (r or pad) else XQ
+    Kp = F.pad(K, (0, 0, 0, pad)) if pad else K
+    Vp = F.pad(V, (0, 0, 0, pad)) if pad else V
+    gp = F.pad(g, (0, pad)) if pad else g  # zero gate: padded tokens never contribute a gradient
+
+    Qb, Kb = _blocks(Q, n, m), _blocks(Kp, n, m)  # [n, BH, m, d]
+    tgt = _blocks(Vp, n, m) - Kb
+    BH = B * H
+    KQa = Kb.new_empty(n, BH, 2 * m, d + 1)
+    KQa[:, :, :m, :d] = Kb
+    KQa[:, :, m:, :d] = Qb
+    KQa[..., d] = 1.0
+    Ka, Qa = KQa[:, :, :m], KQa[:, :, m:]  # [n, BH, m, d+1]
+    E = (token_eta[:, None] * _blocks(gp.unsqueeze(-1), n, m).transpose(-1, -2)).tril()  # [n, BH, m, m]
+    e_last = E[:, :, -1, :, None]  # [n, BH, m, 1]
+    # The causal mask selects (tril) rather than multiplies: a NaN key at row s must not turn the
+    # 0 of row i < s into 0 * NaN.
+    M1 = (E * (Qa @ Ka.transpose(-1, -2))).tril()
+    eKt = (e_last * Ka).transpose(-1, -2)
+    # (A sum is one cheap pass; it is non-finite if any term is, and a finite-input overflow only
+    # takes the guarded path, which gives the same values.)
+    guard = not bool(torch.isfinite(K.sum() + V.sum() + g.sum()))
+    gamma = ln_weight.unsqueeze(0).expand(B, H, d).reshape(BH, 1, d)
+    beta = ln_bias.unsqueeze(0).expand(B, H, d).reshape(BH, 1, d)
+    Ka, tgt, E, e_last, M1, KQa, eKt = (t.unbind(0) for t in (Ka, tgt, E, e_last, M1, KQa, eKt))
+    return _MiniBatches(B, H, m, r, T, n, n_full, K, V, g, Qb, Ka, KQa, tgt, E, e_last, M1, eKt, gamma, beta,
+                        guard)
+
+
+def _sub_prod(W: Tensor, A: Tensor, G: Tensor, in_place: bool) -> Tensor:
+    """`W - A @ G` (one baddbmm; in place when no autograd graph is recorded)."""
+    return W.baddbmm_(A, G, alpha=-1) if in_place else torch.baddbmm(W, A, G, alpha=-1)
+
+
+@dataclass
+class _InnerModel:
+    """What an inner model contributes to the shared scan (closures over one call's `_MiniBatches`).
+
+    forward(W, j, out) -> (Zb [BH, m, d] pre-LN outputs of mini-batch j's rows (written to `out`
+        when given), bad rows [BH, m, 1] or None, grads at W, residual R [BH, m, d]).
+    grads_at(W, j) -> (grads, R): the gradient half of a step (for inner_steps > 1).
+    update(W, grads, j) -> W after mini-batch j's step.
+    mse_last(W, j) -> [BH]: the official stat, loss of mini-batch j's last token at W.
+    """
+
+    forward: Callable
+    grads_at: Callable
+    update: Callable
+    mse_last: Callable
+
+
+def _scan(mb: _MiniBatches, W: Params, model: _InnerModel, inner_steps: int, output_stats: bool,
+          remat_group_size: int) -> tuple[Params, Tensor, list[Tensor]]:
+    """Walk the mini-batches: returns (params after the last completed one, Zb `[n, BH, m, d]`,
+    per completed mini-batch `[mse_step_0, mse_step_1]` flattened when `output_stats`).
+
+    A non-finite key/value/gate at row s of a mini-batch makes G[s] non-finite; the products
+    `M @ G` would then spread it to rows i < s through M[i, s] = 0 (0 * NaN = NaN). Only then
+    (`mb.guard`, one check per call) the forward zeroes such rows of G before those products (rows
+    i < s multiply them by an exact 0, so they keep their values bit for bit) and here rows >= s
+    become NaN.
+    """
+    in_place = not torch.is_grad_enabled()  # then each step's outputs go straight into one buffer
+
+    def run(j0, j1, *Wc):
+        zbs, st = [], []
+        buf = mb.Qb.new_empty(j1 - j0, *mb.Qb.shape[1:]) if in_place else None
+        for j in range(j0, j1):
+            Zb, bad, grads, R = model.forward(Wc, j, None if buf is None else buf[j - j0])
+            if bad is not None:  # rows at and after a non-finite row are NaN (their inputs were)
+                Zb = Zb.masked_fill_(bad.cumsum(-2) > 0, float("nan"))  # Zb is fresh: in place is safe
+            zbs.append(Zb)
+            if j < mb.n_full:
+                Wc = model.update(Wc, grads, j)
+                for _ in range(inner_steps - 1):
+                    Wc = model.update(Wc, model.grads_at(Wc, j)[0], j)
+                if output_stats:
+                    st.extend(((R[:, -1] ** 2).mean(-1), model.mse_last(Wc, j)))
+        return (*Wc, torch.stack(zbs) if buf is None else buf, *st)
+
+    use_remat = remat_group_size > 0 and torch.is_grad_enabled()
+    group = remat_group_size if use_remat else mb.n
+    zb_parts, stats = [], []
+    for j0 in range(0, mb.n, group):
+        j1 = min(mb.n, j0 + group)
+        res = checkpoint(run, j0, j1, *W, use_reentrant=False) if use_remat else run(j0, j1, *W)
+        W, zb = tuple(res[:len(W)]), res[len(W)]
+        zb_parts.append(zb)
+        stats.extend(res[len(W) + 1:])
+    return W, (torch.cat(zb_parts) if len(zb_parts) > 1 else zb_parts[0]), stats
+
+
+def _finish(mb: _MiniBatches, W: Params, Zb: Tensor, step_stats: list[Tensor], model: _InnerModel,
+            output_stats: bool, init_params: tuple[Tensor, ...] | None):
+    """Output `q + LN(Zb)` back in `[B, H, T, d]`, the new `InnerState` and the stats."""
+    B, H, m, n, r, T = mb.B, mb.H, mb.m, mb.n, mb.r, mb.T
+    d = Zb.shape[-1]
+    out = mb.Qb + _ln(Zb, mb.gamma, mb.beta)
+    out = out.reshape(n, B, H, m, d).movedim(0, 2).reshape(B, H, n * m, d)[:, :, r:r + T]
+    tail = slice(mb.n_full * m, r + T)
+    new_state = InnerState(_unfold_params(W, B, H), mb.K[:, :, tail], mb.V[:, :, tail], mb.g[:, :, tail])
+    if not output_stats:
+        return out, new_state, None
+    W0 = _fold_params(tuple(p.unsqueeze(0).expand(B, *p.shape) for p in init_params))
+    mse_init = [model.mse_last(W0, j) for j in range(mb.n_full)]
+
+    def stk(xs):
+        return torch.stack(xs, -1).reshape(B, H, len(xs)) if xs else Zb.new_zeros(B, H, 0)
+
+    return out, new_state, (stk(mse_init), stk(step_stats[0::2]), stk(step_stats[1::2]))
+
+
+def _run_op(name: str, kind: str, make_model: Callable, XQ, XK, XV, gate, token_eta, ln_weight, ln_bias,
+            state: InnerState, inner_steps: int, output_stats: bool, init_params, remat_group_size: int):
+    """Checks, `_prepare`, `_scan`, `_finish`: the part both ops share."""
+    check_op_inputs(name, kind, XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state, inner_steps)
+    if output_stats and init_params is None:
+        raise ValueError(f"{name}: output_stats=True needs init_params (the learned initial params)")
+    B, H, T, d = XQ.shape
+    if state.num_buffered + T == 0:
+        return XQ.new_zeros(B, H, 0, d), state, (tuple(XQ.new_zeros(B, H, 0) for _ in range(3)) if output_stats else None)
+    mb = _prepare(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state)
+    model = make_model(mb, not torch.is_grad_enabled())
+    W, Zb, step_stats = _scan(mb, _fold_params(state.params), model, inner_steps, output_stats, remat_group_size)
+    return _finish(mb, W, Zb, step_stats, model, output_stats, init_params)
+
+
+def _linear_model(mb: _MiniBatches, in_place: bool) -> _InnerModel:
+    """TTT-Linear pieces: f(k) = [k, 1] W, W `[BH, d+1, d]`; G = dLoss/dZ at Z = K W."""
+    m = mb.m
+
+    def grads_from(Z, j):  # Z = K_j W, [BH, m, d]
+        G, R = _ln_fwd_vjp(Z, mb.tgt[j], mb.gamma, mb.beta)
+        return (G,), R
+
+    def forward(W, j, out):
+        ZZ = mb.KQa[j] @ W[0]  # [BH, 2m, d]: K W on top, Q W below
+        (G,), R = grads_from(ZZ[:, :m], j)
+        Gc, bad = _finite_rows(G) if mb.guard else (G, None)
+        # dual form: row i of Q W_i is Q_i W - sum_{s <= i} eta[i, s] (Q_i K_s^T + 1) G_s
+        Zb = torch.baddbmm(ZZ[:, m:], mb.M1[j], Gc, alpha=-1, out=out)
+        return Zb, bad, (G,), R
+
+    def grads_at(W, j):
+        return grads_from(mb.Ka[j] @ W[0], j)
+
+    def update(W, grads, j):  # W - (e K)^T G
+        return (_sub_prod(W[0], mb.eKt[j], grads[0], in_place),)
+
+    def mse_last(W, j):
+        z = mb.Ka[j][:, -1:] @ W[0]
+        return ((_ln(z, mb.gamma, mb.beta) - mb.tgt[j][:, -1:]) ** 2).mean(dim=(-1, -2))
+
+    return _InnerModel(forward, grads_at, update, mse_last)
+
+
+def _mlp_model(mb: _MiniBatches, in_place: bool) -> _InnerModel:
+    """TTT-MLP pieces: f(k) = [gelu([k, 1] W1), 1] W2, W1 `[BH, d+1, 4d]`, W2 `[BH, 4d+1, d]`;
+    grads `(G1 [BH, m, 4d], G2 [BH, m, d], X2a [BH, m, 4d+1])`: dLoss/dZ1, dLoss/dZ2 and the
+    second layer's input (with its ones column)."""
+    m = mb.m
+
+    def grads_from(Z1, W, j):  # Z1 = K_j W1, [BH, m, 4d]
+        W1, W2 = W
+        hidden = W1.shape[-1]
+        X2a = _with_ones(F.gelu(Z1, approximate="tanh"))
+        G2, R = _ln_fwd_vjp(X2a @ W2, mb.tgt[j], mb.gamma, mb.beta)
+        G1 = _gelu_grad(G2 @ W2[:, :hidden].transpose(-1, -2), Z1)
+        return (G1, G2, X2a), R
+
+    def forward(W, j, out):
+        ZZ = mb.KQa[j] @ W[0]  # [BH, 2m, 4d]: K W1 on top, Q W1 below
+        grads, R = grads_from(ZZ[:, :m], W, j)
+        G1, G2, X2a = grads
+        G1c, bad = _finite_rows(G1) if mb.guard else (G1, None)
+        Xb2a = _with_ones(F.gelu(torch.baddbmm(ZZ[:, m:], mb.M1[j], G1c, alpha=-1), approximate="tanh"))
+        M2 = (mb.E[j] * (Xb2a @ X2a.transpose(-1, -2))).tril()  # E * tril(Xb2 X2^T + 1), by selection
+        G2c, bad2 = _finite_rows(G2) if mb.guard else (G2, None)
+        Zb = torch.baddbmm(Xb2a @ W[1], M2, G2c, alpha=-1, out=out)
+        return Zb, (bad | bad2 if mb.guard else None), grads, R
+
+    def grads_at(W, j):
+        return grads_from(mb.Ka[j] @ W[0], W, j)
+
+    def update(W, grads, j):
+        G1, G2, X2a = grads
+        return (_sub_prod(W[0], mb.eKt[j], G1, in_place),
+                _sub_prod(W[1], (mb.e_last[j] * X2a).transpose(-1, -2), G2, in_place))
+
+    def mse_last(W, j):
+        z = _with_ones(F.gelu(mb.Ka[j][:, -1:] @ W[0], approximate="tanh")) @ W[1]
+        return ((_ln(z, mb.gamma, mb.beta) - mb.tgt[j][:, -1:]) ** 2).mean(dim=(-1, -2))
+
+    return _InnerModel(forward, grads_at, update, mse_last)
+
+
+def dual_ttt_linear(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor, ln_weight: Tensor,
+                    ln_bias: Tensor, state: InnerState, *, inner_steps: int = 1, output_stats: bool = False,
+                    init_params: tuple[Tensor, ...] | None = None, remat_group_size: int = 0):
+    """TTT-Linear inner loop in the mini-batch dual form (same contract as `naive_ttt_linear`).
+
+    Per mini-batch of m rows, with W `[d+1, d]` (bias folded) at its start and G = dLoss/dZ at
+    Z = [K, 1] W: outputs `Q + LN(Q W - (E * tril(Q K^T + 1)) G)`, then `W <- W - (e K)^T G`.
 
     Args:
-        kind: "linear" (TTT-Linear) or "mlp" (TTT-MLP, hidden width 4d, tanh-GELU).
         XQ, XK, XV: `[B, H, T, d]` queries and keys (after RoPE) and values, any T >= 0.
         gate: `[B, H, T]` per-token gate `ttt_lr_mult * ttt_base_lr * sigmoid(x.w_h + b_h) / d`.
         token_eta: `[m]` per-row weights `max(0, 1/(i+1) + learnable_token_idx[i])`; m = mini-batch size.
         ln_weight, ln_bias: `[H, d]` the per-head `ttt_norm` LayerNorm.
-        state: `InnerState` to start from (boundary params + the partial mini-batch so far).
+        state: `InnerState` to start from: params `(W1 [B, H, d, d], b1 [B, H, 1, d])` and the
+            partial mini-batch so far.
         inner_steps: k >= 1. After each completed mini-batch's update, k-1 further steps
             `W <- W - (e*K)^T G(W)` on that mini-batch (e = last row of its eta); k = 1 is official.
         output_stats: also return the official per-mini-batch losses.
-        init_params: learned initial params `[H, ...]` (for the `ttt_loss_mse_init` stat).
+        init_params: learned initial params `(W1 [H, d, d], b1 [H, 1, d])` (for `ttt_loss_mse_init`).
         remat_group_size: > 0 runs every group of that many mini-batches under
             `torch.utils.checkpoint` (recomputed in backward; identical gradients, less memory).
 
@@ -115,185 +377,36 @@ def dual_ttt(
         out: `[B, H, T, d]`; state: the `InnerState` after the T tokens; stats: None or
         `(mse_init, mse_step_0, mse_step_1)` each `[B, H, n_done]` (mini-batches completed here).
     """
-    check_op_inputs("dual_ttt", kind, XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state, inner_steps)
-    if output_stats and init_params is None:
-        raise ValueError("dual_ttt: output_stats=True needs init_params (the learned initial params)")
-    B, H, T, d = XQ.shape
-    m = token_eta.numel()
-    r = state.num_buffered
-    BH = B * H
-    K = torch.cat([state.k, XK], dim=2) if r else XK
-    V = torch.cat([state.v, XV], dim=2) if r else XV
-    g = torch.cat([state.gate, gate], dim=2) if r else gate
-    L = r + T
-    n, n_full = -(-L // m), L // m
-    if n == 0:
-        return XQ.new_zeros(B, H, 0, d), state, (tuple(XQ.new_zeros(B, H, 0) for _ in range(3)) if output_stats else None)
-    pad = n * m - L
-    Q = F.pad(XQ, (0, 0, r, pad)) if (r or pad) else XQ
-    Kp = F.pad(K, (0, 0, 0, pad)) if pad else K
-    Vp = F.pad(V, (0, 0, 0, pad)) if pad else V
-    gp = F.pad(g, (0, pad)) if pad else g  # zero gate: padded tokens never contribute a gradient
-
-    # ---- everything that does not depend on the inner state, for all mini-batches at once
-    Qb, Kb = _blocks(Q, n, m), _blocks(Kp, n, m)  # [n, BH, m, d]
-    tgt = _blocks(Vp, n, m) - Kb  # reconstruction target V - K
-    # [K, 1; Q, 1] per mini-batch in one buffer: one product gives K W and Q W
-    KQa = Kb.new_empty(n, BH, 2 * m, d + 1)
-    KQa[:, :, :m, :d] = Kb
-    KQa[:, :, m:, :d] = Qb
-    KQa[..., d] = 1.0
-    Ka, Qa = KQa[:, :, :m], KQa[:, :, m:]  # [n, BH, m, d+1]
-    # eta[i, s] = token_eta[i] * gate[s], lower-triangular (row i sees columns s <= i)
-    E = (token_eta[:, None] * _blocks(gp.unsqueeze(-1), n, m).transpose(-1, -2)).tril()  # [n, BH, m, m]
-    e_last = E[:, :, -1, :, None]  # [n, BH, m, 1]
-    # E * tril(Q K^T + 1): dual-form attention + bias term. The causal mask selects (tril) rather
-    # than multiplies: a NaN key at row s must not turn the 0 of row i < s into 0 * NaN.
-    M1 = (E * (Qa @ Ka.transpose(-1, -2))).tril()
-    eKt = (e_last * Ka).transpose(-1, -2)  # [n, BH, d+1, m]: the update (e*K)^T
-    # Per-mini-batch views, split once: indexing `x[j]` inside the scan would make autograd
-    # scatter every step's gradient into a zero tensor of the full size (quadratic in n).
-    Ka, tgt, E, e_last, M1, KQa, eKt = (t.unbind(0) for t in (Ka, tgt, E, e_last, M1, KQa, eKt))
-    # A non-finite key/value/gate at row s of a mini-batch makes G[s] non-finite; the products
-    # `M @ G` would then spread it to rows i < s through M[i, s] = 0 (0 * NaN = NaN). Only then
-    # (one check per call) the scan zeroes such rows of G before those products (rows i < s
-    # multiply them by an exact 0, so they keep their values bit for bit) and sets rows >= s to NaN.
-    # (A sum is one cheap pass; it is non-finite if any term is, and a finite-input overflow only
-    # takes the guarded path, which gives the same values.)
-    guard = not bool(torch.isfinite(K.sum() + V.sum() + g.sum()))
-    gamma = ln_weight.unsqueeze(0).expand(B, H, d).reshape(BH, 1, d)
-    beta = ln_bias.unsqueeze(0).expand(B, H, d).reshape(BH, 1, d)
-
-    def fold(w, b):  # [B, H, i, o], [B, H, 1, o] -> [BH, i+1, o]
-        return torch.cat([w, b], dim=-2).reshape(BH, w.shape[-2] + 1, w.shape[-1])
-
-    if kind == "linear":
-        W = (fold(*state.params),)
-    else:
-        W = (fold(state.params[0], state.params[1]), fold(state.params[2], state.params[3]))
-    hidden = W[0].shape[-1]
-
-    def grads_at(Wc, j):
-        """G (and MLP's G1, X2) of mini-batch j at params Wc (the gradient half of a step)."""
-        if kind == "linear":
-            Z = Ka[j] @ Wc[0]
-            G, R = _ln_fwd_vjp(Z, tgt[j], gamma, beta)
-            return (G,), R
-        Z1 = Ka[j] @ Wc[0]
-        X2a = _with_ones(F.gelu(Z1, approximate="tanh"))
-        G2, R = _ln_fwd_vjp(X2a @ Wc[1], tgt[j], gamma, beta)
-        G1 = _gelu_grad(G2 @ Wc[1][:, :hidden].transpose(-1, -2), Z1)
-        return (G1, G2, X2a), R
-
-    # Without autograd the scan owns its params (fresh from `fold`): updates go in place and each
-    # step's outputs straight into one buffer (same values; no per-step copies, no final stack).
-    in_place = not torch.is_grad_enabled()
-
-    def sub_prod(Wc, A, G):  # Wc - A @ G
-        return Wc.baddbmm_(A, G, alpha=-1) if in_place else torch.baddbmm(Wc, A, G, alpha=-1)
-
-    def apply_update(Wc, grads, j):
-        if kind == "linear":
-            return (sub_prod(Wc[0], eKt[j], grads[0]),)
-        G1, G2, X2a = grads
-        return (sub_prod(Wc[0], eKt[j], G1), sub_prod(Wc[1], (e_last[j] * X2a).transpose(-1, -2), G2))
-
-    def mse_last(Wc, j):  # official stat: loss of the last token of mini-batch j at params Wc
-        k_last = Ka[j][:, -1:]
-        if kind == "linear":
-            z = k_last @ Wc[0]
-        else:
-            z = _with_ones(F.gelu(k_last @ Wc[0], approximate="tanh")) @ Wc[1]
-        return ((_ln(z, gamma, beta) - tgt[j][:, -1:]) ** 2).mean(dim=(-1, -2))
-
-    def step(Wc, j, out=None):
-        """Mini-batch j: pre-LN outputs Zb of its rows (written to `out` if given), and the params
-        after it (if complete)."""
-        if kind == "linear":
-            ZZ = KQa[j] @ Wc[0]
-            Z, Zq = ZZ[:, :m], ZZ[:, m:]
-            G, R = _ln_fwd_vjp(Z, tgt[j], gamma, beta)
-            Gc, bad = _finite_rows(G) if guard else (G, None)
-            Zb = torch.baddbmm(Zq, M1[j], Gc, alpha=-1, out=out)
-            grads = (G,)
-        else:
-            ZZ = KQa[j] @ Wc[0]
-            Z1, Zq1 = ZZ[:, :m], ZZ[:, m:]
-            X2a = _with_ones(F.gelu(Z1, approximate="tanh"))
-            G2, R = _ln_fwd_vjp(X2a @ Wc[1], tgt[j], gamma, beta)
-            G1 = _gelu_grad(G2 @ Wc[1][:, :hidden].transpose(-1, -2), Z1)
-            G1c, bad = _finite_rows(G1) if guard else (G1, None)
-            Xb2a = _with_ones(F.gelu(torch.baddbmm(Zq1, M1[j], G1c, alpha=-1), approximate="tanh"))
-            M2 = (E[j] * (Xb2a @ X2a.transpose(-1, -2))).tril()  # E * tril(Xb2 X2^T + 1), by selection
-            G2c, bad2 = _finite_rows(G2) if guard else (G2, None)
-            Zb = torch.baddbmm(Xb2a @ Wc[1], M2, G2c, alpha=-1, out=out)
-            bad = bad | bad2 if guard else None
-            grads = (G1, G2, X2a)
-        if guard:  # rows at and after a non-finite row are NaN (their inputs were)
-            Zb = Zb.masked_fill_(bad.cumsum(-2) > 0, float("nan"))  # Zb is fresh: in place is safe
-        stat = None
-        if j < n_full:
-            Wc = apply_update(Wc, grads, j)
-            for _ in range(inner_steps - 1):
-                Wc = apply_update(Wc, grads_at(Wc, j)[0], j)
-            if output_stats:
-                stat = ((R[:, -1] ** 2).mean(-1), mse_last(Wc, j))
-        return Wc, Zb, stat
-
-    def run(j0, j1, *Wc):
-        zbs, st = [], []
-        buf = Qb.new_empty(j1 - j0, BH, m, d) if in_place else None
-        for j in range(j0, j1):
-            Wc, Zb, stat = step(Wc, j, None if buf is None else buf[j - j0])
-            zbs.append(Zb)
-            if stat is not None:
-                st.extend(stat)
-        return (*Wc, torch.stack(zbs) if buf is None else buf, *st)
-
-    use_remat = remat_group_size > 0 and torch.is_grad_enabled()
-    group = remat_group_size if use_remat else n
-    zb_parts, step_stats = [], []
-    for j0 in range(0, n, group):
-        j1 = min(n, j0 + group)
-        if use_remat:
-            res = checkpoint(run, j0, j1, *W, use_reentrant=False)
-        else:
-            res = run(j0, j1, *W)
-        W, zb, st = tuple(res[:len(W)]), res[len(W)], res[len(W) + 1:]
-        zb_parts.append(zb)
-        step_stats.extend(st)
-    Zb = torch.cat(zb_parts) if len(zb_parts) > 1 else zb_parts[0]  # [n, BH, m, d]
-    out = Qb + _ln(Zb, gamma, beta)
-    out = out.reshape(n, B, H, m, d).movedim(0, 2).reshape(B, H, n * m, d)[:, :, r:r + T]
-
-    def unfold(Wc):
-        i = Wc.shape[-2] - 1
-        Wc = Wc.reshape(B, H, i + 1, Wc.shape[-1])
-        return Wc[:, :, :i], Wc[:, :, i:]
-
-    params = unfold(W[0]) if kind == "linear" else (*unfold(W[0]), *unfold(W[1]))
-    tail = slice(n_full * m, L)
-    new_state = InnerState(params, K[:, :, tail], V[:, :, tail], g[:, :, tail])
-
-    stats = None
-    if output_stats:
-        init = tuple(p.unsqueeze(0).expand(B, *p.shape) for p in init_params)
-        W0 = (fold(*init),) if kind == "linear" else (fold(init[0], init[1]), fold(init[2], init[3]))
-        mse_init = [mse_last(W0, j) for j in range(n_full)]
-        s0, s1 = step_stats[0::2], step_stats[1::2]
-
-        def stk(xs):
-            return torch.stack(xs, -1).reshape(B, H, len(xs)) if xs else XQ.new_zeros(B, H, 0)
-
-        stats = (stk(mse_init), stk(s0), stk(s1))
-    return out, new_state, stats
+    return _run_op("dual_ttt_linear", "linear", _linear_model, XQ, XK, XV, gate, token_eta, ln_weight, ln_bias,
+                   state, inner_steps, output_stats, init_params, remat_group_size)
 
 
-def dual_ttt_linear(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state, **kwargs):
-    """`dual_ttt("linear", ...)`: TTT-Linear."""
-    return dual_ttt("linear", XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state, **kwargs)
+def dual_ttt_mlp(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor, ln_weight: Tensor,
+                 ln_bias: Tensor, state: InnerState, *, inner_steps: int = 1, output_stats: bool = False,
+                 init_params: tuple[Tensor, ...] | None = None, remat_group_size: int = 0):
+    """TTT-MLP inner loop (hidden width 4d, tanh-GELU) in the mini-batch dual form.
+
+    Per mini-batch, with W1 `[d+1, 4d]`, W2 `[4d+1, d]` at its start, X2 = gelu([K, 1] W1) and
+    G2 = dLoss/dZ2 at Z2 = [X2, 1] W2, G1 = (G2 W2^T) * gelu'(K W1): the first layer's outputs
+    `Zb1 = Q W1 - (E * tril(Q K^T + 1)) G1`, then `Zb2 = [gelu(Zb1), 1] W2 - (E * tril(Xb2 X2^T + 1)) G2`
+    and `Q + LN(Zb2)`; the params move by `(e K)^T G1` and `(e X2)^T G2`.
+
+    Args: as `dual_ttt_linear`, with state params and `init_params`
+        `(W1 [., H, d, 4d], b1 [., H, 1, 4d], W2 [., H, 4d, d], b2 [., H, 1, d])`.
+    Returns: as `dual_ttt_linear`.
+    """
+    return _run_op("dual_ttt_mlp", "mlp", _mlp_model, XQ, XK, XV, gate, token_eta, ln_weight, ln_bias,
+                   state, inner_steps, output_stats, init_params, remat_group_size)
 
 
-def dual_ttt_mlp(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state, **kwargs):
-    """`dual_ttt("mlp", ...)`: TTT-MLP."""
-    return dual_ttt("mlp", XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state, **kwargs)
+_OPS = {"linear": dual_ttt_linear, "mlp": dual_ttt_mlp}
+
+
+def dual_ttt(kind: str, XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor, ln_weight: Tensor,
+             ln_bias: Tensor, state: InnerState, **kwargs):
+    """Mini-batch dual-form TTT inner loop of `kind` ("linear" -> `dual_ttt_linear`, "mlp" ->
+    `dual_ttt_mlp`); same contract as `official_port.ops.naive.naive_ttt`."""
+    if kind not in _OPS:
+        check_op_inputs("dual_ttt", kind, XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state,
+                        kwargs.get("inner_steps", 1))
+    return _OPS[kind](XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state, **kwargs)

@@ -19,3 +19,24 @@ def test_flops_per_token_match_hand_count():
 def test_ref_without_checkout_is_a_clear_error(tmp_path, capsys):
     assert main(["--ref", str(tmp_path)]) == 2
     assert "no ttt.py there" in capsys.readouterr().err
+
+
+def test_ref_jax_without_checkout_is_a_clear_error(tmp_path, capsys):
+    assert main(["--ref-jax", str(tmp_path)]) == 2
+    assert "no ttt/models/ttt_layer.py there" in capsys.readouterr().err
+
+
+def test_ref_jax_with_a_python_lacking_jax_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "ttt" / "models").mkdir(parents=True)
+    (tmp_path / "ttt" / "models" / "ttt_layer.py").write_text("")
+    fake = tmp_path / "nojax"  # a "python" that fails like one without jax
+    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'jax'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    assert main(["--ref-jax", str(tmp_path), "--jax-python", str(fake)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot import jax and flax" in err and "No module named 'jax'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_baseline_must_be_a_checkout_of_this_project(tmp_path, capsys):
+    assert main(["--baseline", str(tmp_path)]) == 2
+    assert "no official_port/bench.py there" in capsys.readouterr().err
