@@ -239,7 +239,7 @@ def train(model: AdaptiveLM, docs: list[CachedDoc], cfg: TrainConfig, run_dir: s
             loss = lm
             if cfg.aux_recon_weight and recon.requires_grad:
                 loss = loss + cfg.aux_recon_weight * recon.mean()
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(loss.item()):
                 bad_loss, where = float(loss), f"doc {docs[d].doc_id}, chunk {c}"
                 break  # the doc's state is dropped (it may be what made the loss non-finite)
             (loss / cfg.batch_chunks).backward()
