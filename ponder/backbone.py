@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from ttt_common.files import publish_dir, tmp_path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -122,13 +125,13 @@ def smollm2_folder(cache_dir: Path | None = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp = tmp_path(folder)
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
     if folder.exists():  # a concurrent converter won: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
         return folder
-    os.replace(tmp, folder)
-    return folder
+    return publish_dir(tmp, folder)
 
 
 def resolve_base(base: str = "auto", cache_dir: Path | None = None) -> tuple[str, str]:

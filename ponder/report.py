@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import numpy as np
 
 from ponder.stats import fmt_ci
 from ponder.types import ACTIONS, ALL_ACTIONS, is_update
+from ttt_common.files import atomic_write_text
 
 SKIP_NAMES = ("fixed:SKIP", "SKIP")
 
@@ -680,12 +680,6 @@ def _jsonable(x):
     return x
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(run_dir: str | Path, records: list[dict], summary: dict) -> None:
     """Write `summary.json`, `results.md`, `pareto.png` and `gains.png` (when fixed SKIP/UPDATE_1 ran).
 
@@ -724,8 +718,8 @@ def write_report(run_dir: str | Path, records: list[dict], summary: dict) -> Non
     out["report"] = {"oracle_recovery": "(L_B - L_gate) / (L_B - L_oracle(u_gate)), B = the gate's baseline (STATIC or SKIP), oracle at its exact update count; see results.md",
                      "files": ["summary.json", "results.md", "pareto.png", "gains.png"]}
     out["gain_by_chunk_index"] = gain_by_chunk_index(records)
-    _write_atomic(run_dir / "results.md", results_markdown(stats, summary, corr, records))
+    atomic_write_text(run_dir / "results.md", results_markdown(stats, summary, corr, records))
     plot_pareto(stats, run_dir / "pareto.png")
     if not plot_gains(records, stats, run_dir / "gains.png", corr):
         out["report"]["files"].remove("gains.png")
-    _write_atomic(run_dir / "summary.json", json.dumps(_jsonable(out), indent=1))
+    atomic_write_text(run_dir / "summary.json", json.dumps(_jsonable(out), indent=1))

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ponder.types import ACTIONS, ALL_ACTIONS, INNER_STEPS, is_update
+from ttt_common.files import atomic_copy, atomic_write_text
 
 if TYPE_CHECKING:
     from ponder.env import PonderEnv
@@ -439,8 +440,7 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
     data_id = [d.doc_id for d in train_docs] + [d.doc_id for d in val_docs]
     if args.init_from and not (run_dir / "ckpt.pt").exists():
         src = Path(args.init_from).expanduser() / "ckpt.pt"
-        shutil.copyfile(src, run_dir / ".ckpt.pt.init.tmp")
-        (run_dir / ".ckpt.pt.init.tmp").replace(run_dir / "ckpt.pt")
+        atomic_copy(src, run_dir / "ckpt.pt")
         print(f"[run] --init-from: copied {src} (checked against this run's options below)", flush=True)
     try:
         ck = load_checkpoint(run_dir)
@@ -593,7 +593,7 @@ def claim_run_dir(run_dir: Path, identity: dict, overwrite: bool = False, model:
             diff.append("base model weights")
         if not diff:
             if model is not None and old.get("model_fingerprint") is None:
-                _write_json_atomic(path, record)
+                atomic_write_text(path, json.dumps(record, indent=1))
             return
         if not overwrite:
             shown = ", ".join(f"{k}: {(old.get('options') or {}).get(k, '<unset>')!r} -> {identity.get(k, '<unset>')!r}"
@@ -610,15 +610,7 @@ def claim_run_dir(run_dir: Path, identity: dict, overwrite: bool = False, model:
             print(f"[run] --overwrite: deleting the earlier results in {run_dir}", flush=True)
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path, record)
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=1))
 
 
 def _jsonable(cfg) -> dict:

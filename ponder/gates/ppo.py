@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ponder.gates.base import (
     Gate,
@@ -61,6 +61,7 @@ from ponder.rl import (
     ppo_update,
 )
 from ponder.types import INNER_STEPS, UPDATE_ACTIONS, ChunkContext, ChunkRecord
+from ttt_common.files import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
     from ponder.env import PonderEnv
@@ -368,13 +369,9 @@ class PPOPolicy:
         meta = {"identity": self.identity(), "keys": self.encoder.keys, "norm_count": self.norm.count,
                 "threshold": self.rate.initial_threshold, "scale": self.rate.scale, "lambda": self.pid.value,
                 "log": self.log, "diagnostics": self.diagnostics}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.replace(path)
-        meta_path = path.with_suffix(".json")
-        tmp = meta_path.with_name(meta_path.name + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1, default=lambda x: None))
-        tmp.replace(meta_path)
+        with atomic_write(path) as f:
+            f.write(save(tensors, metadata={"format": "pt"}))
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1, default=lambda x: None))
         return path
 
     def load(self, path: str | Path) -> bool:

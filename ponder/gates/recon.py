@@ -21,6 +21,7 @@ from ponder.gates.base import (
     lookup,
 )
 from ponder.types import ChunkContext, ChunkRecord, is_update
+from ttt_common.files import atomic_write_text
 
 if TYPE_CHECKING:
     from ponder.env import PonderEnv
@@ -147,9 +148,7 @@ class ReconGate(Gate):
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {"threshold": self.rate.initial_threshold, "scale": self.rate.scale, "identity": self._identity(),
                  "n_calibration": len(self.rate.calibration)}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(state, indent=1))
         return path
 
     def load(self, folder: str | Path) -> bool:
