@@ -17,3 +17,9 @@ $PY -m official_port.bench_cuda --ops ttt_linear,lact --lengths 2048,8192,32768 
 # LaCT at the 760M shapes, fresh process per row: manual vs autograd (add --reference PATH for the
 # reference's path)
 $PY -m lact.bench --device cuda --configs 1:8192,1:16384,1:32768,2:8192 --repeats 3 --json "$OUT/lact.json"
+# Whole official layers side by side with test-time-training/ttt-lm-pytorch on CUDA, when a checkout is
+# named: TTT_LM_PYTORCH=PATH bash scripts/gpu_check.sh
+if [ -n "${TTT_LM_PYTORCH:-}" ]; then
+    $PY scripts/bench_official.py --device cuda --ref "$TTT_LM_PYTORCH" --batch 1 --rounds 3 --skip-naive \
+        --json "$OUT/official_vs_ref.json"
+fi
