@@ -24,7 +24,7 @@ projections plus the dual form's products; fwd+bwd counted as 3x fwd).
 `--ref-jax PATH` adds the official JAX layer (a local checkout of test-time-training/ttt-lm-jax, run
 by `--jax-python`, a python with the pins of requirements/parity-jax.txt, as parity's live mode;
 timed by `official_port/bench_jax.py`: jit-compiled, compile time excluded). `--baseline PATH`
-adds another checkout of this project (e.g. `git worktree add /tmp/base main`) timed in the same
+adds another checkout of this project (e.g. `git worktree add ../base main`) timed in the same
 rounds, so a speed change is a ratio ours-new / ours-old under the same load. With several
 implementations the order rotates each round.
 
