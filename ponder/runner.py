@@ -390,54 +390,13 @@ def _gate_specs(args) -> list[str]:
     return out
 
 
-def run_experiment(args: argparse.Namespace | dict) -> dict:
-    """Run the whole experiment (see module docstring). Returns the summary dict (also in summary.json)."""
-    from ponder.adaptive import AdaptiveConfig, AdaptiveLM
-    from ponder.backbone import default_cache_dir, load_backbone
-    from ponder.env import PonderEnv
+def _matching_checkpoint(run_dir: Path, args: argparse.Namespace, acfg, tcfg, data_id: list) -> dict | None:
+    """The run folder's checkpoint when it was trained with this configuration and these documents (after
+    `--init-from` copied one in); a damaged or mismatching one stops with a message, or is deleted under
+    --overwrite. None: train from scratch."""
     from ponder.storage import DamagedFileError
-    from ponder.train import TrainConfig, load_checkpoint, train
+    from ponder.train import load_checkpoint
 
-    if isinstance(args, dict):
-        args = default_args(**args)
-    resolve_preset(args)
-    _validate(args)
-    t_start, c_start = time.perf_counter(), _cpu_s()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    identity = run_identity(args)
-    run_name = args.run_name or (f"{args.ttt_layer}-{_short(args.base)}-c{args.chunk_size}-s{args.steps}-"
-                                 f"{identity_hash(identity)}")
-    run_dir = Path(args.out) / run_name
-    claim_run_dir(run_dir, identity, args.overwrite)  # before the expensive part: a clash stops here
-
-    backbone = load_backbone(args.base, cache_dir)
-    print(f"[run] base model: {backbone.name} -- {backbone.reason}", flush=True)
-    from ponder.cache import model_fingerprint
-
-    claim_run_dir(run_dir, identity, args.overwrite, model=model_fingerprint(backbone))
-    t0, c0 = time.perf_counter(), _cpu_s()
-    train_docs, val_docs, eval_docs, n_dropped = _load_data(args, backbone, cache_dir)
-    data_s, data_cpu = time.perf_counter() - t0, _cpu_s() - c0
-    n_train = sum(len(d.chunks) for d in train_docs)
-    n_val = sum(len(d.chunks) for d in val_docs)
-    n_eval = sum(len(d.chunks) for d in eval_docs)
-    print(f"[run] data ({data_s:.0f} s): {len(train_docs)} train docs ({n_train} chunks), {len(val_docs)} validation "
-          f"docs ({n_val} chunks, from the training files), {len(eval_docs)} held-out docs ({n_eval} chunks), "
-          f"chunk size {args.chunk_size}; {args.steps} steps x {args.batch_chunks} chunks = "
-          f"{args.steps * args.batch_chunks / max(1, n_train):.1f} epochs at most", flush=True)
-
-    acfg = AdaptiveConfig(hidden_size=backbone.hidden_size, layer=args.ttt_layer, num_heads=args.num_heads,
-                          mini_batch_size=args.mini_batch_size, ttt_base_lr=args.ttt_base_lr,
-                          simple_inner_lr=args.simple_inner_lr)
-    tcfg = TrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
-                       inner_steps=INNER_STEPS[args.train_mode], aux_recon_weight=args.aux_recon_weight,
-                       seed=args.seed, save_every=max(1, min(25, args.steps)), batch_chunks=args.batch_chunks,
-                       eval_every=args.eval_every if val_docs else 0, patience=args.patience)
-    model = AdaptiveLM(acfg, backbone.embedding)
-    data_id = [d.doc_id for d in train_docs] + [d.doc_id for d in val_docs]
     if args.init_from and not (run_dir / "ckpt.pt").exists():
         src = Path(args.init_from).expanduser() / "ckpt.pt"
         atomic_copy(src, run_dir / "ckpt.pt")
@@ -461,31 +420,15 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
               flush=True)
         (run_dir / "ckpt.pt").unlink()
         ck = None
-    start_step = ck["step"] if ck is not None and (run_dir / "ckpt.pt").exists() else 0
-    t0, c0 = time.perf_counter(), _cpu_s()
-    if ck is not None and (run_dir / "ckpt.pt").exists():
-        print(f"[run] resuming / reusing {run_dir}/ckpt.pt (step {ck['step']} of {tcfg.steps})", flush=True)
-    result = train(model, train_docs, tcfg, run_dir, resume=True, progress=not args.no_progress,
-                   extra={"data_id": data_id, "base": backbone.name}, val_docs=val_docs)
-    train_s, train_cpu = time.perf_counter() - t0, _cpu_s() - c0
-    losses, skips = result["losses"], result["skip_losses"]
-    tail = max(1, len(losses) // 4)
-    if losses:
-        print(f"[run] training: {result['step']} steps in {train_s:.1f} s; last {tail} steps: LM loss "
-              f"{sum(losses[-tail:]) / tail:.3f} vs backbone {sum(skips[-tail:]) / tail:.3f} on the same chunks", flush=True)
-    if result["curve"]:
-        from ponder.train import write_curves
+    return ck
 
-        write_curves(run_dir, result["curve"], title=f"{args.ttt_layer} on {_short(backbone.name)}, chunk "
-                                                     f"{args.chunk_size}, batch {args.batch_chunks}, lr {args.lr:g}")
-        last = result["curve"][-1]
-        print(f"[run] validation: selected step {result['best_step']} (loss {result['best_val_loss']:.4f} vs backbone "
-              f"{last['val_skip_loss']:.4f}){'; stopped early' if result['stopped_early'] else ''}; "
-              f"curves in {run_dir}/curves.jsonl, curves.png", flush=True)
-    t_eval, c_eval = time.perf_counter(), _cpu_s()
 
-    if result["step"] != start_step and (run_dir / "gates").exists():
-        shutil.rmtree(run_dir / "gates")  # calibrated for other slow weights: refit below
+def _evaluate_gates(args: argparse.Namespace, model, backbone, train_docs: list, eval_docs: list,
+                    run_dir: Path) -> tuple[dict[str, dict], list[dict], dict[str, str]]:
+    """Fit (or load) and evaluate every gate of the run on the held-out documents, then, with
+    `--protocol paper`, the paper-protocol gates. Returns (summary per gate name, per-chunk records,
+    gates skipped here with the reason)."""
+    from ponder.env import PonderEnv
 
     bb_flops = backbone_flop_counter(backbone)
     eval_env = PonderEnv(model, eval_docs, backbone_flops=bb_flops)
@@ -532,6 +475,96 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
             records += rows
             print(f"[run] {name:<24} loss {summary['loss']:.4f}  update rate {summary['update_rate']:.2f}  "
                   "(paper protocol: reads the scored tokens)", flush=True)
+    return gates_summary, records, skipped
+
+
+def _train_phase(args: argparse.Namespace, backbone, train_docs: list, val_docs: list, run_dir: Path):
+    """Build the adaptive layer and train it (or resume / reuse the run folder's matching checkpoint),
+    selecting on the validation documents. Returns (model, AdaptiveConfig, TrainConfig, train()'s
+    result, the step it started from)."""
+    from ponder.adaptive import AdaptiveConfig, AdaptiveLM
+    from ponder.train import TrainConfig, train
+
+    acfg = AdaptiveConfig(hidden_size=backbone.hidden_size, layer=args.ttt_layer, num_heads=args.num_heads,
+                          mini_batch_size=args.mini_batch_size, ttt_base_lr=args.ttt_base_lr,
+                          simple_inner_lr=args.simple_inner_lr)
+    tcfg = TrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
+                       inner_steps=INNER_STEPS[args.train_mode], aux_recon_weight=args.aux_recon_weight,
+                       seed=args.seed, save_every=max(1, min(25, args.steps)), batch_chunks=args.batch_chunks,
+                       eval_every=args.eval_every if val_docs else 0, patience=args.patience)
+    model = AdaptiveLM(acfg, backbone.embedding)
+    data_id = [d.doc_id for d in train_docs] + [d.doc_id for d in val_docs]
+    ck = _matching_checkpoint(run_dir, args, acfg, tcfg, data_id)
+    start_step = ck["step"] if ck is not None and (run_dir / "ckpt.pt").exists() else 0
+    t0 = time.perf_counter()
+    if ck is not None and (run_dir / "ckpt.pt").exists():
+        print(f"[run] resuming / reusing {run_dir}/ckpt.pt (step {ck['step']} of {tcfg.steps})", flush=True)
+    result = train(model, train_docs, tcfg, run_dir, resume=True, progress=not args.no_progress,
+                   extra={"data_id": data_id, "base": backbone.name}, val_docs=val_docs)
+    train_s = time.perf_counter() - t0
+    losses, skips = result["losses"], result["skip_losses"]
+    tail = max(1, len(losses) // 4)
+    if losses:
+        print(f"[run] training: {result['step']} steps in {train_s:.1f} s; last {tail} steps: LM loss "
+              f"{sum(losses[-tail:]) / tail:.3f} vs backbone {sum(skips[-tail:]) / tail:.3f} on the same chunks", flush=True)
+    if result["curve"]:
+        from ponder.train import write_curves
+
+        write_curves(run_dir, result["curve"], title=f"{args.ttt_layer} on {_short(backbone.name)}, chunk "
+                                                     f"{args.chunk_size}, batch {args.batch_chunks}, lr {args.lr:g}")
+        last = result["curve"][-1]
+        print(f"[run] validation: selected step {result['best_step']} (loss {result['best_val_loss']:.4f} vs backbone "
+              f"{last['val_skip_loss']:.4f}){'; stopped early' if result['stopped_early'] else ''}; "
+              f"curves in {run_dir}/curves.jsonl, curves.png", flush=True)
+    return model, acfg, tcfg, result, start_step
+
+
+def run_experiment(args: argparse.Namespace | dict) -> dict:
+    """Run the whole experiment (see module docstring). Returns the summary dict (also in summary.json)."""
+    from ponder.backbone import default_cache_dir, load_backbone
+
+    if isinstance(args, dict):
+        args = default_args(**args)
+    resolve_preset(args)
+    _validate(args)
+    t_start, c_start = time.perf_counter(), _cpu_s()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    identity = run_identity(args)
+    run_name = args.run_name or (f"{args.ttt_layer}-{_short(args.base)}-c{args.chunk_size}-s{args.steps}-"
+                                 f"{identity_hash(identity)}")
+    run_dir = Path(args.out) / run_name
+    claim_run_dir(run_dir, identity, args.overwrite)  # before the expensive part: a clash stops here
+
+    backbone = load_backbone(args.base, cache_dir)
+    print(f"[run] base model: {backbone.name} -- {backbone.reason}", flush=True)
+    from ponder.cache import model_fingerprint
+
+    claim_run_dir(run_dir, identity, args.overwrite, model=model_fingerprint(backbone))
+    t0, c0 = time.perf_counter(), _cpu_s()
+    train_docs, val_docs, eval_docs, n_dropped = _load_data(args, backbone, cache_dir)
+    data_s, data_cpu = time.perf_counter() - t0, _cpu_s() - c0
+    n_train = sum(len(d.chunks) for d in train_docs)
+    n_val = sum(len(d.chunks) for d in val_docs)
+    n_eval = sum(len(d.chunks) for d in eval_docs)
+    print(f"[run] data ({data_s:.0f} s): {len(train_docs)} train docs ({n_train} chunks), {len(val_docs)} validation "
+          f"docs ({n_val} chunks, from the training files), {len(eval_docs)} held-out docs ({n_eval} chunks), "
+          f"chunk size {args.chunk_size}; {args.steps} steps x {args.batch_chunks} chunks = "
+          f"{args.steps * args.batch_chunks / max(1, n_train):.1f} epochs at most", flush=True)
+
+    t0, c0 = time.perf_counter(), _cpu_s()
+    model, acfg, tcfg, result, start_step = _train_phase(args, backbone, train_docs, val_docs, run_dir)
+    train_s, train_cpu = time.perf_counter() - t0, _cpu_s() - c0
+    losses, skips = result["losses"], result["skip_losses"]
+    tail = max(1, len(losses) // 4)
+    t_eval, c_eval = time.perf_counter(), _cpu_s()
+
+    if result["step"] != start_step and (run_dir / "gates").exists():
+        shutil.rmtree(run_dir / "gates")  # calibrated for other slow weights: refit below
+
+    gates_summary, records, skipped = _evaluate_gates(args, model, backbone, train_docs, eval_docs, run_dir)
 
     eval_s, eval_cpu = time.perf_counter() - t_eval, _cpu_s() - c_eval
     print(f"[run] evaluation alone: {eval_s:.0f} s ({eval_cpu:.0f} CPU-s)", flush=True)
