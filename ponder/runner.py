@@ -35,6 +35,7 @@ import torch
 
 from ponder.types import ACTIONS, ALL_ACTIONS, INNER_STEPS, is_update
 from ttt_common.files import atomic_copy, atomic_write_text
+from ttt_common.train_utils import pin_malloc_mmap_threshold
 
 if TYPE_CHECKING:
     from ponder.env import PonderEnv
@@ -528,6 +529,7 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
     resolve_preset(args)
     _validate(args)
     t_start, c_start = time.perf_counter(), _cpu_s()
+    pin_malloc_mmap_threshold()  # else per-chunk logits temporaries fragment the heap (GBs on the full preset)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -8,8 +8,11 @@ resumed run draw the same random numbers (dropout, sampling) as an uninterrupted
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import random
+import sys
 
 import torch
 from torch import nn
@@ -137,3 +140,31 @@ class NonFiniteGuard:
                 f"row ({self.skipped} skipped in all); the model has diverged: lower the learning rate or "
                 "resume from an earlier checkpoint")
         return False
+
+
+# glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD).
+_M_MMAP_THRESHOLD = -3
+
+
+def pin_malloc_mmap_threshold(threshold_bytes: int = 128 * 1024) -> bool:
+    """Fix glibc's mmap threshold so that large CPU temporaries go back to the OS when freed.
+
+    Why: glibc raises its mmap threshold to the size of each freed mmapped block (up to 32 MiB), so
+    after the first freed logits tensor ([128, 49152] fp32 = 24 MiB) every later one comes from the heap.
+    Small tensors kept between them pin the heap, and it never shrinks: caching a 135M backbone's
+    outputs grew by ~70 MB per 128-token chunk (13 GB after 180 chunks, the `full` preset was killed
+    at 24 GB); with the threshold pinned the same loop stays flat (0.96 -> 0.97 GB). Setting the
+    threshold explicitly also turns the dynamic adjustment off (`man mallopt`); this is what
+    MALLOC_MMAP_THRESHOLD_=131072 in the environment does, done from inside the process.
+
+    Returns True when applied, False where there is no glibc (macOS, Windows, musl): a no-op there.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
