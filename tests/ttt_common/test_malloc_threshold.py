@@ -2,7 +2,7 @@
 
 Checked through glibc's own counters (`mallinfo2().hblks`, the number of mmapped blocks) in a fresh
 process, because the threshold is process-wide. Without the pin, freeing a 24 MiB tensor raises
-glibc's dynamic threshold and the next 1 MiB tensors come from the heap (hblks unchanged), which is
+glibc's dynamic threshold and the next 8 MiB tensors come from the heap (hblks unchanged), which is
 what fragmented the heap while caching backbone outputs.
 """
 
@@ -31,7 +31,7 @@ PROBE = textwrap.dedent("""
     big = torch.empty(24 * 2**20 // 4)
     del big
     before = libc.mallinfo2().hblks
-    kept = [torch.empty(2**20 // 4) for _ in range(8)]
+    kept = [torch.empty(8 * 2**20 // 4) for _ in range(8)]
     print(libc.mallinfo2().hblks - before)
 """)
 
@@ -45,5 +45,5 @@ def test_pinned_threshold_keeps_large_temporaries_mmapped():
     unpinned = _mmapped_blocks_after_big_free("none")
     if unpinned == "no-mallinfo2":
         pytest.skip("glibc < 2.33 has no mallinfo2")
-    assert int(unpinned) == 0, "glibc's dynamic threshold should have moved 1 MiB blocks to the heap"
+    assert int(unpinned) == 0, "glibc's dynamic threshold should have moved 8 MiB blocks to the heap"
     assert int(_mmapped_blocks_after_big_free("pin")) == 8
