@@ -303,3 +303,28 @@ def test_report_with_static_gates_writes_intervals(tmp_path):
     assert len(out["gates"]["recon"]["signal"]["gain_difference_ci"]) == 2
     for png in ("pareto.png", "gains.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_differences_by_hand():
+    """Gates vs the measured random gate and paper:X vs X, against sums computed here; a paper twin
+    that is 0.1 better on one chunk must show exactly that (token-weighted over 8 equal chunks)."""
+    from ponder.report import paired_differences, results_markdown
+
+    recs = _all_records()
+    for row in _records("fixed:UPDATE_1", ["UPDATE_1"] * 8):
+        better = row["chunk_idx"] == 2 and row["doc_id"] == "d1"
+        recs.append(dict(row, gate="paper:fixed:UPDATE_1", loss=row["loss"] - (0.1 if better else 0.0)))
+    rows = {(r["gate"], r["reference"]): r for r in paired_differences(recs)}
+    assert set(rows) == {("budgeted-oracle", "random"), ("recon", "random"), ("recon-lookahead", "random"),
+                         ("paper:fixed:UPDATE_1", "fixed:UPDATE_1")}
+
+    def mean_loss(gate):
+        return sum(r["loss"] for r in recs if r["gate"] == gate) / 8
+
+    for (gate, ref), r in rows.items():
+        assert r["gain"] == pytest.approx(mean_loss(ref) - mean_loss(gate))
+        lo, hi = r["gain_ci"]
+        assert lo <= r["gain"] + 1e-12 and r["gain"] - 1e-12 <= hi
+    assert rows[("paper:fixed:UPDATE_1", "fixed:UPDATE_1")]["gain"] == pytest.approx(0.1 / 8)
+    text = results_markdown(aggregate(recs), {"run": "t"}, None, recs)
+    assert "## Measured paired differences" in text and "| recon | random | " in text
