@@ -353,7 +353,7 @@ def paired_differences(records: list[dict], boot=None) -> list[dict]:
     Two families: every gate that is not fixed vs the measured `random` gate (the trajectory-aware
     comparison: both carry their own state, unlike the fixed-run oracle and the expected random of
     `recovery vs random`), and every `paper:X` vs its leak-free twin `X` (what reading the scored
-    tokens buys). Each row: `gate`, `reference`, `gain` = L_reference - L_gate (positive: the gate is
+    tokens buys; `paper:fixed:SKIP` pairs with `fixed:STATIC`). Each row: `gate`, `reference`, `gain` = L_reference - L_gate (positive: the gate is
     better) and `gain_ci`.
     """
     from ponder.stats import Bootstrap, interval
@@ -361,7 +361,9 @@ def paired_differences(records: list[dict], boot=None) -> list[dict]:
     names = list(dict.fromkeys(_gate_of(r) for r in records))
     pairs = [(n, "random") for n in names
              if "random" in names and not n.startswith(("fixed:", "paper:")) and n != "random"]
-    pairs += [(n, n[len("paper:"):]) for n in names if n.startswith("paper:") and n[len("paper:"):] in names]
+    # the paper's SKIP is the trained layer without an update: its leak-free twin is fixed:STATIC
+    twin = {n: "fixed:STATIC" if n == "paper:fixed:SKIP" else n[len("paper:"):] for n in names if n.startswith("paper:")}
+    pairs += [(n, t) for n, t in twin.items() if t in names]
     if not pairs:
         return []
     boot = boot or Bootstrap([dict(r, gate=_gate_of(r)) for r in records])

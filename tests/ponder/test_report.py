@@ -328,3 +328,8 @@ def test_paired_differences_by_hand():
     assert rows[("paper:fixed:UPDATE_1", "fixed:UPDATE_1")]["gain"] == pytest.approx(0.1 / 8)
     text = results_markdown(aggregate(recs), {"run": "t"}, None, recs)
     assert "## Measured paired differences" in text and "| recon | random | " in text
+    # the paper's SKIP (the layer without an update) is compared with fixed:STATIC, not the bare backbone
+    static = _static_records()
+    static += [dict(r, gate="paper:fixed:SKIP") for r in static if r["gate"] == "fixed:STATIC"]
+    rows = {(r["gate"], r["reference"]): r for r in paired_differences(static)}
+    assert rows[("paper:fixed:SKIP", "fixed:STATIC")]["gain"] == pytest.approx(0.0)
