@@ -54,7 +54,7 @@ PAPER_SPECS = ("fixed:SKIP", "fixed:UPDATE_1", "fixed:UPDATE_2", "fixed:UPDATE_4
 # layer's state, carried across a document's chunks, is the only memory of what came before.
 # default: what `make demo` runs, <= 8 minutes on 2 idle cores from a fresh clone (model conversion
 #   and backbone caching included);
-# full: about an hour on 2 idle cores; long files only (16 chunks = 2,048 tokens per document), so
+# full: ~40 minutes on 2 cores (measured 39 min, README); long files only (16 chunks = 2,048 tokens per document), so
 #   the gain can be measured per chunk index across a whole document.
 PRESETS: dict[str, dict] = {
     "default": dict(chunk_size=128, max_train_docs=40, max_val_docs=4, max_eval_docs=20, max_chunks_per_doc=4,
@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("preset", "a preset sets the data / training options below that are not given "
                                   "explicitly (an explicit option always wins); see PRESETS in ponder/runner.py")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                   help="'default': the <= 8-minute demo (make demo); 'full': about an hour on 2 cores")
+                   help="'default': the <= 8-minute demo (make demo); 'full': ~40 minutes on 2 cores")
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=None, help="HF dataset id or local files (default: the stdlib code corpus)")
     g.add_argument("--text-field", default="text")
