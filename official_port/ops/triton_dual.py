@@ -112,8 +112,24 @@ if HAS_TRITON:
     def _gelu_tanh(z):
         """tanh-approximate gelu with torch's constants: (t, gelu(z)), t = tanh(sqrt(2/pi) (z + 0.044715 z^3))
         written 2 sigmoid(2u) - 1 (no tanh in tl)."""
-        t = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z)) - 1.0
+        k_beta = 0.7978845608028654  # sqrt(2 / pi)
+        k_kappa = 0.044715
+        t = 2.0 * tl.sigmoid(2.0 * k_beta * (z + k_kappa * z * z * z)) - 1.0
         return t, 0.5 * z * (1.0 + t)
+
+    def _gelu_tanh_grad(z, t):
+        """gelu'(z) of `_gelu_tanh` given its t."""
+        # the constants as named locals, as in the kernels: the interpreter makes them float32 scalars, so
+        # 3.0 * k_kappa rounds in float32 (a literal product would be folded in float64)
+        k_beta = 0.7978845608028654
+        k_kappa = 0.044715
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k_beta * (1.0 + 3.0 * k_kappa * z * z)
+
+    def _out_ln_vjp(dout, zb, gamma, eps, D: tl.constexpr):
+        """out = q + gamma LN(zb) + beta: (d zb [M, D], gamma's and beta's gradients [D]) from d out [M, D]."""
+        _, rstd2, xhat2 = _ln_rows(zb, eps, D)
+        dzb = rstd2[:, None] * _ln_vjp_core(dout * gamma[None, :], xhat2, D)[0]
+        return dzb, tl.sum(dout * xhat2, axis=0), tl.sum(dout, axis=0)
 
     def _store_norm_grads(DGAMMA, DBETA, DETA, pid, rd, rm, dgam, dbet, deta, D: tl.constexpr, M: tl.constexpr):
         tl.store(DGAMMA + pid * D + rd, dgam)
@@ -121,7 +137,8 @@ if HAS_TRITON:
         tl.store(DETA + pid * M + rm, deta)
 
     _DEVICE_FUNCTIONS = {f.__name__: f for f in (_head_constants, _load_mini_batch, _ln_rows, _ln_vjp_core,
-                                                  _recon_grad, _recon_grad_vjp, _gelu_tanh, _store_norm_grads)}
+                                                  _recon_grad, _recon_grad_vjp, _gelu_tanh, _gelu_tanh_grad,
+                                                  _out_ln_vjp, _store_norm_grads)}
 
     def _ttt_linear_scan_fwd_kernel(
         Q, K, V, G8, ETA, GAMMA, BETA, W0, B0, OUT, WN, BN, WS, BS,
@@ -196,12 +213,11 @@ if HAS_TRITON:
             s1 = tl.dot(q, tl.trans(k), input_precision=PREC) + 1.0
             attn = e * s1
             zb = tl.dot(q, w, input_precision=PREC) + b[None, :] - tl.dot(attn, grad, input_precision=PREC)
-            zbc, rstd2, xhat2 = _ln_rows(zb, eps, D)
             # ---- out = q + gamma * LN(zb) + beta
             dout = tl.load(DOUT + offs).to(tl.float32)
-            dgam += tl.sum(dout * xhat2, axis=0)
-            dbet += tl.sum(dout, axis=0)
-            dzb = rstd2[:, None] * _ln_vjp_core(dout * gamma[None, :], xhat2, D)[0]
+            dzb, dgam_o, dbet_o = _out_ln_vjp(dout, zb, gamma, eps, D)
+            dgam += dgam_o
+            dbet += dbet_o
             # ---- zb = q W + b - attn G,  attn = e * (q k^T + 1),  e[i, s] = eta[i] g[s] (s <= i)
             dq = dout + tl.dot(dzb, tl.trans(w), input_precision=PREC)
             dattn = -tl.dot(dzb, tl.trans(grad), input_precision=PREC)
@@ -270,8 +286,6 @@ if HAS_TRITON:
         w2 = tl.load(W2_0 + pid * F4 * D + rf[:, None] * D + rd[None, :]).to(tl.float32)
         b2 = tl.load(B2_0 + pid * D + rd).to(tl.float32)
         gamma, beta, eta, eta_last, causal = _head_constants(GAMMA, BETA, ETA, h, rd, rm, D, M)
-        k_beta = 0.7978845608028654  # sqrt(2 / pi)
-        k_kappa = 0.044715
         T = n_blocks * M
         for j in range(n_blocks):
             offs, rows, q, k, v, g = _load_mini_batch(Q, K, V, G8, pid, T, j, rd, rm, D, M)
@@ -285,7 +299,7 @@ if HAS_TRITON:
             t1, x2 = _gelu_tanh(z1)
             z2 = tl.dot(x2, w2, input_precision=PREC) + b2[None, :]
             grad2 = _recon_grad(z2, v, k, gamma, beta, eps, D)[0]
-            dgelu = 0.5 * (1.0 + t1) + 0.5 * z1 * (1.0 - t1 * t1) * k_beta * (1.0 + 3.0 * k_kappa * z1 * z1)
+            dgelu = _gelu_tanh_grad(z1, t1)
             grad1 = tl.dot(grad2, tl.trans(w2), input_precision=PREC) * dgelu
             # dual-form outputs, layer by layer
             e = tl.where(causal, eta[:, None] * g[None, :], 0.0)
@@ -333,7 +347,7 @@ if HAS_TRITON:
         dw2 = tl.load(DW2N + pid * F4 * D + o2).to(tl.float32)
         db2 = tl.load(DB2N + pid * D + rd).to(tl.float32)
         gamma, beta, eta, eta_last, causal = _head_constants(GAMMA, BETA, ETA, h, rd, rm, D, M)
-        k_beta = 0.7978845608028654
+        k_beta = 0.7978845608028654  # sqrt(2 / pi) and the cubic's weight, as in `_gelu_tanh`
         k_kappa = 0.044715
         dgam = tl.zeros([D], dtype=tl.float32)
         dbet = tl.zeros([D], dtype=tl.float32)
@@ -360,16 +374,15 @@ if HAS_TRITON:
             attn1 = e * s1
             zb1 = tl.dot(q, w1, input_precision=PREC) + b1[None, :] - tl.dot(attn1, grad1, input_precision=PREC)
             tb, xb2 = _gelu_tanh(zb1)
-            gpb = 0.5 * (1.0 + tb) + 0.5 * zb1 * (1.0 - tb * tb) * k_beta * (1.0 + 3.0 * k_kappa * zb1 * zb1)
+            gpb = _gelu_tanh_grad(zb1, tb)
             s2 = tl.dot(xb2, tl.trans(x2), input_precision=PREC) + 1.0
             attn2 = e * s2
             zb = tl.dot(xb2, w2, input_precision=PREC) + b2[None, :] - tl.dot(attn2, grad2, input_precision=PREC)
-            zbc, rstd2, xhat2 = _ln_rows(zb, eps, D)
             # ---- out = q + gamma * LN(zb) + beta
             dout = tl.load(DOUT + offs).to(tl.float32)
-            dgam += tl.sum(dout * xhat2, axis=0)
-            dbet += tl.sum(dout, axis=0)
-            dzb = rstd2[:, None] * _ln_vjp_core(dout * gamma[None, :], xhat2, D)[0]
+            dzb, dgam_o, dbet_o = _out_ln_vjp(dout, zb, gamma, eps, D)
+            dgam += dgam_o
+            dbet += dbet_o
             # ---- zb = xb2 W2 + b2 - (e * (xb2 x2^T + 1)) G2
             dxb2 = tl.dot(dzb, tl.trans(w2), input_precision=PREC)
             n_dw2 = tl.dot(tl.trans(xb2), dzb, input_precision=PREC)
