@@ -76,6 +76,7 @@ class LaCTSWIGLUConfig(PretrainedConfig):
     model_type = "lact_swiglu"
     keys_to_ignore_at_inference = ["past_key_values"]
 
+    # long on purpose: one keyword and one assignment per key of the reference's config (HF style)
     def __init__(
         self,
         hidden_size: int = 2048,

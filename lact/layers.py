@@ -493,34 +493,8 @@ class LaCTSWIGLULayer(nn.Module):
         Returns:
             (o [B, T, hidden], None, the new `LaCTLayerState` or None).
         """
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"hidden_states has shape {tuple(hidden_states.shape)}; expected [B, T, {self.hidden_size}]"
-            )
-        if not hidden_states.is_floating_point():
-            raise TypeError(f"hidden_states must be a floating-point tensor, got dtype {hidden_states.dtype}")
-        if hidden_states.dtype != self.qkv.weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
-            raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the layer's weights are "
-                            f"{self.qkv.weight.dtype}; cast one to the other or run under torch.autocast")
-        if hidden_states.shape[1] == 0:
-            raise ValueError(f"hidden_states has T=0 tokens (shape {tuple(hidden_states.shape)}); pass at least one")
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(hidden_states.shape[:2]):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}; expected a [B, T] = "
-                f"{tuple(hidden_states.shape[:2])} 0/1 padding mask"
-            )
         past = past_key_values
-        if past is not None:
-            if not isinstance(past, LaCTLayerState):
-                raise TypeError(f"past_key_values must be a LaCTLayerState returned by this layer, got "
-                                f"{type(past).__name__}")
-            if past.keys.shape[0] != hidden_states.shape[0]:
-                raise ValueError(f"past_key_values holds {past.keys.shape[0]} sequences, hidden_states "
-                                 f"{hidden_states.shape[0]}")
-            if attention_mask is not None and not bool(attention_mask.bool().all()):
-                raise ValueError("attention_mask has padding while decoding with a cache: padded tokens would "
-                                 "enter the fast weights; decode sequences of equal length without padding")
-            attention_mask = None
+        attention_mask = self._check_forward_inputs(hidden_states, attention_mask, past)
         offset = 0 if past is None else past.seen
         B, T, _ = hidden_states.shape
 
@@ -545,6 +519,49 @@ class LaCTSWIGLULayer(nn.Module):
 
         # fast-weight branch
         fast_q, fast_k, fast_v = run(self._fast_inputs, q, k, v, offset)
+        fw_x, carry = self._fast_weight_op(hidden_states, fast_q, fast_k, fast_v, past, use_cache)
+        new_state = self._next_cache(kh, vh, past, carry) if use_cache else None
+
+        o = self.o_proj(o + run(self._fast_output, fw_x, hidden_states).to(o.dtype))
+        return o, None, new_state
+
+    def _check_forward_inputs(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                              past) -> torch.Tensor | None:
+        """`forward`'s argument checks; returns the attention mask to use (None while decoding)."""
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states has shape {tuple(hidden_states.shape)}; expected [B, T, {self.hidden_size}]"
+            )
+        if not hidden_states.is_floating_point():
+            raise TypeError(f"hidden_states must be a floating-point tensor, got dtype {hidden_states.dtype}")
+        if hidden_states.dtype != self.qkv.weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+            raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the layer's weights are "
+                            f"{self.qkv.weight.dtype}; cast one to the other or run under torch.autocast")
+        if hidden_states.shape[1] == 0:
+            raise ValueError(f"hidden_states has T=0 tokens (shape {tuple(hidden_states.shape)}); pass at least one")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(hidden_states.shape[:2]):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected a [B, T] = "
+                f"{tuple(hidden_states.shape[:2])} 0/1 padding mask"
+            )
+        if past is None:
+            return attention_mask
+        if not isinstance(past, LaCTLayerState):
+            raise TypeError(f"past_key_values must be a LaCTLayerState returned by this layer, got "
+                            f"{type(past).__name__}")
+        if past.keys.shape[0] != hidden_states.shape[0]:
+            raise ValueError(f"past_key_values holds {past.keys.shape[0]} sequences, hidden_states "
+                             f"{hidden_states.shape[0]}")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("attention_mask has padding while decoding with a cache: padded tokens would "
+                             "enter the fast weights; decode sequences of equal length without padding")
+        return None
+
+    def _fast_weight_op(self, hidden_states: torch.Tensor, fast_q: torch.Tensor, fast_k: torch.Tensor,
+                        fast_v: torch.Tensor, past: LaCTLayerState | None, use_cache: bool):
+        """The fast-weight op on fast q, k, v [B * H_fw, T, d]: (its output fw_x [B * H_fw, T, d], the
+        carried fast-weight state after these tokens, or None without a cache)."""
+        B = hidden_states.shape[0]
         # learning rates and momentum in (at least) float32, as the reference's `.float()`; float64
         # models keep float64 so that the whole op can run in double precision
         lr = F.softplus(_upcast(self.lr_proj(hidden_states)) + self.base_lr_inv)  # [B, T, 3 * H_fw]
@@ -559,24 +576,24 @@ class LaCTSWIGLULayer(nn.Module):
         fw_kwargs = dict(chunk_size=self.lact_chunk_size, momentum=momentum, use_muon=self.use_muon,
                          prenorm=self.ttt_prenorm, residual=self.residual_ttt, greedy=self.greedy_ttt,
                          kernel=self.ttt_kernel)
-        new_state = None
         # fp32 states with half-precision activations: like the reference (whose op runs under
         # autocast), the matmuls run in the activation dtype while the states accumulate in float32
         with torch.autocast(fast_q.device.type, dtype=fast_q.dtype, enabled=mixed):
             if past is None and not use_cache:
                 fw_x = lact_ops.lact_swiglu(fast_weights, fast_q, fast_k, fast_v, lr0, lr1, lr2,
                                             backprop=self.resolve_backprop(hidden_states), **fw_kwargs)
-            else:
-                # carried state (decoding, or a sequence fed in pieces): same chunk arithmetic
-                fw_x, carry = lact_ops.lact_swiglu_with_state(
-                    fast_weights, fast_q, fast_k, fast_v, lr0, lr1, lr2,
-                    initial_state=None if past is None else past.fast, **fw_kwargs)
-        if use_cache:
-            keys = kh if past is None else torch.cat((past.keys, kh), dim=1)
-            values = vh if past is None else torch.cat((past.values, vh), dim=1)
-            keep = keys.shape[1] if self.window_size is None else self.window_size - 1
-            start = max(keys.shape[1] - keep, 0)
-            new_state = LaCTLayerState(keys[:, start:], values[:, start:], carry)
+                return fw_x, None
+            # carried state (decoding, or a sequence fed in pieces): same chunk arithmetic
+            return lact_ops.lact_swiglu_with_state(
+                fast_weights, fast_q, fast_k, fast_v, lr0, lr1, lr2,
+                initial_state=None if past is None else past.fast, **fw_kwargs)
 
-        o = self.o_proj(o + run(self._fast_output, fw_x, hidden_states).to(o.dtype))
-        return o, None, new_state
+    def _next_cache(self, kh: torch.Tensor, vh: torch.Tensor, past: LaCTLayerState | None,
+                    carry) -> LaCTLayerState:
+        """The layer state after these tokens: the attention window's last keys / values [B, <=W-1, H, D]
+        (all of them without a window) and the fast-weight carry."""
+        keys = kh if past is None else torch.cat((past.keys, kh), dim=1)
+        values = vh if past is None else torch.cat((past.values, vh), dim=1)
+        keep = keys.shape[1] if self.window_size is None else self.window_size - 1
+        start = max(keys.shape[1] - keep, 0)
+        return LaCTLayerState(keys[:, start:], values[:, start:], carry)

@@ -38,7 +38,7 @@ from ttt_common.hf_compat import (
     pick_cache,
     reject_unknown_kwargs,
 )
-from ttt_common.model_inputs import causal_lm_loss, check_input_ids, check_inputs_embeds
+from ttt_common.model_inputs import check_input_ids, check_inputs_embeds, has_left_padding, lm_logits_and_loss
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
     from transformers import initialization as init
@@ -204,12 +204,7 @@ class LaCTModel(LaCTPreTrainedModel):
         cache = pick_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if cache is not None and not isinstance(cache, LaCTCache):
-            if _cache_length(cache) > 0:
-                raise TypeError(f"cache must be a LaCTCache returned by this model, got {type(cache).__name__}")
-            cache = None  # an empty foreign cache (e.g. built by a caller for another model): start fresh
-        if cache is not None and len(cache) != len(self.layers):
-            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
+        cache = self._incoming_cache(cache)
         past = cache.seen_tokens if cache is not None else 0
         use_cache = bool(use_cache)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -224,23 +219,7 @@ class LaCTModel(LaCTPreTrainedModel):
             check_inputs_embeds(inputs_embeds, self.config.hidden_size, self.embeddings.weight)
         b, t = inputs_embeds.shape[:2]
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or tuple(attention_mask.shape) not in ((b, t), (b, past + t)):
-                raise ValueError(f"attention_mask must be [batch, cached + time] = {(b, past + t)} (1 = real "
-                                 f"token), got {tuple(attention_mask.shape)}")
-            m = attention_mask.bool()
-            if not bool(m.all()):
-                if bool((~m[:, :-1] & m[:, 1:]).any()):  # a 0 before a 1 in a row
-                    raise ValueError(
-                        "attention_mask has left padding, but LaCT's fast weights (like the reference's) have "
-                        "no padding mask: the padded tokens would update them and shift the chunk boundaries. "
-                        "Batch prompts of equal length (or generate one prompt at a time); right padding is "
-                        "harmless in a forward without cache.")
-                if cache is not None or use_cache:
-                    raise ValueError(
-                        "attention_mask has padding, which decoding with a cache cannot honour (padded tokens "
-                        "would enter the fast-weight state); batch prompts of equal length or pass "
-                        "use_cache=False")
-            attention_mask = attention_mask[:, -t:]
+            attention_mask = self._new_tokens_mask(attention_mask, b, t, past, cache is not None or use_cache)
 
         new_cache = LaCTCache(len(self.layers)) if use_cache else None
         hidden_states = inputs_embeds
@@ -263,6 +242,38 @@ class LaCTModel(LaCTPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden_states,
                                        **cache_field(new_cache))
 
+
+    def _incoming_cache(self, cache) -> LaCTCache | None:
+        """The `LaCTCache` to continue (None: start fresh); an empty foreign cache is dropped, any other refused."""
+        if cache is not None and not isinstance(cache, LaCTCache):
+            if _cache_length(cache) > 0:
+                raise TypeError(f"cache must be a LaCTCache returned by this model, got {type(cache).__name__}")
+            cache = None  # an empty foreign cache (e.g. built by a caller for another model): start fresh
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
+        return cache
+
+    @staticmethod
+    def _new_tokens_mask(attention_mask: torch.Tensor, b: int, t: int, past: int, cached: bool) -> torch.Tensor:
+        """The [B, T] mask of the new tokens from a checked [B, T] or [B, cached + T] mask; `cached`: a
+        cache is read or written (then no padding is allowed)."""
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) not in ((b, t), (b, past + t)):
+            raise ValueError(f"attention_mask must be [batch, cached + time] = {(b, past + t)} (1 = real "
+                             f"token), got {tuple(attention_mask.shape)}")
+        m = attention_mask.bool()
+        if not bool(m.all()):
+            if has_left_padding(m):
+                raise ValueError(
+                    "attention_mask has left padding, but LaCT's fast weights (like the reference's) have "
+                    "no padding mask: the padded tokens would update them and shift the chunk boundaries. "
+                    "Batch prompts of equal length (or generate one prompt at a time); right padding is "
+                    "harmless in a forward without cache.")
+            if cached:
+                raise ValueError(
+                    "attention_mask has padding, which decoding with a cache cannot honour (padded tokens "
+                    "would enter the fast-weight state); batch prompts of equal length or pass "
+                    "use_cache=False")
+        return attention_mask[:, -t:]
 
 def _cache_length(past_key_values) -> int:
     if hasattr(past_key_values, "get_seq_length"):
@@ -342,16 +353,9 @@ class LaCTForCausalLM(LaCTPreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
-
-        loss = None
-        if labels is not None:
-            if logits_to_keep:
-                raise ValueError(f"logits_to_keep={logits_to_keep} with labels: the loss needs every "
-                                 "position's logits; pass logits_to_keep=0")
-            # the reference's layout (labels shifted left, padded with -100); no scored target -> 0
-            loss = causal_lm_loss(logits, labels, logits.shape[-1], pad_last=True)
+        # the reference's layout (labels shifted left, padded with -100); no scored target -> 0
+        logits, loss = lm_logits_and_loss(self.lm_head, outputs.last_hidden_state, labels, logits_to_keep,
+                                          pad_last=True)
 
         new_cache = getattr(outputs, CACHE_NAME)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,

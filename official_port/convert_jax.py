@@ -125,24 +125,8 @@ def flax_params_to_state_dict(params: Mapping[str, np.ndarray], config: TTTConfi
         def layer_to_torch(sub):
             return flax_layer_params_to_torch(sub, layer_cls_name)
 
-    out: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    problems: list[str] = []
+    sd = _StateDictBuilder(expected)
     ttt_groups: dict[str, dict[str, np.ndarray]] = {}
-
-    misshaped: set[str] = set()
-
-    def put(flax_key: str, flax_shape: tuple[int, ...], torch_key: str, value) -> None:
-        if torch_key not in expected:
-            unexpected.append(flax_key)
-            return
-        t = torch.as_tensor(np.ascontiguousarray(value)) if not isinstance(value, torch.Tensor) else value
-        if tuple(t.shape) != expected[torch_key]:
-            problems.append(f"{flax_key}: shape {tuple(flax_shape)} maps to {torch_key} {tuple(t.shape)}, "
-                            f"but the model expects {expected[torch_key]}")
-            misshaped.add(torch_key)
-            return
-        out[torch_key] = t.detach().clone().float() if t.is_floating_point() else t.detach().clone()
 
     for key, value in params.items():
         value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
@@ -150,44 +134,72 @@ def flax_params_to_state_dict(params: Mapping[str, np.ndarray], config: TTTConfi
         if m is None:
             if key in MODEL_KEY_MAP:
                 torch_key, fn = MODEL_KEY_MAP[key]
-                put(key, value.shape, torch_key, fn(value))
+                sd.put(key, value.shape, torch_key, fn(value))
             else:
-                unexpected.append(key)
+                sd.unexpected.append(key)
             continue
         idx, rest = m.group(1), m.group(2)
         template = f"model/h/{{}}/{rest}"
         if template in MODEL_KEY_MAP and (layer_to_torch is None or not rest.startswith(_TTT_PREFIX)):
             torch_key, fn = MODEL_KEY_MAP[template]
-            put(key, value.shape, torch_key.format(idx), fn(value))
+            sd.put(key, value.shape, torch_key.format(idx), fn(value))
         elif rest.startswith(_TTT_PREFIX) and layer_to_torch is not None:
             ttt_groups.setdefault(idx, {})[rest[len(_TTT_PREFIX):]] = value
         else:
-            unexpected.append(key)
+            sd.unexpected.append(key)
 
     for idx, sub in ttt_groups.items():
         prefix = f"model.h.{idx}.seq_modeling_block."
         try:
             layer_sd = layer_to_torch(sub)
         except (KeyError, ValueError) as e:
-            problems.append(f"model/h/{idx}/seq_modeling_block: {e}")
+            sd.problems.append(f"model/h/{idx}/seq_modeling_block: {e}")
             continue
         for k, v in layer_sd.items():
-            put(f"model/h/{idx}/seq_modeling_block -> {k}", tuple(v.shape), prefix + k, v)
+            sd.put(f"model/h/{idx}/seq_modeling_block -> {k}", tuple(v.shape), prefix + k, v)
 
-    missing = sorted(k for k in expected if k not in out and k not in misshaped)
-    if missing or unexpected or problems:
-        lines = [f"flax params do not match TTTForCausalLM({config.seq_modeling_block}, "
-                 f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, pre_conv={config.pre_conv}, "
-                 f"tie_word_embeddings={config.tie_word_embeddings}):"]
-        if missing:
-            lines.append(f"  missing (no flax parameter maps to them): {missing}")
-        if unexpected:
-            lines.append(f"  unexpected flax keys (not part of this config): {sorted(unexpected)}")
-        lines += [f"  {p}" for p in problems]
-        lines.append("  fix: build the config the checkpoint was trained with (num_hidden_layers, "
-                     "seq_modeling_block, pre_conv, tie_word_embeddings, sizes).")
-        raise ValueError("\n".join(lines))
-    return out
+    missing = sorted(k for k in expected if k not in sd.out and k not in sd.misshaped)
+    if missing or sd.unexpected or sd.problems:
+        raise _mismatch_error(config, missing, sd.unexpected, sd.problems)
+    return sd.out
+
+
+class _StateDictBuilder:
+    """Collects converted tensors under their torch keys, with every unexpected key and shape problem."""
+
+    def __init__(self, expected: dict[str, tuple[int, ...]]):
+        self.expected = expected
+        self.out: dict[str, torch.Tensor] = {}
+        self.unexpected: list[str] = []
+        self.problems: list[str] = []
+        self.misshaped: set[str] = set()
+
+    def put(self, flax_key: str, flax_shape: tuple[int, ...], torch_key: str, value) -> None:
+        if torch_key not in self.expected:
+            self.unexpected.append(flax_key)
+            return
+        t = torch.as_tensor(np.ascontiguousarray(value)) if not isinstance(value, torch.Tensor) else value
+        if tuple(t.shape) != self.expected[torch_key]:
+            self.problems.append(f"{flax_key}: shape {tuple(flax_shape)} maps to {torch_key} {tuple(t.shape)}, "
+                                 f"but the model expects {self.expected[torch_key]}")
+            self.misshaped.add(torch_key)
+            return
+        self.out[torch_key] = t.detach().clone().float() if t.is_floating_point() else t.detach().clone()
+
+
+def _mismatch_error(config: TTTConfig, missing: list[str], unexpected: list[str], problems: list[str]) -> ValueError:
+    """One error listing every missing key, unexpected key and shape problem, with the fix."""
+    lines = [f"flax params do not match TTTForCausalLM({config.seq_modeling_block}, "
+             f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, pre_conv={config.pre_conv}, "
+             f"tie_word_embeddings={config.tie_word_embeddings}):"]
+    if missing:
+        lines.append(f"  missing (no flax parameter maps to them): {missing}")
+    if unexpected:
+        lines.append(f"  unexpected flax keys (not part of this config): {sorted(unexpected)}")
+    lines += [f"  {p}" for p in problems]
+    lines.append("  fix: build the config the checkpoint was trained with (num_hidden_layers, "
+                 "seq_modeling_block, pre_conv, tie_word_embeddings, sizes).")
+    return ValueError("\n".join(lines))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -279,6 +279,34 @@ class TTTBase(nn.Module):
                 completed in this call), averaged over batch rows and heads.
             state: the `TTTState` after these tokens.
         """
+        state, position_ids = self._check_forward_args(hidden_states, position_ids, state, inner_steps)
+        B, T, D = hidden_states.shape
+        m, H, d = self.mini_batch_size, self.num_heads, self.head_dim
+        seen = int(state.seen_tokens)
+
+        QK, XV, new_cache = self.qk_v(hidden_states, state.conv_cache)
+        stat0 = _ssl_target_stat(XV, QK[:, :, 1], seen, m) if output_ttt_stats else None
+
+        pos = position_ids.long() % m
+        QK = rope_interleaved(QK.reshape(B, T, 2, H, d), pos, self.config.rope_theta, m)
+        XQ, XK = QK[:, :, 0].transpose(1, 2), QK[:, :, 1].transpose(1, 2)
+        XV = XV.reshape(B, T, H, d).transpose(1, 2)
+
+        Z, inner, stats = self._inner_loop(hidden_states, XQ, XK, XV, state, ttt_lr_mult, output_ttt_stats,
+                                           inner_steps)
+        # back to the activation dtype: under FSDP bf16 parameters post_norm's weight is bf16
+        Z = Z.transpose(1, 2).reshape(B, T, D).to(hidden_states.dtype)
+        Z = self.post_norm(Z)
+        if self.has_gate:
+            Z = F.gelu(self.wg(hidden_states), approximate="tanh") * Z
+        out = self.wo(Z)
+        if output_ttt_stats:
+            stats = (stat0, *(s.mean(dim=(0, 1)) for s in stats))
+        return out, stats, TTTState(inner, new_cache, seen + T)
+
+    def _check_forward_args(self, hidden_states: Tensor, position_ids: Tensor | None, state: TTTState | None,
+                            inner_steps: int) -> tuple[TTTState, Tensor]:
+        """`forward`'s argument checks; returns the state (a fresh one for None) and the `[B, T]` positions."""
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.width:
             raise ValueError(f"hidden_states must be [B, T, hidden_size={self.width}], got "
                              f"{tuple(hidden_states.shape)}")
@@ -290,7 +318,6 @@ class TTTBase(nn.Module):
         check_dtype("hidden_states", hidden_states, self.wq.weight)
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"inner_steps={inner_steps!r} must be an int >= 1 (1 = the official update)")
-        m, H, d = self.mini_batch_size, self.num_heads, self.head_dim
         if state is None:
             state = self.initial_state(B)
         elif state.inner.params[0].shape[0] != B:
@@ -301,23 +328,13 @@ class TTTBase(nn.Module):
             position_ids = torch.arange(seen, seen + T, device=hidden_states.device).expand(B, T)
         elif position_ids.shape != (B, T):
             raise ValueError(f"position_ids must be [B, T] = {(B, T)}, got {tuple(position_ids.shape)}")
+        return state, position_ids
 
-        QK, XV, new_cache = self.qk_v(hidden_states, state.conv_cache)
-        XQ, XK = QK[:, :, 0], QK[:, :, 1]
-        stat0 = None
-        if output_ttt_stats:
-            # official ssl_tgt_last_in_mini_batch_from_mean_mse: rows at the *start* of each
-            # mini-batch (despite the name), minus the mean of V - K over the call's positions
-            dlt = (XV - XK).to(torch.float64 if XV.dtype == torch.float64 else torch.float32)
-            first = (-seen) % m  # no mini-batch may start in this call (first >= T)
-            starts = torch.arange(first, max(first, T), m, device=dlt.device)
-            stat0 = ((dlt[:, starts] - dlt.mean(dim=1, keepdim=True)) ** 2).mean(dim=(0, 2))
-
-        pos = position_ids.long() % m
-        QK = rope_interleaved(QK.reshape(B, T, 2, H, d), pos, self.config.rope_theta, m)
-        XQ, XK = QK[:, :, 0].transpose(1, 2), QK[:, :, 1].transpose(1, 2)
-        XV = XV.reshape(B, T, H, d).transpose(1, 2)
-
+    def _inner_loop(self, hidden_states: Tensor, XQ: Tensor, XK: Tensor, XV: Tensor, state: TTTState,
+                    ttt_lr_mult: float, output_ttt_stats: bool, inner_steps: int):
+        """The TTT op on `[B, H, T, d]` queries / keys / values from `state.inner`: (Z `[B, H, T, d]`, the
+        inner state after these tokens, the op's statistics or None), dispatched to the naive, Triton or
+        dual form."""
         # The inner loop always runs in float32 (or float64): under bf16 autocast the carried
         # state and its updates would lose the small per-token steps.
         compute = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
@@ -328,23 +345,12 @@ class TTTBase(nn.Module):
             kwargs = dict(inner_steps=inner_steps, output_stats=output_ttt_stats,
                           init_params=tuple(p.to(compute) for p in self.inner_params()))
             if self.use_naive:
-                Z, inner, stats = naive_ttt(self.inner_kind, *op_args, state.inner.to(compute), **kwargs)
-            elif self._use_triton(XQ, output_ttt_stats, inner_steps):
+                return naive_ttt(self.inner_kind, *op_args, state.inner.to(compute), **kwargs)
+            if self._use_triton(XQ, output_ttt_stats, inner_steps):
                 Z, inner = triton_ttt(self.inner_kind, *op_args, state.inner.to(compute))
-                stats = None
-            else:
-                group = int(self.config.remat_mini_batch_group_size) if self.remat else 0
-                Z, inner, stats = dual_ttt(self.inner_kind, *op_args, state.inner.to(compute),
-                                           remat_group_size=group, **kwargs)
-        # back to the activation dtype: under FSDP bf16 parameters post_norm's weight is bf16
-        Z = Z.transpose(1, 2).reshape(B, T, D).to(hidden_states.dtype)
-        Z = self.post_norm(Z)
-        if self.has_gate:
-            Z = F.gelu(self.wg(hidden_states), approximate="tanh") * Z
-        out = self.wo(Z)
-        if output_ttt_stats:
-            stats = (stat0, *(s.mean(dim=(0, 1)) for s in stats))
-        return out, stats, TTTState(inner, new_cache, seen + T)
+                return Z, inner, None
+            group = int(self.config.remat_mini_batch_group_size) if self.remat else 0
+            return dual_ttt(self.inner_kind, *op_args, state.inner.to(compute), remat_group_size=group, **kwargs)
 
 
     def _use_triton(self, XQ: Tensor, output_ttt_stats: bool, inner_steps: int) -> bool:
@@ -354,6 +360,17 @@ class TTTBase(nn.Module):
         d, m = self.head_dim, self.mini_batch_size
         return (not output_ttt_stats and inner_steps == 1 and not self.remat
                 and d & (d - 1) == 0 and m & (m - 1) == 0)
+
+
+def _ssl_target_stat(XV: Tensor, XK: Tensor, seen: int, m: int) -> Tensor:
+    """The official `ssl_tgt_last_in_mini_batch_from_mean_mse` of `[B, T, D]` values / keys (before RoPE),
+    `[n_start]`: rows at the *start* of each mini-batch starting in this call (despite the name),
+    minus the mean of V - K over the call's positions."""
+    T = XV.shape[1]
+    dlt = (XV - XK).to(torch.float64 if XV.dtype == torch.float64 else torch.float32)
+    first = (-seen) % m  # no mini-batch may start in this call (first >= T)
+    starts = torch.arange(first, max(first, T), m, device=dlt.device)
+    return ((dlt[:, starts] - dlt.mean(dim=1, keepdim=True)) ** 2).mean(dim=(0, 2))
 
 
 class TTTLinearBase(TTTBase):

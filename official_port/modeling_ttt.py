@@ -41,7 +41,7 @@ from ttt_common.hf_compat import (
     pick_cache,
     reject_unknown_kwargs,
 )
-from ttt_common.model_inputs import causal_lm_loss, check_input_ids, check_inputs_embeds
+from ttt_common.model_inputs import check_input_ids, check_inputs_embeds, has_left_padding, lm_logits_and_loss
 from ttt_common.modules import RMSNorm, apply_rotary_interleaved, rope_cos_sin
 
 __all__ = [
@@ -487,7 +487,7 @@ class TTTModel(TTTPreTrainedModel):
         if self.h[0].is_attention:
             return m
         # a 0 before a 1 in a row = left padding, which a TTT layer would learn from
-        if bool((~m[:, :-1] & m[:, 1:]).any()):
+        if has_left_padding(m):
             raise ValueError(
                 "attention_mask has left padding, but TTT layers (like the official ones) have no "
                 "padding mask: the padded tokens would update the inner model. Right-pad instead "
@@ -559,17 +559,8 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
             ttt_lr_mult=ttt_lr_mult, output_ttt_stats=output_ttt_stats,
             output_hidden_states=output_hidden_states, inner_steps=inner_steps, return_dict=True, **kwargs,
         )
-        hidden = out.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            if logits_to_keep:
-                raise ValueError(f"logits_to_keep={logits_to_keep} with labels: the loss needs every "
-                                 "position's logits; pass logits_to_keep=0")
-            # official: mean over b and t = 0..T-2; no scored target -> 0 (ttt_common.model_inputs)
-            loss = causal_lm_loss(logits, labels, logits.shape[-1])
+        # official: mean over b and t = 0..T-2; no scored target -> 0 (ttt_common.model_inputs)
+        logits, loss = lm_logits_and_loss(self.lm_head, out.last_hidden_state, labels, logits_to_keep)
         result = TTTCausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, **cache_field(getattr(out, CACHE_NAME)),
             ttt_stats=out.ttt_stats,

@@ -478,6 +478,28 @@ def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict
     if meta or data:
         lines.append(" · ".join([f"{k}: `{v}`" for k, v in meta] + [f"{k}: {v}" for k, v in data.items()]))
         lines.append("")
+    lines += _gate_tables_markdown(stats)
+    lines += _lookahead_markdown(stats)
+    if corr:
+        lines += picks_markdown(stats, corr)
+    lines += _chunk_index_markdown(records)
+    lines += paired_differences_markdown(paired_differences(records) if records else [])
+    lines += _DEFINITIONS_MARKDOWN
+    return "\n".join(lines)
+
+
+def _pct_ci(s: dict, key: str) -> str:
+    """`s[key]` as a percentage with its `<key>_ci` interval ("—" when not finite)."""
+    v = s.get(key)
+    lo, hi = s.get(f"{key}_ci") or (None, None)
+    if v is None or not math.isfinite(v):
+        return "—"
+    ok = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
+    return f"{100 * v:.1f}%" + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if ok else "")
+
+
+def _gate_tables_markdown(stats: dict[str, dict]) -> list[str]:
+    """One table of every gate's numbers per section, then the bootstrap's description."""
     header = ("| gate / mode | loss (nats/tok) [95% CI] | gain vs SKIP | gain vs STATIC | FLOPs vs SKIP | "
               "wall vs SKIP | update rate | L_oracle at rate | oracle recovery | recovery vs random |")
     sep = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
@@ -486,14 +508,7 @@ def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict
         lo, hi = s.get(f"{key}_ci") or (None, None)
         return fmt_ci(s.get(key), lo, hi, spec)
 
-    def pct_ci(s, key):
-        v = s.get(key)
-        lo, hi = s.get(f"{key}_ci") or (None, None)
-        if v is None or not math.isfinite(v):
-            return "—"
-        ok = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
-        return f"{100 * v:.1f}%" + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if ok else "")
-
+    lines = []
     for title, names in _sections(stats):
         if not names:
             continue
@@ -504,58 +519,72 @@ def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict
             lines.append(
                 f"| {label} | {ci(s, 'loss')} | {ci(s, 'gain_vs_skip', '+.4f')} | {ci(s, 'gain_vs_static', '+.4f')} | "
                 f"{_fmt(s['cost'], '.3f')} | {_fmt(s.get('wall_vs_skip'), '.2f')} | {_fmt(s['update_rate'], '.2f')} | "
-                f"{_fmt(s.get('oracle_loss'), '.4f')} | {pct_ci(s, 'oracle_recovery')} | "
-                f"{pct_ci(s, 'recovery_vs_random')} |")
+                f"{_fmt(s.get('oracle_loss'), '.4f')} | {_pct_ci(s, 'oracle_recovery')} | "
+                f"{_pct_ci(s, 'recovery_vs_random')} |")
         lines.append("")
     boot = next((s.get("bootstrap") for s in stats.values() if s.get("bootstrap")), None)
     if boot:
         lines += [f"Intervals: 95% paired bootstrap over {boot['n_docs']} held-out documents and the chunks within "
                   f"them ({boot['n_chunks']} chunks, {boot['n_boot']} replicates); every gate is scored on the same "
                   "resampled chunks.", ""]
+    return lines
+
+
+def _lookahead_markdown(stats: dict[str, dict]) -> list[str]:
+    """Each causal gate beside its lookahead twin (none when no gate has one)."""
     pairs = [(n, n.replace("-lookahead", "")) for n in stats if "-lookahead" in n and n.replace("-lookahead", "") in stats]
-    if pairs:
-        lines += ["## Causal vs lookahead", "",
-                  "| causal gate | lookahead twin | loss (causal) | loss (lookahead) | Δ loss | OR (causal) | OR (lookahead) |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-        for look, causal in pairs:
-            a, b = stats[causal], stats[look]
-            lines.append(f"| {causal} | {look} | {a['loss']:.4f} | {b['loss']:.4f} | {b['loss'] - a['loss']:+.4f} | "
-                         f"{_pct(a.get('oracle_recovery'))} | {_pct(b.get('oracle_recovery'))} |")
-        lines += ["", "The lookahead twin reads chunk c's own reconstruction loss before chunk c is scored, so "
-                  "tokens late in chunk c influence how its early tokens are predicted; the causal gate uses "
-                  "chunk c-1's. The difference above is the price of causality.", ""]
-    if corr:
-        lines += picks_markdown(stats, corr)
+    if not pairs:
+        return []
+    lines = ["## Causal vs lookahead", "",
+             "| causal gate | lookahead twin | loss (causal) | loss (lookahead) | Δ loss | OR (causal) | OR (lookahead) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for look, causal in pairs:
+        a, b = stats[causal], stats[look]
+        lines.append(f"| {causal} | {look} | {a['loss']:.4f} | {b['loss']:.4f} | {b['loss'] - a['loss']:+.4f} | "
+                     f"{_pct(a.get('oracle_recovery'))} | {_pct(b.get('oracle_recovery'))} |")
+    lines += ["", "The lookahead twin reads chunk c's own reconstruction loss before chunk c is scored, so "
+              "tokens late in chunk c influence how its early tokens are predicted; the causal gate uses "
+              "chunk c-1's. The difference above is the price of causality.", ""]
+    return lines
+
+
+def _chunk_index_markdown(records: list[dict] | None) -> list[str]:
+    """UPDATE_1's gain by chunk index (none without records)."""
     by_idx = gain_by_chunk_index(records) if records else []
-    if by_idx:
-        lines += ["## Gain of UPDATE_1 by chunk index (does the carried state add memory?)", "",
-                  "| chunk index | documents | gain vs SKIP [95% CI] | gain vs STATIC [95% CI] |", "| ---: | ---: | ---: | ---: |"]
-        for r in by_idx:
-            lines.append(f"| {r['chunk_idx']} | {r['n_docs']} | {fmt_ci(r.get('vs_skip'), *(r.get('vs_skip_ci') or (None, None)), '+.4f')} | "
-                         f"{fmt_ci(r.get('vs_static'), *(r.get('vs_static_ci') or (None, None)), '+.4f')} |")
-        lines.append("")
-    lines += paired_differences_markdown(paired_differences(records) if records else [])
-    lines += ["## Definitions", "",
-              "* loss: token-weighted mean next-token cross-entropy on the held-out chunks; ppl = exp(loss).",
-              "* SKIP: the backbone alone. STATIC: the trained adaptive layer with its inner updates off (the "
-              "paper's SKIP corresponds to this). gain vs X = L_X - L_gate (positive: better than X); gain vs "
-              "STATIC is what test-time training adds beyond a trained adapter.",
-              "* FLOPs vs SKIP: counted matmul FLOPs (torch.utils.flop_counter) of everything that ran for the "
-              "gate's chunks (backbone, adaptive layer, LM head, and the UPDATE_1 layer pass a reconstruction-"
-              "reading gate needs for its signal on chunks it does not UPDATE_1) over the backbone's FLOPs on the "
-              "same chunks. wall vs SKIP: measured seconds per chunk / those of fixed:SKIP (includes that pass).",
-              "* update rate u: fraction of chunks run with an UPDATE_k (SKIP and STATIC take no inner step).",
-              "* L_oracle at rate: the oracle at the gate's EXACT update count (no interpolation): UPDATE the "
-              "n_u chunks with the largest per-chunk advantage (loss of the gate's baseline B - loss under "
-              "fixed:UPDATE_k; labels), each scored with its fixed-run loss (the paper's greedy top-u oracle).",
-              "* baseline B of a gate: fixed:STATIC when every chunk it did not update ran STATIC (the adaptive "
-              "gates' default: they choose between the trained layer without and with an inner update), else "
-              "fixed:SKIP (gates built with skip_action='SKIP', named '<gate>/SKIP').",
-              "* oracle recovery = (L_B - L_gate) / (L_B - L_oracle(u)); recovery vs random = "
-              "(L_random(u) - L_gate) / (L_random(u) - L_oracle(u)), L_random(u) = the expected loss of updating "
-              "n_u chunks uniformly at random (0% = no better than random, 100% = the oracle); — when the oracle "
-              "gains nothing or u is 0 or 1.", ""]
-    return "\n".join(lines)
+    if not by_idx:
+        return []
+    lines = ["## Gain of UPDATE_1 by chunk index (does the carried state add memory?)", "",
+             "| chunk index | documents | gain vs SKIP [95% CI] | gain vs STATIC [95% CI] |", "| ---: | ---: | ---: | ---: |"]
+    for r in by_idx:
+        lines.append(f"| {r['chunk_idx']} | {r['n_docs']} | {fmt_ci(r.get('vs_skip'), *(r.get('vs_skip_ci') or (None, None)), '+.4f')} | "
+                     f"{fmt_ci(r.get('vs_static'), *(r.get('vs_static_ci') or (None, None)), '+.4f')} |")
+    lines.append("")
+    return lines
+
+
+# the Definitions section of results.md
+_DEFINITIONS_MARKDOWN = [
+    "## Definitions", "",
+    "* loss: token-weighted mean next-token cross-entropy on the held-out chunks; ppl = exp(loss).",
+    "* SKIP: the backbone alone. STATIC: the trained adaptive layer with its inner updates off (the "
+    "paper's SKIP corresponds to this). gain vs X = L_X - L_gate (positive: better than X); gain vs "
+    "STATIC is what test-time training adds beyond a trained adapter.",
+    "* FLOPs vs SKIP: counted matmul FLOPs (torch.utils.flop_counter) of everything that ran for the "
+    "gate's chunks (backbone, adaptive layer, LM head, and the UPDATE_1 layer pass a reconstruction-"
+    "reading gate needs for its signal on chunks it does not UPDATE_1) over the backbone's FLOPs on the "
+    "same chunks. wall vs SKIP: measured seconds per chunk / those of fixed:SKIP (includes that pass).",
+    "* update rate u: fraction of chunks run with an UPDATE_k (SKIP and STATIC take no inner step).",
+    "* L_oracle at rate: the oracle at the gate's EXACT update count (no interpolation): UPDATE the "
+    "n_u chunks with the largest per-chunk advantage (loss of the gate's baseline B - loss under "
+    "fixed:UPDATE_k; labels), each scored with its fixed-run loss (the paper's greedy top-u oracle).",
+    "* baseline B of a gate: fixed:STATIC when every chunk it did not update ran STATIC (the adaptive "
+    "gates' default: they choose between the trained layer without and with an inner update), else "
+    "fixed:SKIP (gates built with skip_action='SKIP', named '<gate>/SKIP').",
+    "* oracle recovery = (L_B - L_gate) / (L_B - L_oracle(u)); recovery vs random = "
+    "(L_random(u) - L_gate) / (L_random(u) - L_oracle(u)), L_random(u) = the expected loss of updating "
+    "n_u chunks uniformly at random (0% = no better than random, 100% = the oracle); — when the oracle "
+    "gains nothing or u is 0 or 1.", ""
+]
 
 
 # -- plots -----------------------------------------------------------------------------------------

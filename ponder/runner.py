@@ -520,6 +520,18 @@ def _train_phase(args: argparse.Namespace, backbone, train_docs: list, val_docs:
     return model, acfg, tcfg, result, start_step
 
 
+def _print_data(args: argparse.Namespace, train_docs, val_docs, eval_docs, data_s: float) -> tuple[int, int, int]:
+    """Print the data's sizes; return the chunk counts (train, validation, held-out)."""
+    n_train = sum(len(d.chunks) for d in train_docs)
+    n_val = sum(len(d.chunks) for d in val_docs)
+    n_eval = sum(len(d.chunks) for d in eval_docs)
+    print(f"[run] data ({data_s:.0f} s): {len(train_docs)} train docs ({n_train} chunks), {len(val_docs)} validation "
+          f"docs ({n_val} chunks, from the training files), {len(eval_docs)} held-out docs ({n_eval} chunks), "
+          f"chunk size {args.chunk_size}; {args.steps} steps x {args.batch_chunks} chunks = "
+          f"{args.steps * args.batch_chunks / max(1, n_train):.1f} epochs at most", flush=True)
+    return n_train, n_val, n_eval
+
+
 def run_experiment(args: argparse.Namespace | dict) -> dict:
     """Run the whole experiment (see module docstring). Returns the summary dict (also in summary.json)."""
     from ponder.backbone import default_cache_dir, load_backbone
@@ -548,13 +560,7 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
     t0, c0 = time.perf_counter(), _cpu_s()
     train_docs, val_docs, eval_docs, n_dropped = _load_data(args, backbone, cache_dir)
     data_s, data_cpu = time.perf_counter() - t0, _cpu_s() - c0
-    n_train = sum(len(d.chunks) for d in train_docs)
-    n_val = sum(len(d.chunks) for d in val_docs)
-    n_eval = sum(len(d.chunks) for d in eval_docs)
-    print(f"[run] data ({data_s:.0f} s): {len(train_docs)} train docs ({n_train} chunks), {len(val_docs)} validation "
-          f"docs ({n_val} chunks, from the training files), {len(eval_docs)} held-out docs ({n_eval} chunks), "
-          f"chunk size {args.chunk_size}; {args.steps} steps x {args.batch_chunks} chunks = "
-          f"{args.steps * args.batch_chunks / max(1, n_train):.1f} epochs at most", flush=True)
+    n_train, n_val, n_eval = _print_data(args, train_docs, val_docs, eval_docs, data_s)
 
     t0, c0 = time.perf_counter(), _cpu_s()
     model, acfg, tcfg, result, start_step = _train_phase(args, backbone, train_docs, val_docs, run_dir)

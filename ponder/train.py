@@ -31,7 +31,7 @@ import copy
 import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -163,6 +163,90 @@ def load_checkpoint(run_dir: str | Path) -> dict | None:
     return load_checked(path) if path.exists() else None
 
 
+@dataclass
+class _Progress:
+    """What a run has done so far: everything `train` returns and the checkpoint carries besides the
+    model, optimizer, stream and RNG states."""
+
+    step: int = 0
+    losses: list = field(default_factory=list)
+    skip_losses: list = field(default_factory=list)
+    states: dict = field(default_factory=dict)  # doc index -> its carried TTT state (detached)
+    curve: list = field(default_factory=list)
+    best: dict | None = None  # {"step", "val_loss", "model"} of the best validation so far
+    bad: int = 0  # validations since the best one
+    stopped: bool = False
+
+
+def _resume(ckpt_path: Path, model: AdaptiveLM, opt, stream: ChunkStream) -> _Progress:
+    """Load the checkpoint at `ckpt_path` into model, optimizer, stream and RNGs; return its progress."""
+    ck = load_checked(ckpt_path)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optim"])
+    stream.load_state_dict(ck["stream"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    random.setstate(ck["rng"]["python"])
+    return _Progress(step=ck["step"], losses=list(ck["losses"]), skip_losses=list(ck["skip_losses"]),
+                     states=dict(ck["carried_states"]), curve=list(ck["curve"]), best=ck["best"],
+                     bad=ck["bad_evals"], stopped=ck["stopped_early"])
+
+
+def _checkpoint(ckpt_path: Path, model: AdaptiveLM, opt, stream: ChunkStream, prog: _Progress,
+                cfg: TrainConfig, extra: dict | None) -> None:
+    _save(ckpt_path, {"model": model.state_dict(), "optim": opt.state_dict(), "stream": stream.state_dict(),
+                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                      "step": prog.step, "losses": prog.losses, "skip_losses": prog.skip_losses,
+                      "carried_states": prog.states, "curve": prog.curve, "best": prog.best,
+                      "bad_evals": prog.bad, "stopped_early": prog.stopped,
+                      "train_config": asdict(cfg), "adaptive_config": model.config.to_dict(),
+                      "extra": extra})
+
+
+def _accumulate_batch(model: AdaptiveLM, docs: list[CachedDoc], stream: ChunkStream, states: dict,
+                      cfg: TrainConfig) -> tuple[list[float], list[float], float, str]:
+    """Forward and backward `cfg.batch_chunks` stream items, gradients scaled to their mean; carries
+    each document's state in `states`.
+
+    Returns:
+        (LM losses, SKIP losses, non-finite loss or 0.0, where it happened or ""); on a non-finite
+        loss the batch stops there and that document's state is dropped.
+    """
+    step_lm, step_skip = [], []
+    for _ in range(cfg.batch_chunks):
+        d, c = stream.next()
+        chunk = docs[d].chunks[c]
+        state = states.pop(d, None) if c > 0 else None  # a new document starts from the slow weights
+        adapted, recon, new_state = model.adapt(chunk.hidden[None], state, cfg.inner_steps)
+        lm = model.lm_loss(adapted, chunk.input_ids[None])
+        loss = lm
+        if cfg.aux_recon_weight and recon.requires_grad:
+            loss = loss + cfg.aux_recon_weight * recon.mean()
+        if not math.isfinite(loss.item()):
+            return step_lm, step_skip, float(loss), f"doc {docs[d].doc_id}, chunk {c}"
+        (loss / cfg.batch_chunks).backward()
+        if c + 1 < len(docs[d].chunks):
+            states[d] = detach_state(new_state)
+        step_lm.append(lm.item())
+        step_skip.append(chunk.skip_loss)
+    return step_lm, step_skip, 0.0, ""
+
+
+def _validate(model: AdaptiveLM, val_docs: list[CachedDoc], prog: _Progress, cfg: TrainConfig) -> None:
+    """Measure the validation loss, append it to the curve, keep the best model, count patience."""
+    val, val_skip = validation_loss(model, val_docs, cfg.inner_steps)
+    since = len(prog.losses) - (prog.curve[-1]["step"] if prog.curve else 0)
+    prog.curve.append({"step": prog.step, "chunks_seen": prog.step * cfg.batch_chunks,
+                       "train_loss": sum(prog.losses[-since:]) / since,
+                       "train_skip_loss": sum(prog.skip_losses[-since:]) / since,
+                       "val_loss": val, "val_skip_loss": val_skip})
+    if prog.best is None or val < prog.best["val_loss"]:
+        prog.best = {"step": prog.step, "val_loss": val, "model": copy.deepcopy(model.state_dict())}
+        prog.bad = 0
+    else:
+        prog.bad += 1
+        prog.stopped = bool(cfg.patience) and prog.bad >= cfg.patience
+
+
 def train(model: AdaptiveLM, docs: list[CachedDoc], cfg: TrainConfig, run_dir: str | Path | None = None,
           resume: bool = True, stop_after: int | None = None, progress: bool = True,
           extra: dict | None = None, val_docs: list[CachedDoc] | None = None) -> dict:
@@ -196,101 +280,60 @@ def train(model: AdaptiveLM, docs: list[CachedDoc], cfg: TrainConfig, run_dir: s
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     stream = ChunkStream(docs, cfg.seed, lanes=cfg.batch_chunks)
-    step, losses, skip_losses, states = 0, [], [], {}
-    curve, best, bad, stopped = [], None, 0, False
+    prog = _Progress()
     ckpt_path = Path(run_dir) / CKPT_NAME if run_dir is not None else None
     if run_dir is not None:
         clean_stale_tmp(run_dir)  # half-written checkpoints of a killed run
     if resume and ckpt_path is not None and ckpt_path.exists():
-        ck = load_checked(ckpt_path)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optim"])
-        stream.load_state_dict(ck["stream"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        random.setstate(ck["rng"]["python"])
-        step, losses, skip_losses = ck["step"], list(ck["losses"]), list(ck["skip_losses"])
-        states = dict(ck["carried_states"])
-        curve, best, bad, stopped = list(ck["curve"]), ck["best"], ck["bad_evals"], ck["stopped_early"]
-
-    def checkpoint():
-        if ckpt_path is None:
-            return
-        _save(ckpt_path, {"model": model.state_dict(), "optim": opt.state_dict(), "stream": stream.state_dict(),
-                          "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                          "step": step, "losses": losses, "skip_losses": skip_losses, "carried_states": states,
-                          "curve": curve, "best": best, "bad_evals": bad, "stopped_early": stopped,
-                          "train_config": asdict(cfg), "adaptive_config": model.config.to_dict(),
-                          "extra": extra})
+        prog = _resume(ckpt_path, model, opt, stream)
 
     model.train()
     nonfinite = NonFiniteGuard()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = tqdm(total=cfg.steps, initial=step, desc="[train] adaptive layer", disable=not progress, mininterval=1.0)
-    while step < end and not stopped:
+    bar = tqdm(total=cfg.steps, initial=prog.step, desc="[train] adaptive layer", disable=not progress,
+               mininterval=1.0)
+    while prog.step < end and not prog.stopped:
         opt.zero_grad(set_to_none=True)
-        step_lm, step_skip = [], []
-        bad_loss, where = 0.0, ""
-        for _ in range(cfg.batch_chunks):
-            d, c = stream.next()
-            chunk = docs[d].chunks[c]
-            state = states.pop(d, None) if c > 0 else None  # a new document starts from the slow weights
-            adapted, recon, new_state = model.adapt(chunk.hidden[None], state, cfg.inner_steps)
-            lm = model.lm_loss(adapted, chunk.input_ids[None])
-            loss = lm
-            if cfg.aux_recon_weight and recon.requires_grad:
-                loss = loss + cfg.aux_recon_weight * recon.mean()
-            if not math.isfinite(loss.item()):
-                bad_loss, where = float(loss), f"doc {docs[d].doc_id}, chunk {c}"
-                break  # the doc's state is dropped (it may be what made the loss non-finite)
-            (loss / cfg.batch_chunks).backward()
-            if c + 1 < len(docs[d].chunks):
-                states[d] = detach_state(new_state)
-            step_lm.append(lm.item())
-            step_skip.append(chunk.skip_loss)
+        step_lm, step_skip, bad_loss, where = _accumulate_batch(model, docs, stream, prog.states, cfg)
         # the trainers' one rule (ttt_common.train_utils.NonFiniteGuard): skip and count, stop after N in a row
-        if not nonfinite.ok(step + 1, bad_loss, where=where):
+        if not nonfinite.ok(prog.step + 1, bad_loss, where=where):
             opt.zero_grad(set_to_none=True)
             continue
         if cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if not nonfinite.ok(step + 1, 0.0, norm, where=f"step {step + 1}'s batch"):
+            if not nonfinite.ok(prog.step + 1, 0.0, norm, where=f"step {prog.step + 1}'s batch"):
                 opt.zero_grad(set_to_none=True)
                 continue
         opt.step()
-        step += 1
-        losses.append(sum(step_lm) / len(step_lm))
-        skip_losses.append(sum(step_skip) / len(step_skip))
-        n = min(10, len(losses))
-        post = {"loss": f"{sum(losses[-n:]) / n:.3f}", "skip": f"{sum(skip_losses[-n:]) / n:.3f}"}
-        if validate and (step % cfg.eval_every == 0 or step == cfg.steps):
-            val, val_skip = validation_loss(model, val_docs, cfg.inner_steps)
-            since = len(losses) - (curve[-1]["step"] if curve else 0)
-            curve.append({"step": step, "chunks_seen": step * cfg.batch_chunks,
-                          "train_loss": sum(losses[-since:]) / since,
-                          "train_skip_loss": sum(skip_losses[-since:]) / since,
-                          "val_loss": val, "val_skip_loss": val_skip})
-            if best is None or val < best["val_loss"]:
-                best = {"step": step, "val_loss": val, "model": copy.deepcopy(model.state_dict())}
-                bad = 0
-            else:
-                bad += 1
-                stopped = bool(cfg.patience) and bad >= cfg.patience
-        if validate and best is not None:
-            post["val"] = f"{curve[-1]['val_loss']:.3f}"
+        prog.step += 1
+        prog.losses.append(sum(step_lm) / len(step_lm))
+        prog.skip_losses.append(sum(step_skip) / len(step_skip))
+        n = min(10, len(prog.losses))
+        post = {"loss": f"{sum(prog.losses[-n:]) / n:.3f}", "skip": f"{sum(prog.skip_losses[-n:]) / n:.3f}"}
+        if validate and (prog.step % cfg.eval_every == 0 or prog.step == cfg.steps):
+            _validate(model, val_docs, prog, cfg)
+        if validate and prog.best is not None:
+            post["val"] = f"{prog.curve[-1]['val_loss']:.3f}"
         bar.set_postfix(post)
         bar.update(1)
-        if step % cfg.save_every == 0 or step == end or stopped:
-            checkpoint()
+        if ckpt_path is not None and (prog.step % cfg.save_every == 0 or prog.step == end or prog.stopped):
+            _checkpoint(ckpt_path, model, opt, stream, prog, cfg, extra)
     bar.close()
-    if stopped and progress:
-        print(f"[train] early stop at step {step}: {cfg.patience} validations without improvement "
+    return _finish(model, prog, cfg, progress)
+
+
+def _finish(model: AdaptiveLM, prog: _Progress, cfg: TrainConfig, progress: bool) -> dict:
+    """Load the selected (best validation) weights once training is over; `train`'s return value."""
+    best = prog.best
+    if prog.stopped and progress:
+        print(f"[train] early stop at step {prog.step}: {cfg.patience} validations without improvement "
               f"(best step {best['step']}, validation loss {best['val_loss']:.4f})", flush=True)
-    if best is not None and (step >= cfg.steps or stopped):
+    if best is not None and (prog.step >= cfg.steps or prog.stopped):
         model.load_state_dict(best["model"])  # the selected checkpoint
     model.eval()
-    return {"losses": losses, "skip_losses": skip_losses, "step": step, "curve": curve,
+    return {"losses": prog.losses, "skip_losses": prog.skip_losses, "step": prog.step, "curve": prog.curve,
             "best_step": best["step"] if best else None, "best_val_loss": best["val_loss"] if best else None,
-            "stopped_early": stopped}
+            "stopped_early": prog.stopped}
 
 
 def write_curves(run_dir: str | Path, curve: list[dict], title: str = "") -> list[Path]:

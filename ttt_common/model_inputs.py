@@ -126,3 +126,26 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                       UserWarning, stacklevel=3)
         return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction="sum")
     return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX)
+
+
+def lm_logits_and_loss(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None,
+                       logits_to_keep: int = 0, pad_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The causal LMs' head: logits [B, T or logits_to_keep, V] of the final hidden states [B, T, D] and,
+    with `labels` [B, T], `causal_lm_loss` (`pad_last` as there; None without labels).
+
+    Raises:
+        ValueError: labels together with logits_to_keep > 0 (the loss needs every position's logits).
+    """
+    logits = lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+    if labels is None:
+        return logits, None
+    if logits_to_keep:
+        raise ValueError(f"logits_to_keep={logits_to_keep} with labels: the loss needs every "
+                         "position's logits; pass logits_to_keep=0")
+    return logits, causal_lm_loss(logits, labels, logits.shape[-1], pad_last=pad_last)
+
+
+def has_left_padding(mask: torch.Tensor) -> bool:
+    """Whether a [B, S] bool padding mask (True = real token) has a 0 before a 1 in some row: left
+    padding, which a TTT / fast-weight layer (no padding mask) would learn from."""
+    return bool((~mask[:, :-1] & mask[:, 1:]).any())

@@ -65,6 +65,22 @@ def check_lact_inputs(
     Raises:
         TypeError / ValueError naming the argument, its value, the rule and a fix.
     """
+    _check_options(fast_weights, chunk_size, use_muon, prenorm, residual, greedy)
+    n, T, d_in, d_out = _check_activations(q, k, v, lr0, lr1, lr2, momentum)
+    levels = _check_levels(fast_weights, n, d_in, d_out, residual, greedy)
+    opts = LaCTOptions(
+        chunk_size=chunk_size,
+        use_muon=use_muon,
+        prenorm=prenorm,
+        residual=residual,
+        greedy=greedy,
+        has_momentum=momentum is not None,
+    )
+    return levels, opts
+
+
+def _check_options(fast_weights, chunk_size, use_muon, prenorm, residual, greedy) -> None:
+    """The container of the fast weights, the chunk size and the boolean flags."""
     if isinstance(fast_weights, torch.Tensor) or not isinstance(fast_weights, (list, tuple)):
         raise TypeError(
             "fast_weights must be a list of r tuples (w0, w1, w2), got "
@@ -83,6 +99,10 @@ def check_lact_inputs(
             "targets v with MLP_i's own output, which a residual stack does not produce; "
             "turn one of them off"
         )
+
+
+def _check_activations(q, k, v, lr0, lr1, lr2, momentum) -> tuple[int, int, int, int]:
+    """q, k [n, T, d_in], v [n, T, d_out], lr0..2 and momentum [n, T, 1]; returns (n, T, d_in, d_out)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("lr0", lr0), ("lr1", lr1), ("lr2", lr2)):
         _check_tensor(name, t, 3)
     n, T, d_in = q.shape
@@ -103,7 +123,12 @@ def check_lact_inputs(
         _check_tensor("momentum", momentum, 3)
         if tuple(momentum.shape) != (n, T, 1):
             raise ValueError(f"momentum must be [n, T, 1] = {(n, T, 1)} or None, got {tuple(momentum.shape)}")
+    return n, T, d_in, d_out
 
+
+def _check_levels(fast_weights, n: int, d_in: int, d_out: int, residual: bool,
+                  greedy: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each MLP's (w0 [n, d_h, x], w1 [n, y, d_h], w2 like w0), chained x -> y from d_in to d_out."""
     levels = []
     r = len(fast_weights)
     x_dim = d_in
@@ -126,34 +151,33 @@ def check_lact_inputs(
                 f"fast_weights[{i}].w1 must be [n, d_out, d_h] with n={n}, d_h={w0.shape[1]}, got {tuple(w1.shape)}"
             )
         out_dim = w1.shape[1]
-        if i == r - 1 and out_dim != d_out:
-            raise ValueError(f"the last MLP's w1 must output v's dim {d_out}, got w1 shape {tuple(w1.shape)}")
-        if i < r - 1 and out_dim != x_dim:
-            raise ValueError(
-                f"a stack of r={r} MLPs needs d_out == d_in for every MLP but the last; MLP {i} maps "
-                f"{x_dim} -> {out_dim} (w1 {tuple(w1.shape)}): use d_out == d_in or r = 1"
-            )
-        if residual and out_dim != x_dim:
-            raise ValueError(
-                f"residual=True needs every MLP to keep its width (h + MLP(h)); MLP {i} maps {x_dim} -> "
-                f"{out_dim}: use d_out == d_in or residual=False"
-            )
-        if greedy and out_dim != d_out:
-            raise ValueError(
-                f"greedy=True makes each MLP regress v (dim {d_out}); MLP {i} outputs {out_dim}: "
-                "use d_out == d_in or greedy=False"
-            )
+        _check_level_width(i, r, x_dim, out_dim, d_out, tuple(w1.shape), residual, greedy)
         levels.append((w0, w1, w2))
         x_dim = out_dim
-    opts = LaCTOptions(
-        chunk_size=chunk_size,
-        use_muon=use_muon,
-        prenorm=prenorm,
-        residual=residual,
-        greedy=greedy,
-        has_momentum=momentum is not None,
-    )
-    return levels, opts
+    return levels
+
+
+def _check_level_width(i: int, r: int, x_dim: int, out_dim: int, d_out: int, w1_shape: tuple,
+                       residual: bool, greedy: bool) -> None:
+    """MLP i of r maps x_dim -> out_dim: the last must output v's d_out; stacks, residual and greedy
+    need the widths that their chaining / targets require."""
+    if i == r - 1 and out_dim != d_out:
+        raise ValueError(f"the last MLP's w1 must output v's dim {d_out}, got w1 shape {w1_shape}")
+    if i < r - 1 and out_dim != x_dim:
+        raise ValueError(
+            f"a stack of r={r} MLPs needs d_out == d_in for every MLP but the last; MLP {i} maps "
+            f"{x_dim} -> {out_dim} (w1 {w1_shape}): use d_out == d_in or r = 1"
+        )
+    if residual and out_dim != x_dim:
+        raise ValueError(
+            f"residual=True needs every MLP to keep its width (h + MLP(h)); MLP {i} maps {x_dim} -> "
+            f"{out_dim}: use d_out == d_in or residual=False"
+        )
+    if greedy and out_dim != d_out:
+        raise ValueError(
+            f"greedy=True makes each MLP regress v (dim {d_out}); MLP {i} outputs {out_dim}: "
+            "use d_out == d_in or greedy=False"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -127,6 +127,60 @@ def lact_swiglu_fwd(levels, q, k, v, lr0, lr1, lr2, momentum, opts: LaCTOptions,
     return torch.cat(outs, dim=2).transpose(1, 2).to(v.dtype), states, kept
 
 
+def _recomputed_vjps(state, w_flat, seqs, seg_bounds, grad_o, g_state, opts: LaCTOptions, needs, r: int):
+    """Rebuild the segment `seg_bounds` from its entry state and differentiate it: the
+    `_segment_vjp` results, one per rebuilt part."""
+    if len(seg_bounds) == 1 and seg_bounds[0][2]:
+        # Recompute an update chunk: the same pieces of chunk_step from the same saved state give
+        # the same numbers. Its query application and its update are independent given the
+        # state: rebuild and differentiate them one after the other to halve the peak.
+        results = []
+        for part, g_in in (("update", g_state), ("apply", None)):
+            seg = _run_segment(state, w_flat, seqs, seg_bounds, opts, needs, r, part)
+            results.append(_segment_vjp(seg, grad_o, g_in, needs))
+            del seg
+        return results
+    seg = _run_segment(state, w_flat, seqs, seg_bounds, opts, needs, r)
+    return [_segment_vjp(seg, grad_o, g_state, needs)]
+
+
+def _accumulate_vjps(results, g_w, grads: dict, seqs: dict, T: int, needs):
+    """Add one segment's `_segment_vjp` results into the weight gradients `g_w` and the sequence
+    gradients `grads` (in place); return the adjoint of the state entering the segment."""
+    g_state, part_sum = None, {}
+    for g_st, g_w_seg, g_seq in results:
+        g_state = g_st if g_state is None else [a + b for a, b in zip(g_state, g_st)]
+        if needs["weights"]:
+            for i, g in enumerate(g_w_seg):
+                g_w[i] += g
+        for name, (s0, g) in g_seq.items():
+            if part_sum.get(name) is None:
+                part_sum[name] = (s0, g)
+            else:  # defensive: a name reached by both parts of a chunk
+                part_sum[name] = (s0, part_sum[name][1] + g)
+    for name, (s0, g) in part_sum.items():
+        if s0 == 0 and g.shape[1] == T:
+            grads[name] = g
+            continue
+        if grads[name] is None:
+            grads[name] = torch.zeros_like(seqs[name])
+        grads[name][:, s0 : s0 + g.shape[1], :] = g
+    return g_state
+
+
+def _add_initial_state_adjoint(g_state, g_w, r: int, opts: LaCTOptions):
+    """The first chunk's state is built from the initial weights: w itself, zero momentum and
+    (pre-norm) main weights = w; route its adjoint `g_state` back into `g_w` (in place, returned)."""
+    per = len(g_state) // r
+    for lvl in range(r):
+        for wi in range(3):
+            g = g_state[lvl * per + wi]
+            if opts.prenorm:
+                g = g + g_state[lvl * per + per - 3 + wi]
+            g_w[lvl * 3 + wi] += g
+    return g_w
+
+
 def lact_swiglu_bwd(grad_o, levels, q, k, v, lr0, lr1, lr2, momentum, states, opts: LaCTOptions, needs,
                     kept=None, keep_last: int = 0):
     """Reverse sweep over chunks, carrying the adjoint of the fast-weight state.
@@ -163,51 +217,11 @@ def lact_swiglu_bwd(grad_o, levels, q, k, v, lr0, lr1, lr2, momentum, states, op
             seg, kept = kept, None
             results = [_segment_vjp(seg, grad_o, g_state, needs)]
             del seg
-        elif len(seg_bounds) == 1 and seg_bounds[0][2]:
-            # Recompute an update chunk: the same pieces of chunk_step from the same saved state give
-            # the same numbers. Its query application and its update are independent given the
-            # state: rebuild and differentiate them one after the other to halve the peak.
-            results = []
-            for part, g_in in (("update", g_state), ("apply", None)):
-                seg = _run_segment(states[j], w_flat, seqs, seg_bounds, opts, needs, r, part)
-                results.append(_segment_vjp(seg, grad_o, g_in, needs))
-                del seg
         else:
-            seg = _run_segment(states[j], w_flat, seqs, seg_bounds, opts, needs, r)
-            results = [_segment_vjp(seg, grad_o, g_state, needs)]
-            del seg
-        g_state, part_sum = None, {}
-        for g_st, g_w_seg, g_seq in results:
-            g_state = g_st if g_state is None else [a + b for a, b in zip(g_state, g_st)]
-            if needs["weights"]:
-                for i, g in enumerate(g_w_seg):
-                    g_w[i] += g
-            for name, (s0, g) in g_seq.items():
-                if part_sum.get(name) is None:
-                    part_sum[name] = (s0, g)
-                else:  # defensive: a name reached by both parts of a chunk
-                    part_sum[name] = (s0, part_sum[name][1] + g)
-        for name, (s0, g) in part_sum.items():
-            if s0 == 0 and g.shape[1] == T:
-                grads[name] = g
-                continue
-            if grads[name] is None:
-                grads[name] = torch.zeros_like(seqs[name])
-            grads[name][:, s0 : s0 + g.shape[1], :] = g
+            results = _recomputed_vjps(states[j], w_flat, seqs, seg_bounds, grad_o, g_state, opts, needs, r)
+        g_state = _accumulate_vjps(results, g_w, grads, seqs, T, needs)
 
-    if needs["weights"]:
-        # The first chunk's state is built from the initial weights: w itself, zero momentum and
-        # (pre-norm) main weights = w; route its adjoint back to the weights.
-        per = len(g_state) // r
-        for lvl in range(r):
-            for wi in range(3):
-                g = g_state[lvl * per + wi]
-                if opts.prenorm:
-                    g = g + g_state[lvl * per + per - 3 + wi]
-                g_w[lvl * 3 + wi] += g
-        g_levels = _unflat(g_w, r)
-    else:
-        g_levels = None
+    g_levels = _unflat(_add_initial_state_adjoint(g_state, g_w, r, opts), r) if needs["weights"] else None
     return (g_levels, grads["q"], grads["k"], grads["v"], grads["lr0"], grads["lr1"], grads["lr2"],
             grads["momentum"])
 

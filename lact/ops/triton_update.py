@@ -33,11 +33,11 @@ Triton's interpreter (float32, tests/lact/test_triton_update.py); bfloat16 only 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
 from lact.ops.step import RENORM_EPS, LaCTOptions, chunk_step, update_state
+from ttt_common.triton_jit import jit_for_mode
 
 try:
     import triton
@@ -104,6 +104,8 @@ if HAS_TRITON:
         tl.store(o_ptr + pid_n * so_n + offs_o[:, None] * so_d + offs_l[None, :] * so_l,
                  acc.to(o_ptr.dtype.element_ty), mask=m_o[:, None] & m_l[None, :])
 
+    # long on purpose: one fused Triton program (gradients, momentum, update); its argument list alone is
+    # a third of it, and splitting would add device-function plumbing for one caller
     def _grad_momentum_update_kernel(
         k_ptr, v_ptr, lr0_ptr, lr1_ptr, lr2_ptr, mi_ptr,
         w0_ptr, w1_ptr, w2_ptr, m0_ptr, m1_ptr, m2_ptr, n0_ptr, n2_ptr,
@@ -189,18 +191,6 @@ if HAS_TRITON:
             tl.store(nw1_ptr + off1, new1.to(nw1_ptr.dtype.element_ty), mask=mask1)
 
 
-_JITTED: dict = {}
-
-
-def _kernel(fn):
-    """`fn` jitted, once per TRITON_INTERPRET value: triton decides between compiled and
-    interpreted at decoration time, and the CPU tests set the variable only while they run."""
-    key = (fn.__name__, os.environ.get("TRITON_INTERPRET", "0"))
-    if key not in _JITTED:
-        _JITTED[key] = triton.jit(fn)
-    return _JITTED[key]
-
-
 # --------------------------------------------------------------------------------------------
 # launchers (no autograd)
 # --------------------------------------------------------------------------------------------
@@ -214,7 +204,7 @@ def swiglu_apply(weights, x: torch.Tensor, residual: bool) -> torch.Tensor:
         L = x.shape[2]
         o = torch.empty(n, d_out, L, device=x.device, dtype=w1.dtype)
         grid = (n, triton.cdiv(L, BLOCK_L))
-        _kernel(_swiglu_apply_kernel)[grid](
+        jit_for_mode(_swiglu_apply_kernel)[grid](
             x, w0, w1, w2, o, L, d_in, d_h, d_out,
             *x.stride(), *w0.stride(), *w1.stride(), *o.stride(),
             RESIDUAL=residual, PRECISION=_precision(w0.dtype),
@@ -248,7 +238,7 @@ def grad_momentum_update(level: list[torch.Tensor], norms, ki, vi, lr0i, lr1i, l
     n2 = norms[2].reshape(n, d_h).contiguous()
     mi_flat = mi.reshape(n).contiguous() if opts.has_momentum else n0
     grid = (n, triton.cdiv(d_h, BLOCK_H))
-    _kernel(_grad_momentum_update_kernel)[grid](
+    jit_for_mode(_grad_momentum_update_kernel)[grid](
         ki, vi, lrs[0], lrs[1], lrs[2], mi_flat,
         w0, w1, w2, moms[0], moms[1], moms[2], n0, n2,
         dws[0], dws[1], dws[2], news[0], news[1], news[2],

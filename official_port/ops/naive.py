@@ -55,6 +55,22 @@ def _mse_last(kind, params, k, v, w, b) -> Tensor:
     return ((_ln(_inner(kind, params, k), w, b) - (v - k)) ** 2).mean(dim=(-1, -2))
 
 
+def _gated_grad_sum(kind, params, buf_k, buf_v, buf_g, w, b, grad_mode) -> list[Tensor]:
+    """sum_j gate_j * grad of token j's loss at `params`, over the buffered tokens (`[B, H, d]` keys and
+    values, `[B, H]` gates); zeros for an empty buffer."""
+    acc = [torch.zeros_like(p) for p in params]
+    for ks, vs, gs in zip(buf_k, buf_v, buf_g):
+        grads = _token_grads(kind, params, ks[:, :, None], vs[:, :, None], w, b, grad_mode)
+        acc = [a + gs[..., None, None] * g for a, g in zip(acc, grads)]
+    return acc
+
+
+def _stack_or_empty(like: Tensor, xs: list[Tensor], empty_shape: tuple[int, ...]) -> Tensor:
+    """`xs` stacked on a new last dim, or zeros of `empty_shape` (like `like`) when there are none."""
+    return torch.stack(xs, dim=-1) if xs else like.new_zeros(*empty_shape)
+
+
+# long on purpose: the per-token reference reads as one loop (a third of its lines are the docstring)
 def naive_ttt(
     kind: str,
     XQ: Tensor,
@@ -97,10 +113,8 @@ def naive_ttt(
         XQ, XK, XV, gate, token_eta, ln_weight, ln_bias = (
             t.detach() for t in (XQ, XK, XV, gate, token_eta, ln_weight, ln_bias))
         init_params = tuple(p.detach() for p in init_params) if init_params is not None else None
-    m = token_eta.numel()
-    T = XQ.shape[2]
-    w = ln_weight[None, :, None, :]
-    b = ln_bias[None, :, None, :]
+    m, T = token_eta.numel(), XQ.shape[2]
+    w, b = ln_weight[None, :, None, :], ln_bias[None, :, None, :]
     # without grad mode nothing is differentiated from outside: detached copies make the
     # per-token autograd below independent of how the state tensors were created
     params = tuple(state.params) if grad_mode else tuple(p.detach() for p in state.params)
@@ -108,10 +122,7 @@ def naive_ttt(
     outs, stats = [], ([], [], [])
     with torch.enable_grad():
         # gradient sums of the tokens already buffered in the state, at the boundary params
-        acc = [torch.zeros_like(p) for p in params]
-        for ks, vs, gs in zip(buf_k, buf_v, buf_g):
-            grads = _token_grads(kind, params, ks[:, :, None], vs[:, :, None], w, b, grad_mode)
-            acc = [a + gs[..., None, None] * g for a, g in zip(acc, grads)]
+        acc = _gated_grad_sum(kind, params, buf_k, buf_v, buf_g, w, b, grad_mode)
         for t in range(T):
             i = len(buf_k)  # row of this token inside its mini-batch
             k, v, q, g_t = XK[:, :, t:t + 1], XV[:, :, t:t + 1], XQ[:, :, t:t + 1], gate[:, :, t]
@@ -126,27 +137,20 @@ def naive_ttt(
                 start = params
                 params = W_i
                 for _ in range(inner_steps - 1):
-                    step = [torch.zeros_like(p) for p in params]
-                    for ks, vs, gs in zip(buf_k, buf_v, buf_g):
-                        grads = _token_grads(kind, params, ks[:, :, None], vs[:, :, None], w, b, grad_mode)
-                        step = [a + gs[..., None, None] * gr for a, gr in zip(step, grads)]
+                    step = _gated_grad_sum(kind, params, buf_k, buf_v, buf_g, w, b, grad_mode)
                     params = tuple(p - token_eta[m - 1] * a for p, a in zip(params, step))
                 if output_stats:
                     init = tuple(p.unsqueeze(0) for p in init_params)
-                    stats[0].append(_mse_last(kind, init, k, v, w, b))
-                    stats[1].append(_mse_last(kind, start, k, v, w, b))
-                    stats[2].append(_mse_last(kind, params, k, v, w, b))
+                    for out_stat, at in zip(stats, (init, start, params)):
+                        out_stat.append(_mse_last(kind, at, k, v, w, b))
                 buf_k, buf_v, buf_g = [], [], []
                 acc = [torch.zeros_like(p) for p in params]
     B, H, _, d = XQ.shape
     out = torch.cat(outs, dim=2) if outs else XQ.new_zeros(B, H, 0, d)
-
-    def _stack(xs, shape):
-        return torch.stack(xs, dim=-1) if xs else XQ.new_zeros(*shape)
-
-    new_state = InnerState(params, _stack(buf_k, (B, H, d, 0)).transpose(2, 3), _stack(buf_v, (B, H, d, 0)).transpose(2, 3),
-                           _stack(buf_g, (B, H, 0)))
-    out_stats = tuple(_stack(s, (B, H, 0)) for s in stats) if output_stats else None
+    new_state = InnerState(params, _stack_or_empty(XQ, buf_k, (B, H, d, 0)).transpose(2, 3),
+                           _stack_or_empty(XQ, buf_v, (B, H, d, 0)).transpose(2, 3),
+                           _stack_or_empty(XQ, buf_g, (B, H, 0)))
+    out_stats = tuple(_stack_or_empty(XQ, s, (B, H, 0)) for s in stats) if output_stats else None
     if not grad_mode:
         out = out.detach()
         new_state = new_state.detach()

@@ -29,14 +29,13 @@ layer's dispatch falls back to the torch twin otherwise.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from official_port.ops.dual import LN_EPS
 from official_port.ops.state import InnerState, check_op_inputs
+from ttt_common.triton_jit import jit_for_mode
 
 try:
     import triton
@@ -53,6 +52,93 @@ def _is_pow2(x: int) -> bool:
 
 
 if HAS_TRITON:
+    # Device functions shared by the four kernels (inlined by triton). Plain functions here: `_kernel`
+    # jits them for the current TRITON_INTERPRET value with the kernel that calls them (ttt_common.triton_jit).
+
+    def _head_constants(GAMMA, BETA, ETA, h, rd, rm, D: tl.constexpr, M: tl.constexpr):
+        """Head h's LayerNorm gamma, beta [D], the token weights eta [M], eta[M-1] and the causal mask [M, M]."""
+        gamma = tl.load(GAMMA + h * D + rd).to(tl.float32)
+        beta = tl.load(BETA + h * D + rd).to(tl.float32)
+        eta = tl.load(ETA + rm).to(tl.float32)  # [M] per-row token weights
+        eta_last = tl.sum(tl.where(rm == M - 1, eta, 0.0), axis=0)
+        causal = rm[:, None] >= rm[None, :]
+        return gamma, beta, eta, eta_last, causal
+
+    def _load_mini_batch(Q, K, V, G8, pid, T, j, rd, rm, D: tl.constexpr, M: tl.constexpr):
+        """Mini-batch j of program pid: its [M, D] offsets, q, k, v [M, D], gate [M] and row indices, in float32."""
+        rows = j * M + rm
+        offs = pid * T * D + rows[:, None] * D + rd[None, :]
+        q = tl.load(Q + offs).to(tl.float32)
+        k = tl.load(K + offs).to(tl.float32)
+        v = tl.load(V + offs).to(tl.float32)
+        g = tl.load(G8 + pid * T + rows).to(tl.float32)
+        return offs, rows, q, k, v, g
+
+    def _ln_rows(z, eps, D: tl.constexpr):
+        """LayerNorm core per row of z [M, D]: (z - mean, 1 / std [M], the normalised rows)."""
+        zc = z - (tl.sum(z, axis=1) / D)[:, None]
+        rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + eps)
+        return zc, rstd, zc * rstd[:, None]
+
+    def _ln_vjp_core(gx, xhat, D: tl.constexpr):
+        """The LayerNorm VJP per row before its 1 / std factor, gx - mean(gx) - xhat mean(gx xhat), and
+        mean(gx xhat) [M] (gx: the adjoint of the normalised rows xhat)."""
+        c = tl.sum(gx * xhat, axis=1) / D
+        return gx - (tl.sum(gx, axis=1) / D)[:, None] - xhat * c[:, None], c
+
+    def _recon_grad(z, v, k, gamma, beta, eps, D: tl.constexpr):
+        """G = J_LN(z)^T (LN(z) - (v - k)), the inner loss gradient at z [M, D], with the intermediates
+        the backward kernels reuse: (G, zc, rstd, xhat, resid, gx, inner, c)."""
+        zc, rstd, xhat = _ln_rows(z, eps, D)
+        resid = gamma[None, :] * xhat + beta[None, :] - (v - k)
+        gx = resid * gamma[None, :]
+        inner, c = _ln_vjp_core(gx, xhat, D)
+        return rstd[:, None] * inner, zc, rstd, xhat, resid, gx, inner, c
+
+    def _recon_grad_vjp(dgrad, zc, rstd, xhat, resid, gx, inner, c, gamma, D: tl.constexpr):
+        """Adjoint of `_recon_grad` (second order): from dG [M, D] to (dz, d resid, gamma's gradient [D])."""
+        d_rstd = tl.sum(dgrad * inner, axis=1)
+        dc = -rstd * tl.sum(dgrad * xhat, axis=1)
+        dgx = rstd[:, None] * dgrad - (rstd * tl.sum(dgrad, axis=1) / D)[:, None] + (dc / D)[:, None] * xhat
+        dxhat = -(rstd * c)[:, None] * dgrad + (dc / D)[:, None] * gx
+        dres = dgx * gamma[None, :]
+        dgam = tl.sum(dgx * resid + dres * xhat, axis=0)
+        dxhat += dres * gamma[None, :]
+        # xhat = LN core of z (rstd also enters G directly: d_rstd)
+        d_rstd += tl.sum(dxhat * zc, axis=1)
+        dzc = dxhat * rstd[:, None] - (d_rstd * rstd * rstd * rstd / D)[:, None] * zc
+        return dzc - (tl.sum(dzc, axis=1) / D)[:, None], dres, dgam
+
+    def _gelu_tanh(z):
+        """tanh-approximate gelu with torch's constants: (t, gelu(z)), t = tanh(sqrt(2/pi) (z + 0.044715 z^3))
+        written 2 sigmoid(2u) - 1 (no tanh in tl)."""
+        k_beta = 0.7978845608028654  # sqrt(2 / pi)
+        k_kappa = 0.044715
+        t = 2.0 * tl.sigmoid(2.0 * k_beta * (z + k_kappa * z * z * z)) - 1.0
+        return t, 0.5 * z * (1.0 + t)
+
+    def _gelu_tanh_grad(z, t):
+        """gelu'(z) of `_gelu_tanh` given its t."""
+        # the constants as named locals, as in the kernels: the interpreter makes them float32 scalars, so
+        # 3.0 * k_kappa rounds in float32 (a literal product would be folded in float64)
+        k_beta = 0.7978845608028654
+        k_kappa = 0.044715
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k_beta * (1.0 + 3.0 * k_kappa * z * z)
+
+    def _out_ln_vjp(dout, zb, gamma, eps, D: tl.constexpr):
+        """out = q + gamma LN(zb) + beta: (d zb [M, D], gamma's and beta's gradients [D]) from d out [M, D]."""
+        _, rstd2, xhat2 = _ln_rows(zb, eps, D)
+        dzb = rstd2[:, None] * _ln_vjp_core(dout * gamma[None, :], xhat2, D)[0]
+        return dzb, tl.sum(dout * xhat2, axis=0), tl.sum(dout, axis=0)
+
+    def _store_norm_grads(DGAMMA, DBETA, DETA, pid, rd, rm, dgam, dbet, deta, D: tl.constexpr, M: tl.constexpr):
+        tl.store(DGAMMA + pid * D + rd, dgam)
+        tl.store(DBETA + pid * D + rd, dbet)
+        tl.store(DETA + pid * M + rm, deta)
+
+    _DEVICE_FUNCTIONS = {f.__name__: f for f in (_head_constants, _load_mini_batch, _ln_rows, _ln_vjp_core,
+                                                  _recon_grad, _recon_grad_vjp, _gelu_tanh, _gelu_tanh_grad,
+                                                  _out_ln_vjp, _store_norm_grads)}
 
     def _ttt_linear_scan_fwd_kernel(
         Q, K, V, G8, ETA, GAMMA, BETA, W0, B0, OUT, WN, BN, WS, BS,
@@ -67,39 +153,21 @@ if HAS_TRITON:
         rm = tl.arange(0, M)
         w = tl.load(W0 + pid * D * D + rd[:, None] * D + rd[None, :]).to(tl.float32)
         b = tl.load(B0 + pid * D + rd).to(tl.float32)
-        gamma = tl.load(GAMMA + h * D + rd).to(tl.float32)
-        beta = tl.load(BETA + h * D + rd).to(tl.float32)
-        eta = tl.load(ETA + rm).to(tl.float32)  # [M] per-row token weights
-        eta_last = tl.sum(tl.where(rm == M - 1, eta, 0.0), axis=0)
-        causal = rm[:, None] >= rm[None, :]
+        gamma, beta, eta, eta_last, causal = _head_constants(GAMMA, BETA, ETA, h, rd, rm, D, M)
         T = n_blocks * M
         for j in range(n_blocks):
-            rows = j * M + rm
-            offs = pid * T * D + rows[:, None] * D + rd[None, :]
-            q = tl.load(Q + offs).to(tl.float32)
-            k = tl.load(K + offs).to(tl.float32)
-            v = tl.load(V + offs).to(tl.float32)
-            g = tl.load(G8 + pid * T + rows).to(tl.float32)
+            offs, rows, q, k, v, g = _load_mini_batch(Q, K, V, G8, pid, T, j, rd, rm, D, M)
             if STORE:
                 tl.store(WS + (pid * n_blocks + j) * D * D + rd[:, None] * D + rd[None, :], w)
                 tl.store(BS + (pid * n_blocks + j) * D + rd, b)
             # inner loss gradient at the boundary params: G = J_LN(Z)^T (LN(Z) - (V - K))
             z = tl.dot(k, w, input_precision=PREC) + b[None, :]
-            mu = tl.sum(z, axis=1) / D
-            zc = z - mu[:, None]
-            rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + eps)
-            xhat = zc * rstd[:, None]
-            resid = gamma[None, :] * xhat + beta[None, :] - (v - k)
-            gx = resid * gamma[None, :]
-            grad = rstd[:, None] * (gx - (tl.sum(gx, axis=1) / D)[:, None]
-                                    - xhat * (tl.sum(gx * xhat, axis=1) / D)[:, None])
+            grad = _recon_grad(z, v, k, gamma, beta, eps, D)[0]
             # dual-form outputs: Q W + b - (e * tril(Q K^T + 1)) G
             e = tl.where(causal, eta[:, None] * g[None, :], 0.0)
             attn = e * (tl.dot(q, tl.trans(k), input_precision=PREC) + 1.0)
             zb = tl.dot(q, w, input_precision=PREC) + b[None, :] - tl.dot(attn, grad, input_precision=PREC)
-            mu2 = tl.sum(zb, axis=1) / D
-            zbc = zb - mu2[:, None]
-            rstd2 = 1.0 / tl.sqrt(tl.sum(zbc * zbc, axis=1) / D + eps)
+            zbc, rstd2, _ = _ln_rows(zb, eps, D)
             out = q + gamma[None, :] * zbc * rstd2[:, None] + beta[None, :]
             tl.store(OUT + offs, out.to(OUT.dtype.element_ty))
             # update with the last row's weights (only a complete mini-batch updates the params)
@@ -128,50 +196,28 @@ if HAS_TRITON:
         rm = tl.arange(0, M)
         dw = tl.load(DWN + pid * D * D + rd[:, None] * D + rd[None, :]).to(tl.float32)
         db = tl.load(DBN + pid * D + rd).to(tl.float32)
-        gamma = tl.load(GAMMA + h * D + rd).to(tl.float32)
-        beta = tl.load(BETA + h * D + rd).to(tl.float32)
-        eta = tl.load(ETA + rm).to(tl.float32)
-        eta_last = tl.sum(tl.where(rm == M - 1, eta, 0.0), axis=0)
-        causal = rm[:, None] >= rm[None, :]
+        gamma, beta, eta, eta_last, causal = _head_constants(GAMMA, BETA, ETA, h, rd, rm, D, M)
         dgam = tl.zeros([D], dtype=tl.float32)
         dbet = tl.zeros([D], dtype=tl.float32)
         deta = tl.zeros([M], dtype=tl.float32)
         T = n_blocks * M
         for jj in range(n_blocks):
             j = n_blocks - 1 - jj
-            rows = j * M + rm
-            offs = pid * T * D + rows[:, None] * D + rd[None, :]
-            q = tl.load(Q + offs).to(tl.float32)
-            k = tl.load(K + offs).to(tl.float32)
-            v = tl.load(V + offs).to(tl.float32)
-            g = tl.load(G8 + pid * T + rows).to(tl.float32)
+            offs, rows, q, k, v, g = _load_mini_batch(Q, K, V, G8, pid, T, j, rd, rm, D, M)
             w = tl.load(WS + (pid * n_blocks + j) * D * D + rd[:, None] * D + rd[None, :])
             b = tl.load(BS + (pid * n_blocks + j) * D + rd)
             # ---- rebuild the forward of mini-batch j (as the forward kernel)
             z = tl.dot(k, w, input_precision=PREC) + b[None, :]
-            zc = z - (tl.sum(z, axis=1) / D)[:, None]
-            rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + eps)
-            xhat = zc * rstd[:, None]
-            resid = gamma[None, :] * xhat + beta[None, :] - (v - k)
-            gx = resid * gamma[None, :]
-            a_m = tl.sum(gx, axis=1) / D
-            c_m = tl.sum(gx * xhat, axis=1) / D
-            inner = gx - a_m[:, None] - xhat * c_m[:, None]
-            grad = rstd[:, None] * inner
+            grad, zc, rstd, xhat, resid, gx, inner, c_m = _recon_grad(z, v, k, gamma, beta, eps, D)
             e = tl.where(causal, eta[:, None] * g[None, :], 0.0)
             s1 = tl.dot(q, tl.trans(k), input_precision=PREC) + 1.0
             attn = e * s1
             zb = tl.dot(q, w, input_precision=PREC) + b[None, :] - tl.dot(attn, grad, input_precision=PREC)
-            zbc = zb - (tl.sum(zb, axis=1) / D)[:, None]
-            rstd2 = 1.0 / tl.sqrt(tl.sum(zbc * zbc, axis=1) / D + eps)
-            xhat2 = zbc * rstd2[:, None]
             # ---- out = q + gamma * LN(zb) + beta
             dout = tl.load(DOUT + offs).to(tl.float32)
-            dgam += tl.sum(dout * xhat2, axis=0)
-            dbet += tl.sum(dout, axis=0)
-            dx2 = dout * gamma[None, :]
-            dzb = rstd2[:, None] * (dx2 - (tl.sum(dx2, axis=1) / D)[:, None]
-                                    - xhat2 * (tl.sum(dx2 * xhat2, axis=1) / D)[:, None])
+            dzb, dgam_o, dbet_o = _out_ln_vjp(dout, zb, gamma, eps, D)
+            dgam += dgam_o
+            dbet += dbet_o
             # ---- zb = q W + b - attn G,  attn = e * (q k^T + 1),  e[i, s] = eta[i] g[s] (s <= i)
             dq = dout + tl.dot(dzb, tl.trans(w), input_precision=PREC)
             dattn = -tl.dot(dzb, tl.trans(grad), input_precision=PREC)
@@ -194,20 +240,11 @@ if HAS_TRITON:
             dw += tl.dot(tl.trans(q), dzb, input_precision=PREC)
             db += tl.sum(dzb, axis=0)
             # ---- G = rstd * (gx - mean(gx) - xhat * mean(gx xhat)),  gx = gamma * resid
-            d_rstd = tl.sum(dgrad * inner, axis=1)
-            dc = -rstd * tl.sum(dgrad * xhat, axis=1)
-            dgx = rstd[:, None] * dgrad - (rstd * tl.sum(dgrad, axis=1) / D)[:, None] + (dc / D)[:, None] * xhat
-            dxhat = -(rstd * c_m)[:, None] * dgrad + (dc / D)[:, None] * gx
-            dres = dgx * gamma[None, :]
-            dgam += tl.sum(dgx * resid + dres * xhat, axis=0)
+            dz, dres, dgam_g = _recon_grad_vjp(dgrad, zc, rstd, xhat, resid, gx, inner, c_m, gamma, D)
+            dgam += dgam_g
             dbet += tl.sum(dres, axis=0)
             dv = -dres
             dk += dres
-            dxhat += dres * gamma[None, :]
-            # ---- xhat = LN core of z (rstd also enters G directly: d_rstd)
-            d_rstd += tl.sum(dxhat * zc, axis=1)
-            dzc = dxhat * rstd[:, None] - (d_rstd * rstd * rstd * rstd / D)[:, None] * zc
-            dz = dzc - (tl.sum(dzc, axis=1) / D)[:, None]
             # ---- z = k W + b
             dk += tl.dot(dz, tl.trans(w), input_precision=PREC)
             dw += tl.dot(tl.trans(k), dz, input_precision=PREC)
@@ -218,9 +255,7 @@ if HAS_TRITON:
             tl.store(DG + pid * T + rows, dg)
         tl.store(DW0 + pid * D * D + rd[:, None] * D + rd[None, :], dw)
         tl.store(DB0 + pid * D + rd, db)
-        tl.store(DGAMMA + pid * D + rd, dgam)
-        tl.store(DBETA + pid * D + rd, dbet)
-        tl.store(DETA + pid * M + rm, deta)
+        _store_norm_grads(DGAMMA, DBETA, DETA, pid, rd, rm, dgam, dbet, deta, D, M)
 
 
     def _ttt_mlp_scan_fwd_kernel(
@@ -250,21 +285,10 @@ if HAS_TRITON:
         b1 = tl.load(B1_0 + pid * F4 + rf).to(tl.float32)
         w2 = tl.load(W2_0 + pid * F4 * D + rf[:, None] * D + rd[None, :]).to(tl.float32)
         b2 = tl.load(B2_0 + pid * D + rd).to(tl.float32)
-        gamma = tl.load(GAMMA + h * D + rd).to(tl.float32)
-        beta = tl.load(BETA + h * D + rd).to(tl.float32)
-        eta = tl.load(ETA + rm).to(tl.float32)
-        eta_last = tl.sum(tl.where(rm == M - 1, eta, 0.0), axis=0)
-        causal = rm[:, None] >= rm[None, :]
-        k_beta = 0.7978845608028654  # sqrt(2 / pi)
-        k_kappa = 0.044715
+        gamma, beta, eta, eta_last, causal = _head_constants(GAMMA, BETA, ETA, h, rd, rm, D, M)
         T = n_blocks * M
         for j in range(n_blocks):
-            rows = j * M + rm
-            offs = pid * T * D + rows[:, None] * D + rd[None, :]
-            q = tl.load(Q + offs).to(tl.float32)
-            k = tl.load(K + offs).to(tl.float32)
-            v = tl.load(V + offs).to(tl.float32)
-            g = tl.load(G8 + pid * T + rows).to(tl.float32)
+            offs, rows, q, k, v, g = _load_mini_batch(Q, K, V, G8, pid, T, j, rd, rm, D, M)
             if STORE:
                 tl.store(WS1 + (pid * n_blocks + j) * D * F4 + rd[:, None] * F4 + rf[None, :], w1)
                 tl.store(BS1 + (pid * n_blocks + j) * F4 + rf, b1)
@@ -272,29 +296,19 @@ if HAS_TRITON:
                 tl.store(BS2 + (pid * n_blocks + j) * D + rd, b2)
             # inner forward on the keys and the gradients G2, G1 at the boundary params
             z1 = tl.dot(k, w1, input_precision=PREC) + b1[None, :]
-            t1 = 2.0 * tl.sigmoid(2.0 * k_beta * (z1 + k_kappa * z1 * z1 * z1)) - 1.0
-            x2 = 0.5 * z1 * (1.0 + t1)
+            t1, x2 = _gelu_tanh(z1)
             z2 = tl.dot(x2, w2, input_precision=PREC) + b2[None, :]
-            mu = tl.sum(z2, axis=1) / D
-            zc = z2 - mu[:, None]
-            rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + eps)
-            xhat = zc * rstd[:, None]
-            gx = (gamma[None, :] * xhat + beta[None, :] - (v - k)) * gamma[None, :]
-            grad2 = rstd[:, None] * (gx - (tl.sum(gx, axis=1) / D)[:, None]
-                                     - xhat * (tl.sum(gx * xhat, axis=1) / D)[:, None])
-            dgelu = 0.5 * (1.0 + t1) + 0.5 * z1 * (1.0 - t1 * t1) * k_beta * (1.0 + 3.0 * k_kappa * z1 * z1)
+            grad2 = _recon_grad(z2, v, k, gamma, beta, eps, D)[0]
+            dgelu = _gelu_tanh_grad(z1, t1)
             grad1 = tl.dot(grad2, tl.trans(w2), input_precision=PREC) * dgelu
             # dual-form outputs, layer by layer
             e = tl.where(causal, eta[:, None] * g[None, :], 0.0)
             attn1 = e * (tl.dot(q, tl.trans(k), input_precision=PREC) + 1.0)
             zb1 = tl.dot(q, w1, input_precision=PREC) + b1[None, :] - tl.dot(attn1, grad1, input_precision=PREC)
-            tb = 2.0 * tl.sigmoid(2.0 * k_beta * (zb1 + k_kappa * zb1 * zb1 * zb1)) - 1.0
-            xb2 = 0.5 * zb1 * (1.0 + tb)
+            tb, xb2 = _gelu_tanh(zb1)
             attn2 = e * (tl.dot(xb2, tl.trans(x2), input_precision=PREC) + 1.0)
             zb = tl.dot(xb2, w2, input_precision=PREC) + b2[None, :] - tl.dot(attn2, grad2, input_precision=PREC)
-            mu2 = tl.sum(zb, axis=1) / D
-            zbc = zb - mu2[:, None]
-            rstd2 = 1.0 / tl.sqrt(tl.sum(zbc * zbc, axis=1) / D + eps)
+            zbc, rstd2, _ = _ln_rows(zb, eps, D)
             out = q + gamma[None, :] * zbc * rstd2[:, None] + beta[None, :]
             tl.store(OUT + offs, out.to(OUT.dtype.element_ty))
             # update with the last row's weights (only a complete mini-batch updates the params)
@@ -309,6 +323,8 @@ if HAS_TRITON:
         tl.store(B2N + pid * D + rd, b2)
 
 
+    # long on purpose: one program's reverse sweep, the chain rule of the forward line by line (the pieces
+    # it shares with the other kernels are the device functions above)
     def _ttt_mlp_scan_bwd_kernel(
         Q, K, V, G8, ETA, GAMMA, BETA, WS1, BS1, WS2, BS2, DOUT, DW1N, DB1N, DW2N, DB2N,
         DQ, DK, DV, DG, DETA, DGAMMA, DBETA, DW1, DB1, DW2, DB2,
@@ -330,12 +346,8 @@ if HAS_TRITON:
         db1 = tl.load(DB1N + pid * F4 + rf).to(tl.float32)
         dw2 = tl.load(DW2N + pid * F4 * D + o2).to(tl.float32)
         db2 = tl.load(DB2N + pid * D + rd).to(tl.float32)
-        gamma = tl.load(GAMMA + h * D + rd).to(tl.float32)
-        beta = tl.load(BETA + h * D + rd).to(tl.float32)
-        eta = tl.load(ETA + rm).to(tl.float32)
-        eta_last = tl.sum(tl.where(rm == M - 1, eta, 0.0), axis=0)
-        causal = rm[:, None] >= rm[None, :]
-        k_beta = 0.7978845608028654
+        gamma, beta, eta, eta_last, causal = _head_constants(GAMMA, BETA, ETA, h, rd, rm, D, M)
+        k_beta = 0.7978845608028654  # sqrt(2 / pi) and the cubic's weight, as in `_gelu_tanh`
         k_kappa = 0.044715
         dgam = tl.zeros([D], dtype=tl.float32)
         dbet = tl.zeros([D], dtype=tl.float32)
@@ -343,53 +355,34 @@ if HAS_TRITON:
         T = n_blocks * M
         for jj in range(n_blocks):
             j = n_blocks - 1 - jj
-            rows = j * M + rm
-            offs = pid * T * D + rows[:, None] * D + rd[None, :]
-            q = tl.load(Q + offs).to(tl.float32)
-            k = tl.load(K + offs).to(tl.float32)
-            v = tl.load(V + offs).to(tl.float32)
-            g = tl.load(G8 + pid * T + rows).to(tl.float32)
+            offs, rows, q, k, v, g = _load_mini_batch(Q, K, V, G8, pid, T, j, rd, rm, D, M)
             w1 = tl.load(WS1 + (pid * n_blocks + j) * D * F4 + o1)
             b1 = tl.load(BS1 + (pid * n_blocks + j) * F4 + rf)
             w2 = tl.load(WS2 + (pid * n_blocks + j) * F4 * D + o2)
             b2 = tl.load(BS2 + (pid * n_blocks + j) * D + rd)
             # ---- rebuild the forward of mini-batch j
             z1 = tl.dot(k, w1, input_precision=PREC) + b1[None, :]
-            t1 = 2.0 * tl.sigmoid(2.0 * k_beta * (z1 + k_kappa * z1 * z1 * z1)) - 1.0
+            t1, x2 = _gelu_tanh(z1)
             u1 = k_beta * (1.0 + 3.0 * k_kappa * z1 * z1)  # d/dz of the tanh argument
-            x2 = 0.5 * z1 * (1.0 + t1)
             gp1 = 0.5 * (1.0 + t1) + 0.5 * z1 * (1.0 - t1 * t1) * u1  # gelu'(z1)
             z2 = tl.dot(x2, w2, input_precision=PREC) + b2[None, :]
-            zc = z2 - (tl.sum(z2, axis=1) / D)[:, None]
-            rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + eps)
-            xhat = zc * rstd[:, None]
-            resid = gamma[None, :] * xhat + beta[None, :] - (v - k)
-            gx = resid * gamma[None, :]
-            c_m = tl.sum(gx * xhat, axis=1) / D
-            inner = gx - (tl.sum(gx, axis=1) / D)[:, None] - xhat * c_m[:, None]
-            grad2 = rstd[:, None] * inner
+            grad2, zc, rstd, xhat, resid, gx, inner, c_m = _recon_grad(z2, v, k, gamma, beta, eps, D)
             p1 = tl.dot(grad2, tl.trans(w2), input_precision=PREC)
             grad1 = p1 * gp1
             e = tl.where(causal, eta[:, None] * g[None, :], 0.0)
             s1 = tl.dot(q, tl.trans(k), input_precision=PREC) + 1.0
             attn1 = e * s1
             zb1 = tl.dot(q, w1, input_precision=PREC) + b1[None, :] - tl.dot(attn1, grad1, input_precision=PREC)
-            tb = 2.0 * tl.sigmoid(2.0 * k_beta * (zb1 + k_kappa * zb1 * zb1 * zb1)) - 1.0
-            xb2 = 0.5 * zb1 * (1.0 + tb)
-            gpb = 0.5 * (1.0 + tb) + 0.5 * zb1 * (1.0 - tb * tb) * k_beta * (1.0 + 3.0 * k_kappa * zb1 * zb1)
+            tb, xb2 = _gelu_tanh(zb1)
+            gpb = _gelu_tanh_grad(zb1, tb)
             s2 = tl.dot(xb2, tl.trans(x2), input_precision=PREC) + 1.0
             attn2 = e * s2
             zb = tl.dot(xb2, w2, input_precision=PREC) + b2[None, :] - tl.dot(attn2, grad2, input_precision=PREC)
-            zbc = zb - (tl.sum(zb, axis=1) / D)[:, None]
-            rstd2 = 1.0 / tl.sqrt(tl.sum(zbc * zbc, axis=1) / D + eps)
-            xhat2 = zbc * rstd2[:, None]
             # ---- out = q + gamma * LN(zb) + beta
             dout = tl.load(DOUT + offs).to(tl.float32)
-            dgam += tl.sum(dout * xhat2, axis=0)
-            dbet += tl.sum(dout, axis=0)
-            dx2n = dout * gamma[None, :]
-            dzb = rstd2[:, None] * (dx2n - (tl.sum(dx2n, axis=1) / D)[:, None]
-                                    - xhat2 * (tl.sum(dx2n * xhat2, axis=1) / D)[:, None])
+            dzb, dgam_o, dbet_o = _out_ln_vjp(dout, zb, gamma, eps, D)
+            dgam += dgam_o
+            dbet += dbet_o
             # ---- zb = xb2 W2 + b2 - (e * (xb2 x2^T + 1)) G2
             dxb2 = tl.dot(dzb, tl.trans(w2), input_precision=PREC)
             n_dw2 = tl.dot(tl.trans(xb2), dzb, input_precision=PREC)
@@ -437,19 +430,11 @@ if HAS_TRITON:
             dgrad2 += tl.dot(dp1, w2, input_precision=PREC)
             dw2 += tl.dot(tl.trans(dp1), grad2, input_precision=PREC)
             # ---- G2 = rstd * (gx - mean(gx) - xhat * mean(gx xhat)),  gx = gamma * resid
-            d_rstd = tl.sum(dgrad2 * inner, axis=1)
-            dc = -rstd * tl.sum(dgrad2 * xhat, axis=1)
-            dgx = rstd[:, None] * dgrad2 - (rstd * tl.sum(dgrad2, axis=1) / D)[:, None] + (dc / D)[:, None] * xhat
-            dxhat = -(rstd * c_m)[:, None] * dgrad2 + (dc / D)[:, None] * gx
-            dres = dgx * gamma[None, :]
-            dgam += tl.sum(dgx * resid + dres * xhat, axis=0)
+            dz2, dres, dgam_g = _recon_grad_vjp(dgrad2, zc, rstd, xhat, resid, gx, inner, c_m, gamma, D)
+            dgam += dgam_g
             dbet += tl.sum(dres, axis=0)
             dv = -dres
             dk += dres
-            dxhat += dres * gamma[None, :]
-            d_rstd += tl.sum(dxhat * zc, axis=1)
-            dzc = dxhat * rstd[:, None] - (d_rstd * rstd * rstd * rstd / D)[:, None] * zc
-            dz2 = dzc - (tl.sum(dzc, axis=1) / D)[:, None]
             # ---- z2 = x2 W2 + b2,  x2 = gelu(z1),  z1 = k W1 + b1
             dx2 += tl.dot(dz2, tl.trans(w2), input_precision=PREC)
             dw2 += tl.dot(tl.trans(x2), dz2, input_precision=PREC)
@@ -466,22 +451,12 @@ if HAS_TRITON:
         tl.store(DB1 + pid * F4 + rf, db1)
         tl.store(DW2 + pid * F4 * D + o2, dw2)
         tl.store(DB2 + pid * D + rd, db2)
-        tl.store(DGAMMA + pid * D + rd, dgam)
-        tl.store(DBETA + pid * D + rd, dbet)
-        tl.store(DETA + pid * M + rm, deta)
-
-
-_JITTED: dict = {}
+        _store_norm_grads(DGAMMA, DBETA, DETA, pid, rd, rm, dgam, dbet, deta, D, M)
 
 
 def _kernel(fn):
-    """`fn` jitted. Decorated lazily, once per TRITON_INTERPRET value: triton decides between
-    compiled and interpreted at decoration time, and the CPU tests set the variable only while they
-    run (so it never leaks into the rest of the suite)."""
-    key = (fn.__name__, os.environ.get("TRITON_INTERPRET", "0"))
-    if key not in _JITTED:
-        _JITTED[key] = triton.jit(fn)
-    return _JITTED[key]
+    """`fn` jitted for the current TRITON_INTERPRET value, with the device functions it calls."""
+    return jit_for_mode(fn, _DEVICE_FUNCTIONS)
 
 
 def _prepare(XQ, XK, XV, gate, state: InnerState, m: int):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ponder.test_runner import make_tiny_gpt2
+from tests.ponder.synthetic import make_tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[2]
 

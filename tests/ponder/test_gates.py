@@ -22,9 +22,10 @@ from ponder.gates import (
     quantile,
 )
 from ponder.types import ACTIONS, ALL_ACTIONS, ChunkContext, ChunkRecord, flops_multiplier, is_update
+from tests.ponder.synthetic import ListEnv
 
 
-class FakeEnv:
+class FakeEnv(ListEnv):
     """Documents of chunks with recon signal s_c ~ N(shift, 1); SKIP loss 3 + noise; STATIC gains 0.05 +
     noise over SKIP (a trained adapter); UPDATE gains 0.1 * s_c over STATIC."""
 
@@ -45,21 +46,11 @@ class FakeEnv:
             self.docs[f"doc{seed}_{d}"] = chunks
         self.peeks = 0
 
-    def doc_ids(self):
-        return list(self.docs)
-
-    def _ctx(self):
-        chunks = self.docs[self.doc]
-        if self.c >= len(chunks):
-            return None
+    def _features(self, chunks):
         feats = {"position": float(self.c)}
         if self.c > 0:
             feats["prev_recon_loss"] = chunks[self.c - 1]["signal"]
-        return ChunkContext(self.doc, self.c, len(chunks), feats)
-
-    def reset(self, doc_id):
-        self.doc, self.c = doc_id, 0
-        return self._ctx()
+        return feats
 
     def peek_losses(self):
         self.peeks += 1

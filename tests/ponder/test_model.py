@@ -13,23 +13,10 @@ from ponder.backbone import load_backbone, resolve_base
 from ponder.cache import CachedDoc, build_cache, compute_chunk, select_documents
 from ponder.env import PonderEnv
 from ponder.types import ACTIONS, flops_multiplier
+from tests.ponder.synthetic import make_tiny_gpt2
 
 TEXT = ("def add(a, b):\n    return a + b\n\n\nclass Stack:\n    def __init__(self):\n        self.items = []\n\n"
         "    def push(self, x):\n        self.items.append(x)\n\n    def pop(self):\n        return self.items.pop()\n") * 3
-
-
-def make_tiny_gpt2(folder):
-    """A tiny random GPT-2 with GPT-2's real (offline) BPE tokenizer, saved to `folder`."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from ttt_common.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=50256, eos_token_id=50256)
-    GPT2LMHeadModel(cfg).save_pretrained(folder)
-    load_tokenizer("gpt2").save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

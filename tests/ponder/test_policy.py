@@ -12,9 +12,10 @@ from ponder.gates import build_gate
 from ponder.gates.ppo import PPOConfig, PPOGate
 from ponder.rl import PIDLagrangian, compute_gae
 from ponder.types import ACTIONS, ALL_ACTIONS, ChunkContext, ChunkRecord, flops_multiplier, is_update
+from tests.ponder.synthetic import ListEnv
 
 
-class GainEnv:
+class GainEnv(ListEnv):
     """Chunks whose update gain is predictable from a CAUSAL feature.
 
     Feature `prev_signal` of chunk c is +1 or -1 (drawn at random, shown before chunk c). UPDATE_k on
@@ -31,19 +32,8 @@ class GainEnv:
             self.docs[f"d{seed}_{d}"] = [(rng.choice((-1.0, 1.0)), 3.0 + rng.gauss(0, 0.5)) for _ in range(n_chunks)]
         self.steps = 0
 
-    def doc_ids(self):
-        return list(self.docs)
-
-    def _ctx(self):
-        chunks = self.docs[self.doc]
-        if self.c >= len(chunks):
-            return None
-        return ChunkContext(self.doc, self.c, len(chunks),
-                            {"prev_signal": chunks[self.c][0], "noise": random.Random(self.c).random()})
-
-    def reset(self, doc_id):
-        self.doc, self.c = doc_id, 0
-        return self._ctx()
+    def _features(self, chunks):
+        return {"prev_signal": chunks[self.c][0], "noise": random.Random(self.c).random()}
 
     def losses(self):
         sig, skip = self.docs[self.doc][self.c]

@@ -10,27 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ponder.gates import Gate
 from ponder.runner import default_args, evaluate_gate, run_experiment
 from ponder.types import ALL_ACTIONS
-from tests.ponder.synthetic import synthetic_env
+from tests.ponder.synthetic import make_tiny_gpt2, synthetic_env
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def make_tiny_gpt2(folder):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from ttt_common.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=50256, eos_token_id=50256)
-    GPT2LMHeadModel(cfg).save_pretrained(folder)
-    load_tokenizer("gpt2").save_pretrained(folder)
-    return str(folder)
 
 
 class RecordingGate(Gate):

@@ -24,7 +24,7 @@ def test_grid_is_the_product_of_its_axes():
 def test_tiny_sweep_compares_settings_on_validation(tmp_path):
     from ponder.runner import default_args
     from ponder.sweep import sweep
-    from tests.ponder.test_runner import make_tiny_gpt2
+    from tests.ponder.synthetic import make_tiny_gpt2
 
     base = make_tiny_gpt2(tmp_path / "tiny")
     args = default_args(base=base, chunk_size=16, max_train_docs=2, max_val_docs=1, max_eval_docs=1,
