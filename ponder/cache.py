@@ -11,7 +11,8 @@ and SKIP need:
   `max_prob` [n] of the predictive distribution. Full logits would be n x V floats: 100 MB per
   512-token chunk at V = 49,152, far too big to keep, while these three vectors are all SKIP's loss
   and the confidence features need;
-* `backbone_s`: wall-clock seconds of the backbone forward on this chunk (the SKIP cost).
+* `backbone_s`: wall-clock seconds of the backbone forward on this chunk (the SKIP cost; the
+  evaluation re-times it in its own run, `retime_backbone`).
 
 Each chunk is its own backbone window (the backbone sees no earlier chunk; the adaptive layer's
 carried state is what links the chunks of a document), and is scored on its n - 1 within-window
@@ -154,6 +155,35 @@ def compute_chunk(backbone: Backbone, ids: list[int]) -> CachedChunk:
     entropy = -(prob * logp).sum(-1)
     max_prob = prob.max(-1).values
     return CachedChunk(input_ids, hidden[0].contiguous(), skip_logprob.contiguous(), entropy, max_prob, elapsed)
+
+
+def retime_backbone(backbone: Backbone, docs: list[CachedDoc], n_chunks: int = 8) -> float:
+    """Measure the backbone forward now and set every chunk's `backbone_s` from it.
+
+    Why: a cache entry records the forward time of the run that wrote it, possibly on a loaded machine
+    (entries written at load average 12-19 recorded ~5.7 s per 128-token chunk instead of ~0.3 s, which
+    squeezed every "wall vs SKIP" ratio towards 1). The SKIP cost must be measured beside the adaptive
+    passes it is compared with, so the evaluation re-times it: the median seconds per token over the first
+    `n_chunks` chunks (after one untimed warm-up call), times each chunk's token count.
+
+    Returns:
+        seconds per token.
+    """
+    chunks = [c for d in docs for c in d.chunks][:max(1, n_chunks)]
+    if not chunks:
+        raise ValueError("retime_backbone needs at least one cached chunk")
+    with torch.no_grad():
+        backbone.forward_chunk(chunks[0].input_ids[None])
+        per_token = []
+        for c in chunks:
+            t0 = time.perf_counter()
+            backbone.forward_chunk(c.input_ids[None])
+            per_token.append((time.perf_counter() - t0) / c.input_ids.numel())
+    s_per_token = sorted(per_token)[len(per_token) // 2]
+    for d in docs:
+        for c in d.chunks:
+            c.backbone_s = s_per_token * c.input_ids.numel()
+    return s_per_token
 
 
 def build_cache(backbone: Backbone, docs: list[tuple[str, list[list[int]]]], chunk_size: int,

@@ -554,7 +554,7 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
 
     backbone = load_backbone(args.base, cache_dir)
     print(f"[run] base model: {backbone.name} -- {backbone.reason}", flush=True)
-    from ponder.cache import model_fingerprint
+    from ponder.cache import model_fingerprint, retime_backbone
 
     claim_run_dir(run_dir, identity, args.overwrite, model=model_fingerprint(backbone))
     t0, c0 = time.perf_counter(), _cpu_s()
@@ -568,6 +568,9 @@ def run_experiment(args: argparse.Namespace | dict) -> dict:
     losses, skips = result["losses"], result["skip_losses"]
     tail = max(1, len(losses) // 4)
     t_eval, c_eval = time.perf_counter(), _cpu_s()
+    s_tok = retime_backbone(backbone, eval_docs)  # SKIP's cost measured now, beside the passes it is compared with
+    print(f"[run] backbone re-timed for the wall-clock columns: {1e3 * s_tok * args.chunk_size:.0f} ms per "
+          f"{args.chunk_size}-token chunk", flush=True)
 
     if result["step"] != start_step and (run_dir / "gates").exists():
         shutil.rmtree(run_dir / "gates")  # calibrated for other slow weights: refit below

@@ -68,6 +68,25 @@ def test_cache_is_reused_and_keyed_by_chunking(backbone, tmp_path, monkeypatch):
         build_cache(backbone, docs8, 8, tmp_path, progress=False)
 
 
+
+def test_retime_backbone_replaces_stale_cached_times(backbone, tmp_path, monkeypatch):
+    """A cache entry written on a loaded machine records a slow forward; the evaluation re-times the
+    backbone now and scales by token count (a 16-token chunk costs twice an 8-token one)."""
+    from ponder.cache import retime_backbone
+
+    docs = build_cache(backbone, select_documents([TEXT], backbone.tokenizer, 1, chunk_size=16, max_chunks=3),
+                       16, tmp_path, progress=False)
+    for c in docs[0].chunks:
+        c.backbone_s = 100.0  # as if written under heavy load
+    clock = iter(range(1000))
+    monkeypatch.setattr(cache_mod.time, "perf_counter", lambda: 0.5 * next(clock))  # every call "takes" 0.5 s
+    s_tok = retime_backbone(backbone, docs, n_chunks=2)
+    assert s_tok == pytest.approx(0.5 / 16)
+    assert [c.backbone_s for c in docs[0].chunks] == pytest.approx([0.5 * c.input_ids.numel() / 16
+                                                                   for c in docs[0].chunks])
+    with pytest.raises(ValueError, match="at least one"):
+        retime_backbone(backbone, [])
+
 def _model(backbone, kind, gain=0.5, seed=0):
     torch.manual_seed(seed)
     m = AdaptiveLM(AdaptiveConfig(hidden_size=backbone.hidden_size, layer=kind, mini_batch_size=4,
