@@ -483,7 +483,7 @@ def results_markdown(stats: dict[str, dict], summary: dict, corr: dict[str, dict
     if corr:
         lines += picks_markdown(stats, corr)
     lines += _chunk_index_markdown(records)
-    lines += paired_differences_markdown(paired_differences(records) if records else [])
+    lines += paired_differences_markdown(summary.get("paired_differences") or [])
     lines += _DEFINITIONS_MARKDOWN
     return "\n".join(lines)
 
@@ -786,8 +786,8 @@ def write_report(run_dir: str | Path, records: list[dict], summary: dict) -> Non
     out["report"] = {"oracle_recovery": "(L_B - L_gate) / (L_B - L_oracle(u_gate)), B = the gate's baseline (STATIC or SKIP), oracle at its exact update count; see results.md",
                      "files": ["summary.json", "results.md", "pareto.png", "gains.png"]}
     out["gain_by_chunk_index"] = gain_by_chunk_index(records)
-    out["paired_differences"] = paired_differences(records)
-    atomic_write_text(run_dir / "results.md", results_markdown(stats, summary, corr, records))
+    out["paired_differences"] = paired_differences(records, boot)
+    atomic_write_text(run_dir / "results.md", results_markdown(stats, out, corr, records))
     plot_pareto(stats, run_dir / "pareto.png")
     if not plot_gains(records, stats, run_dir / "gains.png", corr):
         out["report"]["files"].remove("gains.png")

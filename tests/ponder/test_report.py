@@ -326,7 +326,7 @@ def test_paired_differences_by_hand():
         lo, hi = r["gain_ci"]
         assert lo <= r["gain"] + 1e-12 and r["gain"] - 1e-12 <= hi
     assert rows[("paper:fixed:UPDATE_1", "fixed:UPDATE_1")]["gain"] == pytest.approx(0.1 / 8)
-    text = results_markdown(aggregate(recs), {"run": "t"}, None, recs)
+    text = results_markdown(aggregate(recs), {"run": "t", "paired_differences": list(rows.values())}, None, recs)
     assert "## Measured paired differences" in text and "| recon | random | " in text
     # the paper's SKIP (the layer without an update) is compared with fixed:STATIC, not the bare backbone
     static = _static_records()
