@@ -47,11 +47,13 @@ def sweep(args: argparse.Namespace, grid: list[dict]) -> list[dict]:
     from ponder.runner import _cpu_s, _validate, resolve_preset, split_texts
     from ponder.train import TrainConfig, train
     from ponder.types import INNER_STEPS
+    from ttt_common.train_utils import pin_malloc_mmap_threshold
 
     resolve_preset(args)
     _validate(args)
     if not args.max_val_docs:
         raise ValueError("a sweep compares settings on validation documents: --max-val-docs must be >= 1")
+    pin_malloc_mmap_threshold()  # as in run_experiment: caching must not fragment the heap
     if args.threads:
         torch.set_num_threads(args.threads)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
