@@ -1,4 +1,4 @@
-"""What `official_port`, `ponder` and `lact` share; nothing here imports those packages.
+"""What `official_port`, `ponder` and `lact` share (only the trainer imports a model package, lazily, by name).
 
 Modules (import what you need from them; this package re-exports nothing):
     modules        RMSNorm and rotary position embedding (RoPE)
