@@ -353,8 +353,8 @@ def paired_differences(records: list[dict], boot=None) -> list[dict]:
     Two families: every gate that is not fixed vs the measured `random` gate (the trajectory-aware
     comparison: both carry their own state, unlike the fixed-run oracle and the expected random of
     `recovery vs random`), and every `paper:X` vs its leak-free twin `X` (what reading the scored
-    tokens buys; `paper:fixed:SKIP` pairs with `fixed:STATIC`). Each row: `gate`, `reference`, `gain` = L_reference - L_gate (positive: the gate is
-    better) and `gain_ci`.
+    tokens buys; `paper:fixed:SKIP` pairs with `fixed:STATIC`). Each row: `gate`, `reference`,
+    `gain` = L_reference - L_gate (positive: the gate is better) and `gain_ci`.
     """
     from ponder.stats import Bootstrap, interval
 
