@@ -53,7 +53,8 @@ class TTTState:
         return TTTState(self.inner.detach(), cache, self.seen_tokens)
 
 
-def rope_interleaved(x: Tensor, positions: Tensor, theta: float, num_positions: int | None = None) -> Tensor:
+def rope_interleaved(x: Tensor, positions: Tensor, theta: float, num_positions: int | None = None,
+                     inplace: bool = False) -> Tensor:
     """Rotate interleaved pairs `(x[2i], x[2i+1])` by `positions * theta^(-2i/d)` (official `apply_rotary_emb`).
 
     The angle table and the rotation are the shared ones of `ttt_common.modules` (`rope_cos_sin`,
@@ -64,6 +65,7 @@ def rope_interleaved(x: Tensor, positions: Tensor, theta: float, num_positions: 
             positions: `[B, T]` integers in `[0, num_positions)` (the TTT layer passes
             `position_ids % m`; the table then has only m rows).
         num_positions: table size (default `positions.max() + 1`).
+        inplace: rotate x itself where `apply_rotary_interleaved` can.
     Returns:
         x's shape and dtype (computed in float32, or float64 for float64 inputs).
     """
@@ -71,7 +73,7 @@ def rope_interleaved(x: Tensor, positions: Tensor, theta: float, num_positions: 
     table = torch.float64 if x.dtype == torch.float64 else torch.float32
     cos, sin = rope_cos_sin(torch.arange(n, device=x.device), x.shape[-1], theta, table,
                             correctly_rounded=True)  # [n, d/2]
-    return apply_rotary_interleaved(x, cos[positions], sin[positions])
+    return apply_rotary_interleaved(x, cos[positions], sin[positions], inplace=inplace)
 
 
 class _CausalConvPair(torch.autograd.Function):
@@ -225,8 +227,9 @@ class TTTBase(nn.Module):
 
     def ttt_gate(self, x: Tensor, ttt_lr_mult: float) -> Tensor:
         """`[B, H, T]`: `ttt_lr_mult * ttt_base_lr * sigmoid(x . w_h + b_h) / head_dim`."""
-        logits = torch.einsum("btc,hc->bht", x, self.learnable_ttt_lr_weight.to(x.dtype)) + self.learnable_ttt_lr_bias.to(x.dtype)[:, None]
-        return torch.sigmoid(logits) * (ttt_lr_mult * self.config.ttt_base_lr / self.head_dim)
+        # one [B*T, D] x [D, H] GEMM (an einsum to [B, H, T] runs as a slow transposed bmm)
+        logits = F.linear(x, self.learnable_ttt_lr_weight.to(x.dtype), self.learnable_ttt_lr_bias.to(x.dtype))
+        return torch.sigmoid(logits).mul(ttt_lr_mult * self.config.ttt_base_lr / self.head_dim).transpose(1, 2)
 
     def qk_v(self, x: Tensor, conv_cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Projections before RoPE and head split: `QK [B, T, 2, D]` (queries, keys), `V [B, T, D]`,
@@ -241,7 +244,8 @@ class TTTBase(nn.Module):
         a_ext = torch.cat([conv_cache.to(a.dtype), a], dim=1)  # causal: w-1 earlier inputs on the left
         new_cache = a_ext[:, a_ext.shape[1] - conv_cache.shape[1]:]
         # both depthwise causal convs at once, in the [B, T, D] layout (see `causal_conv_pair`)
-        kern = torch.stack([self.conv_q.weight[:, 0], self.conv_k.weight[:, 0]]).permute(2, 0, 1).to(a.dtype)
+        # contiguous: a strided [2, D] factor would make every multiply-add pass gather (~1.5x slower)
+        kern = torch.stack([self.conv_q.weight[:, 0], self.conv_k.weight[:, 0]]).permute(2, 0, 1).to(a.dtype).contiguous()
         bias = torch.stack([self.conv_q.bias, self.conv_k.bias]).to(a.dtype)  # kern: [w, 2, D], bias: [2, D]
         return causal_conv_pair(a_ext, kern, bias), self.wv(x), new_cache
 
@@ -288,7 +292,9 @@ class TTTBase(nn.Module):
         stat0 = _ssl_target_stat(XV, QK[:, :, 1], seen, m) if output_ttt_stats else None
 
         pos = position_ids.long() % m
-        QK = rope_interleaved(QK.reshape(B, T, 2, H, d), pos, self.config.rope_theta, m)
+        # in place without autograd: QK is this call's own projection
+        QK = rope_interleaved(QK.reshape(B, T, 2, H, d), pos, self.config.rope_theta, m,
+                              inplace=not torch.is_grad_enabled())
         XQ, XK = QK[:, :, 0].transpose(1, 2), QK[:, :, 1].transpose(1, 2)
         XV = XV.reshape(B, T, H, d).transpose(1, 2)
 
@@ -298,7 +304,11 @@ class TTTBase(nn.Module):
         Z = Z.transpose(1, 2).reshape(B, T, D).to(hidden_states.dtype)
         Z = self.post_norm(Z)
         if self.has_gate:
-            Z = F.gelu(self.wg(hidden_states), approximate="tanh") * Z
+            g = self.wg(hidden_states)
+            if torch.is_grad_enabled() or g.dtype != Z.dtype:
+                Z = F.gelu(g, approximate="tanh") * Z
+            else:  # the same products in the gate's own buffer (two large temporaries less)
+                Z = torch.ops.aten.gelu_(g, approximate="tanh").mul_(Z)
         out = self.wo(Z)
         if output_ttt_stats:
             stats = (stat0, *(s.mean(dim=(0, 1)) for s in stats))

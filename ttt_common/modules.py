@@ -144,12 +144,15 @@ def apply_rotary_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return x * cos + rotate_half(x) * sin
 
 
-def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             inplace: bool = False) -> torch.Tensor:
     """Official layout: rotate each pair `(x[2i], x[2i+1])` (ttt-lm-jax `apply_rotary_emb`).
 
     Args:
         x: [B, T, ..., D] (e.g. [B, T, H, D], or [B, T, 2, H, D] for queries and keys at once).
         cos, sin: [T, D/2] or [B, T, D/2].
+        inplace: rotate x itself when it allows it (contiguous float32/float64, outside autograd),
+            saving a tensor of x's size; same values.
 
     Returns:
         x's shape and dtype; the math is in float32 (float64 for float64 inputs), as the official code.
@@ -160,6 +163,9 @@ def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     # (x0 + i x1)(c + i s) = (x0 c - x1 s) + i (x0 s + x1 c): the pair rotation as one complex multiply,
     # bit-identical to the two real products (tests/ttt_common/test_modules.py) and ~13x faster on CPU
     # than strided real ops on the interleaved halves (33 -> 2.5 ms for a 125m layer's q and k, L 2048)
+    if inplace and xf.data_ptr() == x.data_ptr() and not (torch.is_grad_enabled() and x.requires_grad):
+        torch.view_as_complex(xf).mul_(torch.complex(c, s))
+        return x
     rotated = torch.view_as_real(torch.view_as_complex(xf) * torch.complex(c, s))
     return rotated.flatten(-2).to(x.dtype)
 

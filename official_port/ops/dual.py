@@ -48,18 +48,22 @@ def gelu_tanh_derivative(x: Tensor) -> Tensor:
     return 0.5 * x * ((1 - tanh_out * tanh_out) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + tanh_out)
 
 
-def _ln_fwd_vjp(z: Tensor, target: Tensor, gamma: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-head LayerNorm at z, residual R = LN(z) - target and G = J_LN(z)^T R.
+def _ln_fwd_vjp(z: Tensor, neg_target: Tensor, gamma: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-head LayerNorm at z, residual R = LN(z) - target and G = J_LN(z)^T R (given -target:
+    `a + (K - V)` is bit for bit `a - (V - K)`).
 
     Uses ATen's fused LayerNorm forward/backward kernels (gamma is per head, so it is applied
     outside them). `native_layer_norm_backward` is itself differentiable, so the outer backward
     gets the second-order terms of the official code (checked against the autograd twin).
     """
     xhat, mean, rstd = torch.native_layer_norm(z, z.shape[-1:], None, None, LN_EPS)
-    resid = torch.addcmul(beta, xhat, gamma) - target
+    resid = torch.addcmul(beta, xhat, gamma) + neg_target
     grad = torch.ops.aten.native_layer_norm_backward(resid * gamma, z, z.shape[-1:], mean, rstd, None, None,
-                                                     [True, False, False])[0]
+                                                     _INPUT_GRAD_ONLY)[0]
     return grad, resid
+
+
+_INPUT_GRAD_ONLY = [True, False, False]
 
 
 def _gelu_grad(grad_out: Tensor, x: Tensor) -> Tensor:
@@ -80,9 +84,8 @@ def _finite_rows(G: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _blocks(x: Tensor, n: int, m: int) -> Tensor:
-    """[B, H, n*m, ...] -> [n, B*H, m, ...]: mini-batch leading so each scan step reads contiguous memory."""
-    B, H = x.shape[:2]
-    return x.reshape(B, H, n, m, *x.shape[3:]).movedim(2, 0).reshape(n, B * H, m, *x.shape[3:])
+    """[B, H, n*m, ...] -> [n, B, H, m, ...], a view (mini-batch index leading)."""
+    return x.unflatten(2, (n, m)).movedim(2, 0)
 
 
 def _with_ones(x: Tensor) -> Tensor:
@@ -117,7 +120,8 @@ class _MiniBatches:
 
     Tuples hold one `[BH, ...]` tensor per mini-batch: indexing a stacked `x[j]` inside the scan
     would make autograd scatter every step's gradient into a zero tensor of the full size
-    (quadratic in n). `Ka`, `KQa` carry the ones column of the folded bias.
+    (quadratic in n). `Ka`, `Qa` carry the ones column of the folded bias; each is contiguous (a
+    strided slice would cost the LayerNorm a copy per step).
     """
 
     B: int
@@ -130,10 +134,10 @@ class _MiniBatches:
     K: Tensor  # [B, H, r+T, d] keys incl. the state's (for the new state's tail)
     V: Tensor
     g: Tensor  # [B, H, r+T]
-    Qb: Tensor  # [n, BH, m, d] queries (zeros for the state's rows and the padding)
+    Qb: Tensor  # [n, BH, m, d] queries (zeros for the state's rows and the padding), a view of Qa's
     Ka: tuple[Tensor, ...]  # [BH, m, d+1]  [K, 1]
-    KQa: tuple[Tensor, ...]  # [BH, 2m, d+1]  [K, 1; Q, 1]: one product gives K W and Q W
-    tgt: tuple[Tensor, ...]  # [BH, m, d]  reconstruction target V - K
+    Qa: tuple[Tensor, ...]  # [BH, m, d+1]  [Q, 1]
+    neg_tgt: tuple[Tensor, ...]  # [BH, m, d]  K - V, the negated reconstruction target
     E: tuple[Tensor, ...]  # [BH, m, m]  eta[i, s] = token_eta[i] * gate[s], lower-triangular
     e_last: tuple[Tensor, ...]  # [BH, m, 1]  the last row of E (the update's weights)
     M1: tuple[Tensor, ...]  # [BH, m, m]  E * tril([Q, 1][K, 1]^T)
@@ -160,27 +164,32 @@ def _prepare(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor
     Vp = F.pad(V, (0, 0, 0, pad)) if pad else V
     gp = F.pad(g, (0, pad)) if pad else g  # zero gate: padded tokens never contribute a gradient
 
-    Qb, Kb = _blocks(Q, n, m), _blocks(Kp, n, m)  # [n, BH, m, d]
-    tgt = _blocks(Vp, n, m) - Kb
+    # keys and queries go straight from the caller's layout into one buffer [K|Q, n, B, H, m, d+1]
+    # with the ones column: each is copied once, and every step reads contiguous [BH, m, d+1]
     BH = B * H
-    KQa = Kb.new_empty(n, BH, 2 * m, d + 1)
-    KQa[:, :, :m, :d] = Kb
-    KQa[:, :, m:, :d] = Qb
+    KQa = XQ.new_empty(2, n, B, H, m, d + 1)
+    KQa[0, ..., :d] = _blocks(Kp, n, m)
+    KQa[1, ..., :d] = _blocks(Q, n, m)
     KQa[..., d] = 1.0
-    Ka, Qa = KQa[:, :, :m], KQa[:, :, m:]  # [n, BH, m, d+1]
-    E = (token_eta[:, None] * _blocks(gp.unsqueeze(-1), n, m).transpose(-1, -2)).tril()  # [n, BH, m, m]
+    Ka, Qa = KQa.view(2, n, BH, m, d + 1).unbind(0)  # [n, BH, m, d+1]
+    # K - V in the keys' (contiguous) layout; reshape copies only if a layout ever differs
+    neg_tgt = torch.sub(KQa[0, ..., :d], _blocks(Vp, n, m)).reshape(n, BH, m, d)
+    E = (token_eta[:, None] * _blocks(gp.unsqueeze(-1), n, m).transpose(-1, -2)).tril().reshape(n, BH, m, m)
     e_last = E[:, :, -1, :, None]  # [n, BH, m, 1]
     # The causal mask selects (tril) rather than multiplies: a NaN key at row s must not turn the
     # 0 of row i < s into 0 * NaN.
-    M1 = (E * (Qa @ Ka.transpose(-1, -2))).tril()
+    M1 = Qa @ Ka.transpose(-1, -2)
+    M1 = (E * M1).tril() if torch.is_grad_enabled() else M1.mul_(E).tril_()
     eKt = (e_last * Ka).transpose(-1, -2)
     # (A sum is one cheap pass; it is non-finite if any term is, and a finite-input overflow only
     # takes the guarded path, which gives the same values.)
-    guard = not bool(torch.isfinite(K.sum() + V.sum() + g.sum()))
+    # (K - V is non-finite wherever K or V is; inf - inf is NaN.)
+    guard = not bool(torch.isfinite(neg_tgt.sum() + g.sum()))
     gamma = ln_weight.unsqueeze(0).expand(B, H, d).reshape(BH, 1, d)
     beta = ln_bias.unsqueeze(0).expand(B, H, d).reshape(BH, 1, d)
-    Ka, tgt, E, e_last, M1, KQa, eKt = (t.unbind(0) for t in (Ka, tgt, E, e_last, M1, KQa, eKt))
-    return _MiniBatches(B, H, m, r, T, n, n_full, K, V, g, Qb, Ka, KQa, tgt, E, e_last, M1, eKt, gamma, beta,
+    Qb = Qa[..., :d]
+    Ka, Qa, neg_tgt, E, e_last, M1, eKt = (t.unbind(0) for t in (Ka, Qa, neg_tgt, E, e_last, M1, eKt))
+    return _MiniBatches(B, H, m, r, T, n, n_full, K, V, g, Qb, Ka, Qa, neg_tgt, E, e_last, M1, eKt, gamma, beta,
                         guard)
 
 
@@ -249,11 +258,23 @@ def _scan(mb: _MiniBatches, W: Params, model: _InnerModel, inner_steps: int, out
 
 def _finish(mb: _MiniBatches, W: Params, Zb: Tensor, step_stats: list[Tensor], model: _InnerModel,
             output_stats: bool, init_params: tuple[Tensor, ...] | None):
-    """Output `q + LN(Zb)` back in `[B, H, T, d]`, the new `InnerState` and the stats."""
+    """Output `q + LN(Zb)` as `[B, H, T, d]`, the new `InnerState` and the stats.
+
+    The output is a `[B, H, T, d]` view of a `[B, T, H, d]` tensor: the layer's merge of the heads
+    (`transpose(1, 2).reshape(B, T, D)`) is then free. Without autograd the sum is written there
+    directly; with it, one copy moves it."""
     B, H, m, n, r, T = mb.B, mb.H, mb.m, mb.n, mb.r, mb.T
     d = Zb.shape[-1]
-    out = mb.Qb + _ln(Zb, mb.gamma, mb.beta)
-    out = out.reshape(n, B, H, m, d).movedim(0, 2).reshape(B, H, n * m, d)[:, :, r:r + T]
+    if torch.is_grad_enabled():
+        y = _ln(Zb, mb.gamma, mb.beta)
+        out = (mb.Qb + y).view(n, B, H, m, d).permute(1, 0, 3, 2, 4).reshape(B, n * m, H, d)
+    else:  # the same ops, each writing over its input (no large temporaries)
+        y = F.layer_norm(Zb, (d,), eps=LN_EPS)
+        y = torch.addcmul(mb.beta, y, mb.gamma, out=y)
+        out = y.new_empty(B, n * m, H, d)
+        torch.add(mb.Qb.view(n, B, H, m, d), y.view(n, B, H, m, d),
+                  out=out.view(B, n, m, H, d).permute(1, 0, 3, 2, 4))
+    out = out[:, r:r + T].transpose(1, 2)
     tail = slice(mb.n_full * m, r + T)
     new_state = InnerState(_unfold_params(W, B, H), mb.K[:, :, tail], mb.V[:, :, tail], mb.g[:, :, tail])
     if not output_stats:
@@ -284,29 +305,27 @@ def _run_op(name: str, kind: str, make_model: Callable, XQ, XK, XV, gate, token_
 
 def _linear_model(mb: _MiniBatches, in_place: bool) -> _InnerModel:
     """TTT-Linear pieces: f(k) = [k, 1] W, W `[BH, d+1, d]`; G = dLoss/dZ at Z = K W."""
-    m = mb.m
 
     def grads_from(Z, j):  # Z = K_j W, [BH, m, d]
-        G, R = _ln_fwd_vjp(Z, mb.tgt[j], mb.gamma, mb.beta)
+        G, R = _ln_fwd_vjp(Z, mb.neg_tgt[j], mb.gamma, mb.beta)
         return (G,), R
 
     def forward(W, j, out):
-        ZZ = mb.KQa[j] @ W[0]  # [BH, 2m, d]: K W on top, Q W below
-        (G,), R = grads_from(ZZ[:, :m], j)
+        (G,), R = grads_from(torch.bmm(mb.Ka[j], W[0]), j)
         Gc, bad = _finite_rows(G) if mb.guard else (G, None)
         # dual form: row i of Q W_i is Q_i W - sum_{s <= i} eta[i, s] (Q_i K_s^T + 1) G_s
-        Zb = torch.baddbmm(ZZ[:, m:], mb.M1[j], Gc, alpha=-1, out=out)
+        Zb = torch.baddbmm(torch.bmm(mb.Qa[j], W[0]), mb.M1[j], Gc, alpha=-1, out=out)
         return Zb, bad, (G,), R
 
     def grads_at(W, j):
-        return grads_from(mb.Ka[j] @ W[0], j)
+        return grads_from(torch.bmm(mb.Ka[j], W[0]), j)
 
     def update(W, grads, j):  # W - (e K)^T G
         return (_sub_prod(W[0], mb.eKt[j], grads[0], in_place),)
 
     def mse_last(W, j):
         z = mb.Ka[j][:, -1:] @ W[0]
-        return ((_ln(z, mb.gamma, mb.beta) - mb.tgt[j][:, -1:]) ** 2).mean(dim=(-1, -2))
+        return ((_ln(z, mb.gamma, mb.beta) + mb.neg_tgt[j][:, -1:]) ** 2).mean(dim=(-1, -2))
 
     return _InnerModel(forward, grads_at, update, mse_last)
 
@@ -315,29 +334,28 @@ def _mlp_model(mb: _MiniBatches, in_place: bool) -> _InnerModel:
     """TTT-MLP pieces: f(k) = [gelu([k, 1] W1), 1] W2, W1 `[BH, d+1, 4d]`, W2 `[BH, 4d+1, d]`;
     grads `(G1 [BH, m, 4d], G2 [BH, m, d], X2a [BH, m, 4d+1])`: dLoss/dZ1, dLoss/dZ2 and the
     second layer's input (with its ones column)."""
-    m = mb.m
 
     def grads_from(Z1, W, j):  # Z1 = K_j W1, [BH, m, 4d]
         W1, W2 = W
         hidden = W1.shape[-1]
         X2a = _with_ones(F.gelu(Z1, approximate="tanh"))
-        G2, R = _ln_fwd_vjp(X2a @ W2, mb.tgt[j], mb.gamma, mb.beta)
+        G2, R = _ln_fwd_vjp(X2a @ W2, mb.neg_tgt[j], mb.gamma, mb.beta)
         G1 = _gelu_grad(G2 @ W2[:, :hidden].transpose(-1, -2), Z1)
         return (G1, G2, X2a), R
 
     def forward(W, j, out):
-        ZZ = mb.KQa[j] @ W[0]  # [BH, 2m, 4d]: K W1 on top, Q W1 below
-        grads, R = grads_from(ZZ[:, :m], W, j)
+        grads, R = grads_from(torch.bmm(mb.Ka[j], W[0]), W, j)
         G1, G2, X2a = grads
         G1c, bad = _finite_rows(G1) if mb.guard else (G1, None)
-        Xb2a = _with_ones(F.gelu(torch.baddbmm(ZZ[:, m:], mb.M1[j], G1c, alpha=-1), approximate="tanh"))
+        Xb2a = _with_ones(F.gelu(torch.baddbmm(torch.bmm(mb.Qa[j], W[0]), mb.M1[j], G1c, alpha=-1),
+                                 approximate="tanh"))
         M2 = (mb.E[j] * (Xb2a @ X2a.transpose(-1, -2))).tril()  # E * tril(Xb2 X2^T + 1), by selection
         G2c, bad2 = _finite_rows(G2) if mb.guard else (G2, None)
         Zb = torch.baddbmm(Xb2a @ W[1], M2, G2c, alpha=-1, out=out)
         return Zb, (bad | bad2 if mb.guard else None), grads, R
 
     def grads_at(W, j):
-        return grads_from(mb.Ka[j] @ W[0], W, j)
+        return grads_from(torch.bmm(mb.Ka[j], W[0]), W, j)
 
     def update(W, grads, j):
         G1, G2, X2a = grads
@@ -346,7 +364,7 @@ def _mlp_model(mb: _MiniBatches, in_place: bool) -> _InnerModel:
 
     def mse_last(W, j):
         z = _with_ones(F.gelu(mb.Ka[j][:, -1:] @ W[0], approximate="tanh")) @ W[1]
-        return ((_ln(z, mb.gamma, mb.beta) - mb.tgt[j][:, -1:]) ** 2).mean(dim=(-1, -2))
+        return ((_ln(z, mb.gamma, mb.beta) + mb.neg_tgt[j][:, -1:]) ** 2).mean(dim=(-1, -2))
 
     return _InnerModel(forward, grads_at, update, mse_last)
 

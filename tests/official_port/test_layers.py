@@ -54,6 +54,32 @@ def test_split_and_token_by_token_equal_whole(name, split):
         assert (a - b).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("name", list(TTT_LAYERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_path_is_bit_identical_to_the_autograd_path(name, dtype):
+    """Without autograd the layer rotates, masks, normalises and gates in place and writes the op's output
+    straight into the head-merged layout; every value must equal the autograd path's bit for bit, whole
+    or in pieces that start and end inside mini-batches, and the state too."""
+    layer = small_layer(name).to(dtype)
+    x = torch.randn(2, 15, 16, dtype=dtype)
+    want, _, s_want = layer(x)
+    want_pieces, state = [], None
+    for a, b in ((0, 6), (6, 15)):
+        o, _, state = layer(x[:, a:b], state=state)
+        want_pieces.append(o)
+    with torch.no_grad():
+        got, _, s_got = layer(x)
+        got_pieces, state_got = [], None
+        for a, b in ((0, 6), (6, 15)):
+            o, _, state_got = layer(x[:, a:b], state=state_got)
+            got_pieces.append(o)
+    assert want.requires_grad and not got.requires_grad
+    assert torch.equal(got, want.detach())
+    assert torch.equal(torch.cat(got_pieces, 1), torch.cat(want_pieces, 1).detach())
+    for a, b in zip((*s_got.inner.params, *state_got.inner.params), (*s_want.inner.params, *state.inner.params)):
+        assert torch.equal(a, b.detach())
+
+
 @pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp"])
 def test_stats_in_pieces_count_every_mini_batch_start_once(name):
     """With stats on, a call in which no mini-batch starts (here 2 tokens after 5, m = 4) is valid and

@@ -90,6 +90,25 @@ def test_interleaved_rope_complex_multiply_equals_the_real_pair_formula(dtype):
         (g_got,) = torch.autograd.grad((got * w).sum(), x)
         torch.testing.assert_close(g_got, g_want, rtol=0, atol=4 * torch.finfo(dtype).eps)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_interleaved_rope_in_place_is_the_same_rotation(dtype):
+    """`inplace=True` rotates a contiguous float32/float64 tensor in its own storage, bit for bit as the
+    out-of-place call; a bfloat16 input (rotated in float32) or one that needs autograd gets a new tensor."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 2, 3, 16, dtype=torch.float64, generator=g).to(dtype)
+    cos, sin = rope_cos_sin(torch.arange(7), 16, 10000.0, torch.float32, correctly_rounded=True)
+    want = apply_rotary_interleaved(x, cos, sin)
+    y = x.clone()
+    got = apply_rotary_interleaved(y, cos, sin, inplace=True)
+    assert torch.equal(got, want)
+    assert (got.data_ptr() == y.data_ptr()) == (dtype != torch.bfloat16)
+    if dtype != torch.bfloat16:
+        assert torch.equal(y, want)  # rotated where it lies
+        leaf = x.clone().requires_grad_()
+        out = apply_rotary_interleaved(leaf, cos, sin, inplace=True)
+        assert out.data_ptr() != leaf.data_ptr() and torch.equal(leaf, x) and torch.equal(out, want)
+
 def test_rope_table_float_paths_and_rotation_properties():
     d, theta = 16, 10000.0
     pos = torch.arange(0, 8192, 7)
