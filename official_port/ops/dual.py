@@ -14,9 +14,12 @@ Speed-relevant choices (all exact, none changes values beyond float rounding):
   * each inner bias is folded into its weight as an extra row (`[W; b]`, see `_fold`), with a
     column of ones appended to the inputs; then `Q K^T + 1` (the dual form's attention plus its
     bias term) is a single product `[Q, 1][K, 1]^T` and every update is one `baddbmm`;
-  * everything that does not depend on the inner state (eta matrices, `E * tril(Q K^T + 1)`, the
-    scaled keys of the update, targets) is computed for all mini-batches before the scan;
-  * the output LayerNorm of all mini-batches runs once after the scan.
+  * everything that does not depend on the inner state (eta matrices, `E * tril(Q K^T + 1)`,
+    targets) is computed for all mini-batches before the scan;
+  * the output LayerNorm of all mini-batches runs once after the scan;
+  * few large temporaries (on CPU each costs a pass over memory, plus page faults when fresh):
+    keys and queries are copied once, from the caller's layout into the scan's buffer; the output
+    is written in the layout the layer merges heads from; without autograd, ops write in place.
 
 A call may start inside a mini-batch (the state's buffered tokens are prepended with zero queries)
 and may end inside one (zero-padded with zero gates; its rows are causal because eta is
@@ -141,7 +144,6 @@ class _MiniBatches:
     E: tuple[Tensor, ...]  # [BH, m, m]  eta[i, s] = token_eta[i] * gate[s], lower-triangular
     e_last: tuple[Tensor, ...]  # [BH, m, 1]  the last row of E (the update's weights)
     M1: tuple[Tensor, ...]  # [BH, m, m]  E * tril([Q, 1][K, 1]^T)
-    eKt: tuple[Tensor, ...]  # [BH, d+1, m]  (e_last * [K, 1])^T, the first layer's update
     gamma: Tensor  # [BH, 1, d] ttt_norm weight per (batch, head)
     beta: Tensor
     guard: bool  # some key/value/gate is non-finite: the scan isolates its rows (see `_scan`)
@@ -180,7 +182,6 @@ def _prepare(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor
     # 0 of row i < s into 0 * NaN.
     M1 = Qa @ Ka.transpose(-1, -2)
     M1 = (E * M1).tril() if torch.is_grad_enabled() else M1.mul_(E).tril_()
-    eKt = (e_last * Ka).transpose(-1, -2)
     # (A sum is one cheap pass; it is non-finite if any term is, and a finite-input overflow only
     # takes the guarded path, which gives the same values.)
     # (K - V is non-finite wherever K or V is; inf - inf is NaN.)
@@ -188,8 +189,8 @@ def _prepare(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor
     gamma = ln_weight.unsqueeze(0).expand(B, H, d).reshape(BH, 1, d)
     beta = ln_bias.unsqueeze(0).expand(B, H, d).reshape(BH, 1, d)
     Qb = Qa[..., :d]
-    Ka, Qa, neg_tgt, E, e_last, M1, eKt = (t.unbind(0) for t in (Ka, Qa, neg_tgt, E, e_last, M1, eKt))
-    return _MiniBatches(B, H, m, r, T, n, n_full, K, V, g, Qb, Ka, Qa, neg_tgt, E, e_last, M1, eKt, gamma, beta,
+    Ka, Qa, neg_tgt, E, e_last, M1 = (t.unbind(0) for t in (Ka, Qa, neg_tgt, E, e_last, M1))
+    return _MiniBatches(B, H, m, r, T, n, n_full, K, V, g, Qb, Ka, Qa, neg_tgt, E, e_last, M1, gamma, beta,
                         guard)
 
 
@@ -320,8 +321,8 @@ def _linear_model(mb: _MiniBatches, in_place: bool) -> _InnerModel:
     def grads_at(W, j):
         return grads_from(torch.bmm(mb.Ka[j], W[0]), j)
 
-    def update(W, grads, j):  # W - (e K)^T G
-        return (_sub_prod(W[0], mb.eKt[j], grads[0], in_place),)
+    def update(W, grads, j):  # W - (e K)^T G, as K^T (e G): e scales the narrower factor
+        return (_sub_prod(W[0], mb.Ka[j].transpose(-1, -2), mb.e_last[j] * grads[0], in_place),)
 
     def mse_last(W, j):
         z = mb.Ka[j][:, -1:] @ W[0]
@@ -359,8 +360,9 @@ def _mlp_model(mb: _MiniBatches, in_place: bool) -> _InnerModel:
 
     def update(W, grads, j):
         G1, G2, X2a = grads
-        return (_sub_prod(W[0], mb.eKt[j], G1, in_place),
-                _sub_prod(W[1], (mb.e_last[j] * X2a).transpose(-1, -2), G2, in_place))
+        e = mb.e_last[j]
+        return (_sub_prod(W[0], mb.Ka[j].transpose(-1, -2), e * G1, in_place),
+                _sub_prod(W[1], X2a.transpose(-1, -2), e * G2, in_place))
 
     def mse_last(W, j):
         z = _with_ones(F.gelu(mb.Ka[j][:, -1:] @ W[0], approximate="tanh")) @ W[1]
