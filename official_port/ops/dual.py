@@ -51,6 +51,9 @@ def gelu_tanh_derivative(x: Tensor) -> Tensor:
     return 0.5 * x * ((1 - tanh_out * tanh_out) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + tanh_out)
 
 
+_INPUT_GRAD_ONLY = [True, False, False]  # native_layer_norm_backward's output mask: d input only
+
+
 def _ln_fwd_vjp(z: Tensor, neg_target: Tensor, gamma: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
     """Per-head LayerNorm at z, residual R = LN(z) - target and G = J_LN(z)^T R (given -target:
     `a + (K - V)` is bit for bit `a - (V - K)`).
@@ -64,9 +67,6 @@ def _ln_fwd_vjp(z: Tensor, neg_target: Tensor, gamma: Tensor, beta: Tensor) -> t
     grad = torch.ops.aten.native_layer_norm_backward(resid * gamma, z, z.shape[-1:], mean, rstd, None, None,
                                                      _INPUT_GRAD_ONLY)[0]
     return grad, resid
-
-
-_INPUT_GRAD_ONLY = [True, False, False]
 
 
 def _gelu_grad(grad_out: Tensor, x: Tensor) -> Tensor:
@@ -182,9 +182,8 @@ def _prepare(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor
     # 0 of row i < s into 0 * NaN.
     M1 = Qa @ Ka.transpose(-1, -2)
     M1 = (E * M1).tril() if torch.is_grad_enabled() else M1.mul_(E).tril_()
-    # (A sum is one cheap pass; it is non-finite if any term is, and a finite-input overflow only
-    # takes the guarded path, which gives the same values.)
-    # (K - V is non-finite wherever K or V is; inf - inf is NaN.)
+    # (A sum is one cheap pass; it is non-finite if any term is (K - V is wherever K or V is: inf - inf
+    # is NaN), and a finite-input overflow only takes the guarded path, which gives the same values.)
     guard = not bool(torch.isfinite(neg_tgt.sum() + g.sum()))
     gamma = ln_weight.unsqueeze(0).expand(B, H, d).reshape(BH, 1, d)
     beta = ln_bias.unsqueeze(0).expand(B, H, d).reshape(BH, 1, d)
