@@ -76,8 +76,10 @@ def _gelu_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     return torch.ops.aten.gelu_backward(grad_out, x, approximate="tanh")
 
 
-def _ln(z: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
-    return torch.addcmul(beta, F.layer_norm(z, z.shape[-1:], eps=LN_EPS), gamma)
+def _ln(z: Tensor, gamma: Tensor, beta: Tensor, in_place: bool = False) -> Tensor:
+    """Per-head LayerNorm; `in_place` writes the affine over the normalised tensor (no autograd)."""
+    y = F.layer_norm(z, z.shape[-1:], eps=LN_EPS)
+    return torch.addcmul(beta, y, gamma, out=y) if in_place else torch.addcmul(beta, y, gamma)
 
 
 def _finite_rows(G: Tensor) -> tuple[Tensor, Tensor]:
@@ -265,12 +267,11 @@ def _finish(mb: _MiniBatches, W: Params, Zb: Tensor, step_stats: list[Tensor], m
     directly; with it, one copy moves it."""
     B, H, m, n, r, T = mb.B, mb.H, mb.m, mb.n, mb.r, mb.T
     d = Zb.shape[-1]
-    if torch.is_grad_enabled():
-        y = _ln(Zb, mb.gamma, mb.beta)
+    grad = torch.is_grad_enabled()
+    y = _ln(Zb, mb.gamma, mb.beta, in_place=not grad)
+    if grad:
         out = (mb.Qb + y).view(n, B, H, m, d).permute(1, 0, 3, 2, 4).reshape(B, n * m, H, d)
-    else:  # the same ops, each writing over its input (no large temporaries)
-        y = F.layer_norm(Zb, (d,), eps=LN_EPS)
-        y = torch.addcmul(mb.beta, y, mb.gamma, out=y)
+    else:  # the same sum, written straight into the output layout (no large temporary)
         out = y.new_empty(B, n * m, H, d)
         torch.add(mb.Qb.view(n, B, H, m, d), y.view(n, B, H, m, d),
                   out=out.view(B, n, m, H, d).permute(1, 0, 3, 2, 4))
