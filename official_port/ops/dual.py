@@ -315,7 +315,8 @@ def _linear_model(mb: _MiniBatches, in_place: bool) -> _InnerModel:
         (G,), R = grads_from(torch.bmm(mb.Ka[j], W[0]), j)
         Gc, bad = _finite_rows(G) if mb.guard else (G, None)
         # dual form: row i of Q W_i is Q_i W - sum_{s <= i} eta[i, s] (Q_i K_s^T + 1) G_s
-        Zb = torch.baddbmm(torch.bmm(mb.Qa[j], W[0]), mb.M1[j], Gc, alpha=-1, out=out)
+        # (in place on the fresh product: `baddbmm(..., out=)` would first copy it there)
+        Zb = torch.bmm(mb.Qa[j], W[0], out=out).baddbmm_(mb.M1[j], Gc, alpha=-1)
         return Zb, bad, (G,), R
 
     def grads_at(W, j):
@@ -352,7 +353,7 @@ def _mlp_model(mb: _MiniBatches, in_place: bool) -> _InnerModel:
                                  approximate="tanh"))
         M2 = (mb.E[j] * (Xb2a @ X2a.transpose(-1, -2))).tril()  # E * tril(Xb2 X2^T + 1), by selection
         G2c, bad2 = _finite_rows(G2) if mb.guard else (G2, None)
-        Zb = torch.baddbmm(Xb2a @ W[1], M2, G2c, alpha=-1, out=out)
+        Zb = torch.bmm(Xb2a, W[1], out=out).baddbmm_(M2, G2c, alpha=-1)
         return Zb, (bad | bad2 if mb.guard else None), grads, R
 
     def grads_at(W, j):
