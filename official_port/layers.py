@@ -79,28 +79,32 @@ def rope_interleaved(x: Tensor, positions: Tensor, theta: float, num_positions: 
 class _CausalConvPair(torch.autograd.Function):
     """Two depthwise causal convolutions of one input, in the `[B, T, D]` layout.
 
-    `out[b, t, c, :] = bias[c] + sum_k kern[k, c] * a_ext[b, t + k]` for c in (q, k): w shifted
+    `out_c[b, t, :] = bias[c] + sum_k kern[k, c] * a_ext[b, t + k]` for c in (q, k): w shifted
     multiply-adds (F.conv1d wants `[B, D, T]` and would cost two transposing copies each way).
+    Two outputs rather than one `[B, T, 2, D]`: at 125m width and B 4 that tensor is 50 MB, over
+    glibc's 32 MB mmap ceiling, so every call would map (and fault in) fresh pages for it.
     The backward is written out because autograd's through broadcasting multiply-adds makes a
-    `[B, T, 2, D]` temporary per term; `official_port.layers` tests it against F.conv1d and
-    float64 gradcheck."""
+    temporary per term; `official_port.layers` tests it against F.conv1d and float64 gradcheck."""
 
     @staticmethod
-    def forward(ctx, a_ext: Tensor, kern: Tensor, bias: Tensor) -> Tensor:
+    def forward(ctx, a_ext: Tensor, kern: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         w = kern.shape[0]
         T = a_ext.shape[1] - w + 1
-        out = torch.addcmul(bias, a_ext[:, 0:T, None, :], kern[0])  # [B, T, 2, D]
-        for k in range(1, w):
-            out.addcmul_(a_ext[:, k:k + T, None, :], kern[k])
+        outs = []
+        for c in range(2):
+            out = torch.addcmul(bias[c], a_ext[:, 0:T], kern[0, c])  # [B, T, D]
+            for k in range(1, w):
+                out.addcmul_(a_ext[:, k:k + T], kern[k, c])
+            outs.append(out)
         ctx.save_for_backward(a_ext, kern)
-        return out
+        return outs[0], outs[1]
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, gq: Tensor, gk: Tensor):
         a_ext, kern = ctx.saved_tensors
         w = kern.shape[0]
         T = a_ext.shape[1] - w + 1
-        gq, gk = grad[:, :, 0].contiguous(), grad[:, :, 1].contiguous()  # [B, T, D] each
+        gq, gk = gq.contiguous(), gk.contiguous()  # [B, T, D] each
         g_a = g_kern = None
         if ctx.needs_input_grad[0]:
             g_a = a_ext.new_zeros(a_ext.shape)
@@ -113,8 +117,8 @@ class _CausalConvPair(torch.autograd.Function):
         return g_a, g_kern, g_bias
 
 
-def causal_conv_pair(a_ext: Tensor, kern: Tensor, bias: Tensor) -> Tensor:
-    """`[B, w-1+T, D]` (left-extended input), `[w, 2, D]` kernels, `[2, D]` biases -> `[B, T, 2, D]`."""
+def causal_conv_pair(a_ext: Tensor, kern: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """`[B, w-1+T, D]` (left-extended input), `[w, 2, D]` kernels, `[2, D]` biases -> two `[B, T, D]`."""
     return _CausalConvPair.apply(a_ext, kern, bias)
 
 
@@ -231,12 +235,11 @@ class TTTBase(nn.Module):
         logits = F.linear(x, self.learnable_ttt_lr_weight.to(x.dtype), self.learnable_ttt_lr_bias.to(x.dtype))
         return torch.sigmoid(logits).mul(ttt_lr_mult * self.config.ttt_base_lr / self.head_dim).transpose(1, 2)
 
-    def qk_v(self, x: Tensor, conv_cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Projections before RoPE and head split: `QK [B, T, 2, D]` (queries, keys), `V [B, T, D]`,
-        and the new conv cache. Queries and keys share one buffer so RoPE rotates both in one op."""
-        if not self.has_conv:  # one GEMM for both: [Wq; Wk] is [2D, D]
-            qk = F.linear(x, torch.cat([self.wq.weight, self.wk.weight])).unflatten(-1, (2, self.width))
-            return qk, self.wv(x), None
+    def qkv(self, x: Tensor, conv_cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Projections `[B, T, D]` (queries and keys before RoPE, values; before the head split) and
+        the new conv cache."""
+        if not self.has_conv:
+            return self.wq(x), self.wk(x), self.wv(x), None
         a = self.wq(x)
         w = self.conv_q.weight.shape[-1]
         if conv_cache is None:
@@ -247,12 +250,7 @@ class TTTBase(nn.Module):
         # contiguous: a strided [2, D] factor would make every multiply-add pass gather (~1.5x slower)
         kern = torch.stack([self.conv_q.weight[:, 0], self.conv_k.weight[:, 0]]).permute(2, 0, 1).to(a.dtype).contiguous()
         bias = torch.stack([self.conv_q.bias, self.conv_k.bias]).to(a.dtype)  # kern: [w, 2, D], bias: [2, D]
-        return causal_conv_pair(a_ext, kern, bias), self.wv(x), new_cache
-
-    def qkv(self, x: Tensor, conv_cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Projections `[B, T, D]` (before RoPE and head split) and the new conv cache."""
-        qk, v, new_cache = self.qk_v(x, conv_cache)
-        return qk[:, :, 0], qk[:, :, 1], v, new_cache
+        return *causal_conv_pair(a_ext, kern, bias), self.wv(x), new_cache
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -288,14 +286,13 @@ class TTTBase(nn.Module):
         m, H, d = self.mini_batch_size, self.num_heads, self.head_dim
         seen = int(state.seen_tokens)
 
-        QK, XV, new_cache = self.qk_v(hidden_states, state.conv_cache)
-        stat0 = _ssl_target_stat(XV, QK[:, :, 1], seen, m) if output_ttt_stats else None
+        XQ, XK, XV, new_cache = self.qkv(hidden_states, state.conv_cache)
+        stat0 = _ssl_target_stat(XV, XK, seen, m) if output_ttt_stats else None
 
         pos = position_ids.long() % m
-        # in place without autograd: QK is this call's own projection
-        QK = rope_interleaved(QK.reshape(B, T, 2, H, d), pos, self.config.rope_theta, m,
-                              inplace=not torch.is_grad_enabled())
-        XQ, XK = QK[:, :, 0].transpose(1, 2), QK[:, :, 1].transpose(1, 2)
+        # in place without autograd: XQ and XK are this call's own projections
+        XQ, XK = (rope_interleaved(t.reshape(B, T, H, d), pos, self.config.rope_theta, m,
+                                   inplace=not torch.is_grad_enabled()).transpose(1, 2) for t in (XQ, XK))
         XV = XV.reshape(B, T, H, d).transpose(1, 2)
 
         Z, inner, stats = self._inner_loop(hidden_states, XQ, XK, XV, state, ttt_lr_mult, output_ttt_stats,

@@ -115,7 +115,7 @@ def test_causal_conv_pair_matches_conv1d_and_gradcheck():
     a_ext = torch.randn(B, T + w - 1, D, generator=g, dtype=torch.float64, requires_grad=True)
     kern = torch.randn(w, 2, D, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(2, D, generator=g, dtype=torch.float64, requires_grad=True)
-    out = causal_conv_pair(a_ext, kern, bias)
+    out = torch.stack(causal_conv_pair(a_ext, kern, bias), dim=2)
     ref = torch.stack([torch.nn.functional.conv1d(a_ext.transpose(1, 2), kern[:, c].T[:, None], bias[c], groups=D)
                        .transpose(1, 2) for c in range(2)], dim=2)
     cot = torch.randn(out.shape, generator=g, dtype=torch.float64)
