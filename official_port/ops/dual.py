@@ -93,19 +93,6 @@ def _blocks(x: Tensor, n: int, m: int) -> Tensor:
     return x.unflatten(2, (n, m)).movedim(2, 0)
 
 
-def _blocks_with_ones(x: Tensor, n: int, m: int) -> Tensor:
-    """[B, H, n*m, d] -> a fresh [n, B, H, m, d+1]: the mini-batches with the ones column of the folded
-    bias, copied once straight from x's layout (each scan step then reads a contiguous [BH, m, d+1]).
-
-    Keys and queries get one buffer each: at 125m width and B 4 one shared buffer would pass glibc's
-    32 MB mmap ceiling and be faulted in anew on every call."""
-    B, H, _, d = x.shape
-    buf = x.new_empty(n, B, H, m, d + 1)
-    buf[..., :d] = _blocks(x, n, m)
-    buf[..., d] = 1.0
-    return buf
-
-
 def _with_ones(x: Tensor) -> Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
@@ -181,11 +168,15 @@ def _prepare(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor
     Vp = F.pad(V, (0, 0, 0, pad)) if pad else V
     gp = F.pad(g, (0, pad)) if pad else g  # zero gate: padded tokens never contribute a gradient
 
+    # keys and queries go straight from the caller's layout into [n, B, H, m, d+1] buffers with the
+    # ones column: each is copied once, and every step reads contiguous [BH, m, d+1]. One buffer
+    # each: at 125m width and B 4 a shared one would pass glibc's 32 MB mmap ceiling and be faulted
+    # in anew on every call.
     BH = B * H
-    Ka, Qa = _blocks_with_ones(Kp, n, m), _blocks_with_ones(Q, n, m)
+    Ka, Qa = _with_ones(_blocks(Kp, n, m)), _with_ones(_blocks(Q, n, m))
     # K - V in the keys' (contiguous) layout; reshape copies only if a layout ever differs
     neg_tgt = torch.sub(Ka[..., :d], _blocks(Vp, n, m)).reshape(n, BH, m, d)
-    Ka, Qa = Ka.view(n, BH, m, d + 1), Qa.view(n, BH, m, d + 1)
+    Ka, Qa = Ka.reshape(n, BH, m, d + 1), Qa.reshape(n, BH, m, d + 1)
     E = (token_eta[:, None] * _blocks(gp.unsqueeze(-1), n, m).transpose(-1, -2)).tril().reshape(n, BH, m, m)
     e_last = E[:, :, -1, :, None]  # [n, BH, m, 1]
     # The causal mask selects (tril) rather than multiplies: a NaN key at row s must not turn the
