@@ -53,27 +53,30 @@ class TTTState:
         return TTTState(self.inner.detach(), cache, self.seen_tokens)
 
 
-def rope_interleaved(x: Tensor, positions: Tensor, theta: float, num_positions: int | None = None,
-                     inplace: bool = False) -> Tensor:
-    """Rotate interleaved pairs `(x[2i], x[2i+1])` by `positions * theta^(-2i/d)` (official `apply_rotary_emb`).
+def rope_interleaved(xs: tuple[Tensor, ...], positions: Tensor, theta: float, num_positions: int | None = None,
+                     inplace: bool = False) -> tuple[Tensor, ...]:
+    """Rotate interleaved pairs `(x[2i], x[2i+1])` by `positions * theta^(-2i/d)` (official `apply_rotary_emb`)
+    in each x of xs (e.g. queries and keys), with one angle table for all.
 
     The angle table and the rotation are the shared ones of `ttt_common.modules` (`rope_cos_sin`,
     `apply_rotary_interleaved`), the same the official model's attention uses.
 
     Args:
-        x: `[B, T, ..., d]` (e.g. `[B, T, H, d]`, or `[B, T, 2, H, d]` for queries and keys at once);
-            positions: `[B, T]` integers in `[0, num_positions)` (the TTT layer passes
-            `position_ids % m`; the table then has only m rows).
+        xs: tensors `[B, T, ..., d]` of one dtype (e.g. `[B, T, H, d]` queries and keys).
+        positions: `[B, T]` integers in `[0, num_positions)` (the TTT layer passes `position_ids % m`;
+            the table then has only m rows).
         num_positions: table size (default `positions.max() + 1`).
-        inplace: rotate x itself where `apply_rotary_interleaved` can.
+        inplace: rotate each x itself where `apply_rotary_interleaved` can.
     Returns:
-        x's shape and dtype (computed in float32, or float64 for float64 inputs).
+        one tensor per x, its shape and dtype (computed in float32, or float64 for float64 inputs).
     """
+    x0 = xs[0]
     n = int(num_positions) if num_positions is not None else int(positions.max()) + 1
-    table = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cos, sin = rope_cos_sin(torch.arange(n, device=x.device), x.shape[-1], theta, table,
+    table = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    cos, sin = rope_cos_sin(torch.arange(n, device=x0.device), x0.shape[-1], theta, table,
                             correctly_rounded=True)  # [n, d/2]
-    return apply_rotary_interleaved(x, cos[positions], sin[positions], inplace=inplace)
+    cos, sin = cos[positions], sin[positions]
+    return tuple(apply_rotary_interleaved(x, cos, sin, inplace=inplace) for x in xs)
 
 
 class _CausalConvPair(torch.autograd.Function):
@@ -291,8 +294,9 @@ class TTTBase(nn.Module):
 
         pos = position_ids.long() % m
         # in place without autograd: XQ and XK are this call's own projections
-        XQ, XK = (rope_interleaved(t.reshape(B, T, H, d), pos, self.config.rope_theta, m,
-                                   inplace=not torch.is_grad_enabled()).transpose(1, 2) for t in (XQ, XK))
+        XQ, XK = (t.transpose(1, 2) for t in rope_interleaved(
+            (XQ.reshape(B, T, H, d), XK.reshape(B, T, H, d)), pos, self.config.rope_theta, m,
+            inplace=not torch.is_grad_enabled()))
         XV = XV.reshape(B, T, H, d).transpose(1, 2)
 
         Z, inner, stats = self._inner_loop(hidden_states, XQ, XK, XV, state, ttt_lr_mult, output_ttt_stats,
