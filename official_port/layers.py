@@ -14,6 +14,7 @@ under CUDA autocast. Parameter names keep the flax layout (see `flax_layer_param
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from official_port.configuration_ttt import TTTConfig
-from official_port.ops import InnerState, dual_ttt, naive_ttt
+from official_port.ops import InnerState, c_scan, dual_ttt, naive_ttt
 from official_port.ops.triton_dual import resolve_kernel, triton_ttt
 from ttt_common.model_inputs import check_dtype
 from ttt_common.modules import apply_rotary_interleaved, rope_cos_sin
@@ -138,12 +139,14 @@ class TTTBase(nn.Module):
             here it is opt-in because recomputation costs time; values are identical).
         use_naive: run the per-token primal twin instead of the dual form (tests, benchmarks).
         kernel: "torch" (the dual form), "triton" (`ops.triton_dual`: forward and backward kernels
-            of the TTT-Linear and TTT-MLP scans) or "auto" (triton on CUDA when importable). Calls the
-            kernels do not cover (stats, inner_steps > 1, remat, non power-of-two sizes) run the
-            torch dual form.
+            of the TTT-Linear and TTT-MLP scans), "c" (`ops.c_scan`: the TTT-Linear scan in C for
+            float32 CPU calls without autograd, built on first use) or "auto" (triton on CUDA when
+            importable, c on CPU when a C compiler is found). Calls the kernels do not cover
+            (autograd for c, stats, inner_steps > 1, remat, unsupported sizes) run the torch dual form.
     """
 
     inner_kind = "linear"
+    _c_warned = False  # one warning per process when kernel="auto" cannot build the C scan
     has_conv = False  # TTTLinear/TTTMLP: wq -> conv_q / conv_k; Base: wq, wk
     has_gate = False
 
@@ -357,12 +360,36 @@ class TTTBase(nn.Module):
                           init_params=tuple(p.to(compute) for p in self.inner_params()))
             if self.use_naive:
                 return naive_ttt(self.inner_kind, *op_args, state.inner.to(compute), **kwargs)
+            if self._use_c(op_args, output_ttt_stats, inner_steps):
+                res = c_scan.c_ttt_linear(*op_args, state.inner.to(compute))
+                if res is not None:  # None: a non-finite gate or gradient, which the dual form isolates
+                    return (*res, None)
             if self._use_triton(XQ, output_ttt_stats, inner_steps):
                 Z, inner = triton_ttt(self.inner_kind, *op_args, state.inner.to(compute))
                 return Z, inner, None
             group = int(self.config.remat_mini_batch_group_size) if self.remat else 0
             return dual_ttt(self.inner_kind, *op_args, state.inner.to(compute), remat_group_size=group, **kwargs)
 
+
+    def _use_c(self, op_args: list[Tensor], output_ttt_stats: bool, inner_steps: int) -> bool:
+        """The one dispatch point to the C scan (see `kernel`): TTT-Linear, float32, no autograd."""
+        if self.inner_kind != "linear" or resolve_kernel(self.kernel, op_args[0].device) != "c":
+            return False
+        if (output_ttt_stats or inner_steps != 1 or op_args[0].dtype != torch.float32
+                or not c_scan.supports(self.head_dim, self.mini_batch_size)
+                or (torch.is_grad_enabled() and any(t.requires_grad for t in op_args))):
+            return False
+        try:
+            c_scan.load_library(self.head_dim, self.mini_batch_size)  # built once per process and size
+        except c_scan.CKernelUnavailable as e:
+            if self.kernel == "c":
+                raise
+            if not TTTBase._c_warned:
+                warnings.warn(f"kernel='auto': the C scan is unavailable ({e}); using the torch dual form",
+                              stacklevel=3)
+                TTTBase._c_warned = True
+            return False
+        return True
 
     def _use_triton(self, XQ: Tensor, output_ttt_stats: bool, inner_steps: int) -> bool:
         """The one dispatch point to the Triton scan (see `kernel`)."""

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from official_port.ops.c_scan import c_compiler
 from official_port.ops.dual import LN_EPS
 from official_port.ops.state import InnerState, check_op_inputs
 from ttt_common.triton_jit import jit_for_mode
@@ -735,9 +736,12 @@ def triton_ttt_mlp(XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state):
 
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
-    """'auto' -> 'triton' on CUDA when triton imports, else 'torch'; checks the value."""
-    if kernel not in ("torch", "triton", "auto"):
-        raise ValueError(f"kernel={kernel!r} must be 'torch', 'triton' or 'auto'")
+    """'auto' -> 'triton' on CUDA when triton imports, 'c' on CPU when a C compiler is found
+    (`official_port.ops.c_scan`), else 'torch'; checks the value."""
+    if kernel not in ("torch", "triton", "c", "auto"):
+        raise ValueError(f"kernel={kernel!r} must be 'torch', 'triton', 'c' or 'auto'")
     if kernel == "auto":
-        return "triton" if (HAS_TRITON and device.type == "cuda") else "torch"
+        if device.type == "cuda":
+            return "triton" if HAS_TRITON else "torch"
+        return "c" if (device.type == "cpu" and c_compiler() is not None) else "torch"
     return kernel

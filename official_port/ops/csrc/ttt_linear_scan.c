@@ -1,0 +1,230 @@
+/* TTT-Linear forward scan (no autograd) as one C loop per (batch, head): the CPU twin of the Triton
+ * forward kernel, computing what `official_port.ops.dual.dual_ttt_linear` computes.
+ *
+ * Per mini-batch (rows i, s < MB; e[i, s] = token_eta[i] * gate[s] for s <= i):
+ *   Z  = K W + b;   R = LN(Z) - (V - K);   G = J_LN(Z)^T R
+ *   Zb = Q W + b - (e * tril(Q K^T + 1)) G;   out = Q + LN(Zb)
+ *   complete mini-batch:  W -= K^T (e[MB-1] * G),  b -= sum_s e[MB-1, s] G[s]
+ * W (HD x HD floats) stays in L1 for the whole scan; torch's version of the same loop spends most of
+ * its time in the fixed cost of ~10 small ops per mini-batch and in passes over large temporaries.
+ *
+ * HD (head dim, a multiple of 16) and MB (mini-batch size) are compile-time constants (-DHD= -DMB=).
+ * Every product is a tile of 4 rows whose accumulators stay in vector registers (GCC/clang vector
+ * extensions: 16 floats, one AVX-512 register or two AVX2 ones). Sums run in a fixed order without
+ * -ffast-math (which would also break isfinite).
+ * Returns 0, or 1 as soon as a gate or an inner-gradient value is non-finite: the caller then reruns
+ * the torch twin, which isolates such rows as the official code's values require.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef HD
+#error "compile with -DHD=<head dim>"
+#endif
+#ifndef MB
+#error "compile with -DMB=<mini-batch size>"
+#endif
+#if HD % 16 != 0
+#error "HD must be a multiple of 16"
+#endif
+
+typedef float vf __attribute__((vector_size(64)));
+typedef float vfu __attribute__((vector_size(64), aligned(4)));  /* for rows of the caller's tensors */
+#define NV (HD / 16)              /* vectors per row of HD floats */
+#define A64 __attribute__((aligned(64)))
+
+static inline vf ld(const float *p) { return *(const vfu *)p; }
+static inline void st(float *p, vf x) { *(vfu *)p = x; }
+static inline vf splat(float x) { return (vf){0} + x; }
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+/* Sum of the 16 lanes as a tree (16 -> 8 -> 4 -> 1): a few shuffles instead of a 16-add chain. */
+static inline float hsum(vf x) {
+  vf8 lo, hi;
+  memcpy(&lo, &x, 32), memcpy(&hi, (const char *)&x + 32, 32);
+  lo += hi;
+  vf4 a, c;
+  memcpy(&a, &lo, 16), memcpy(&c, (const char *)&lo + 16, 16);
+  a += c;
+  return (a[0] + a[1]) + (a[2] + a[3]);
+}
+
+static const float zero_row[HD > MB ? HD : MB] A64;
+
+/* The product kernel: out[r] = init[r] + sign * sum_{c < kdim} x[r][c * xs] * M[c] for 4 rows r of
+ * HD floats (M rows are HD apart; xs > 1 reads x transposed). init and out may be the same rows. */
+static inline void tile(const float *const x[4], int64_t xs, int kdim, const float *M, float sign,
+                        const float *const init[4], float *const out[4]) {
+  vf a[4][NV];
+  for (int r = 0; r < 4; r++)
+    for (int v = 0; v < NV; v++) a[r][v] = ld(init[r] + 16 * v);
+  for (int c = 0; c < kdim; c++) {
+    const float *m = M + c * HD;
+    vf x0 = splat(sign * x[0][c * xs]), x1 = splat(sign * x[1][c * xs]);
+    vf x2 = splat(sign * x[2][c * xs]), x3 = splat(sign * x[3][c * xs]);
+    for (int v = 0; v < NV; v++) {
+      vf mv = ld(m + 16 * v);
+      a[0][v] += x0 * mv, a[1][v] += x1 * mv, a[2][v] += x2 * mv, a[3][v] += x3 * mv;
+    }
+  }
+  for (int r = 0; r < 4; r++)
+    for (int v = 0; v < NV; v++) st(out[r] + 16 * v, a[r][v]);
+}
+
+/* out[i] = init[i] + sign * x[i] M for rows i < n, x[i] contiguous (missing rows of the last tile
+ * read zeros and write to a scratch row). */
+static void rows_times(const float *const *x, int n, int kdim, const float *M, float sign,
+                       const float *const *init, float *const *out) {
+  float scratch[HD] A64;
+  for (int r0 = 0; r0 < n; r0 += 4) {
+    const float *xs[4], *is[4];
+    float *os[4];
+    for (int r = 0; r < 4; r++) {
+      int ok = r0 + r < n;
+      xs[r] = ok ? x[r0 + r] : zero_row, is[r] = ok ? init[r0 + r] : zero_row, os[r] = ok ? out[r0 + r] : scratch;
+    }
+    tile(xs, 1, kdim, M, sign, is, os);
+  }
+}
+
+/* xhat = (z - mean) * rstd in place (biased variance, as LayerNorm); returns rstd. */
+static inline float normalise(float *z, float eps) {
+  vf s = {0};
+  for (int v = 0; v < NV; v++) s += ld(z + 16 * v);
+  vf mean = splat(hsum(s) / HD), q = {0};
+  for (int v = 0; v < NV; v++) {
+    vf c = ld(z + 16 * v) - mean;
+    st(z + 16 * v, c);
+    q += c * c;
+  }
+  float rstd = 1.f / sqrtf(hsum(q) / HD + eps);
+  vf rs = splat(rstd);
+  for (int v = 0; v < NV; v++) st(z + 16 * v, ld(z + 16 * v) * rs);
+  return rstd;
+}
+
+/* 0 * x is 0 for finite x and NaN for inf or NaN (not folded away without -ffast-math). */
+static inline int row_finite(const float *x) {
+  vf z = {0};
+  for (int v = 0; v < NV; v++) z += ld(x + 16 * v) * 0.f;
+  return hsum(z) == 0.f;
+}
+
+/* Mini-batch [j0, j0 + n) of (batch b, head h) (see `ttt_linear_scan` for the arguments). */
+static int mini_batch(int64_t b, int64_t h, int64_t H, int64_t T, int64_t r, int64_t j0, int n,
+                      const float *q, int64_t qsb, int64_t qsh, int64_t qst,
+                      const float *k, int64_t ksb, int64_t ksh, int64_t kst,
+                      const float *v, int64_t vsb, int64_t vsh, int64_t vst,
+                      const float *gate, int64_t gsb, int64_t gsh, int64_t gst,
+                      const float *token_eta, const float *gam, const float *bet, float eps,
+                      float *Wh, float *bh_bias, float *out) {
+  const float *kr[MB], *vr[MB], *qr[MB], *br[MB];
+  float g[MB], Z[MB][HD] A64, G[MB][HD] A64, Zq[MB][HD] A64;
+  float A[MB][MB];
+  float *zr[MB], *zqr[MB];
+  int nq = 0;
+  for (int i = 0; i < n; i++) {
+    int64_t t = j0 + i;
+    kr[i] = k + b * ksb + h * ksh + t * kst;
+    vr[i] = v + b * vsb + h * vsh + t * vst;
+    g[i] = gate[b * gsb + h * gsh + t * gst];
+    if (!isfinite(g[i])) return 1;
+    if (t >= r) qr[nq++] = q + b * qsb + h * qsh + (t - r) * qst;
+    br[i] = bh_bias, zr[i] = Z[i], zqr[i] = Zq[i];
+  }
+  const int q0 = n - nq; /* rows q0..n-1 have queries */
+  /* gradient of the reconstruction loss at the mini-batch's starting W */
+  rows_times(kr, n, HD, Wh, 1.f, br, zr);
+  for (int i = 0; i < n; i++) {
+    float *z = Z[i], *gr = G[i];
+    float rstd = normalise(z, eps); /* z now holds xhat */
+    vf s1 = {0}, s2 = {0};
+    for (int u = 0; u < NV; u++) {
+      vf xh = ld(z + 16 * u), gm = ld(gam + 16 * u);
+      vf resid = (ld(bet + 16 * u) + xh * gm) + (ld(kr[i] + 16 * u) - ld(vr[i] + 16 * u));
+      vf d = resid * gm;
+      st(gr + 16 * u, d);
+      s1 += d, s2 += d * xh;
+    }
+    vf m1 = splat(hsum(s1) / HD), m2 = splat(hsum(s2) / HD), rs = splat(rstd);
+    for (int u = 0; u < NV; u++) st(gr + 16 * u, (ld(gr + 16 * u) - m1 - ld(z + 16 * u) * m2) * rs);
+    if (!row_finite(gr)) return 1;
+  }
+  /* dual-form outputs of the rows with queries: Q W + b - (e * tril(Q K^T + 1)) G */
+  if (nq) {
+    for (int i = q0; i < n; i++) {
+      const float *qi = qr[i - q0];
+      for (int s = 0; s < MB; s++) {
+        float a = 0.f;
+        if (s <= i) {
+          vf d = {0};
+          for (int u = 0; u < NV; u++) d += ld(qi + 16 * u) * ld(kr[s] + 16 * u);
+          a = token_eta[i] * g[s] * (hsum(d) + 1.f);
+        }
+        A[i][s] = a;
+      }
+    }
+    const float *ar[MB];
+    for (int i = 0; i < nq; i++) ar[i] = A[q0 + i];
+    rows_times(qr, nq, HD, Wh, 1.f, br, zqr + q0);
+    rows_times(ar, nq, n, &G[0][0], -1.f, (const float *const *)(zqr + q0), zqr + q0);
+    for (int i = q0; i < n; i++) {
+      float *zq = Zq[i];
+      normalise(zq, eps);
+      float *o = out + ((b * T + (j0 + i - r)) * H + h) * HD;
+      for (int u = 0; u < NV; u++)
+        st(o + 16 * u, ld(qr[i - q0] + 16 * u) + (ld(bet + 16 * u) + ld(zq + 16 * u) * ld(gam + 16 * u)));
+    }
+  }
+  /* a complete mini-batch moves the params (a partial one goes back to the state) */
+  if (n == MB) {
+    vf db[NV] = {{0}};
+    for (int s = 0; s < MB; s++) {
+      vf e = splat(token_eta[MB - 1] * g[s]);
+      for (int u = 0; u < NV; u++) {
+        vf eg = ld(G[s] + 16 * u) * e;
+        st(G[s] + 16 * u, eg);
+        db[u] += eg;
+      }
+    }
+    for (int u = 0; u < NV; u++) st(bh_bias + 16 * u, ld(bh_bias + 16 * u) - db[u]);
+    /* W -= K^T (e G): tiles of 4 rows of W; K^T's rows are K's columns, read with the row stride */
+    const float *kbase = kr[0];
+    for (int c0 = 0; c0 < HD; c0 += 4) {
+      const float *xs[4] = {kbase + c0, kbase + c0 + 1, kbase + c0 + 2, kbase + c0 + 3};
+      float *wr[4] = {Wh + c0 * HD, Wh + (c0 + 1) * HD, Wh + (c0 + 2) * HD, Wh + (c0 + 3) * HD};
+      tile(xs, kst, MB, &G[0][0], -1.f, (const float *const *)wr, wr);
+    }
+  }
+  return 0;
+}
+
+/* (Batch, head) pairs [bh0, bh1) of B*H, a mini-batch of every head of a batch row before the next
+ * mini-batch: the rows read are then whole contiguous [H * HD] rows of the caller's [B, T, H, HD]
+ * tensors (streamed, prefetched), and the heads' W (H * HD * HD floats) stay in L2.
+ * q: T query rows at row offset r (row t of the L = r + T rows has a query iff t >= r);
+ * k, v, gate: L rows. Strides in floats: (batch, head, row); the last axis of q/k/v is contiguous.
+ * W [B*H, HD, HD] and b [B*H, HD] are updated in place; out rows are (b, t, h) of [B, T, H, HD]. */
+int ttt_linear_scan(int64_t H, int64_t L, int64_t r, int64_t bh0, int64_t bh1,
+                    const float *q, int64_t qsb, int64_t qsh, int64_t qst,
+                    const float *k, int64_t ksb, int64_t ksh, int64_t kst,
+                    const float *v, int64_t vsb, int64_t vsh, int64_t vst,
+                    const float *gate, int64_t gsb, int64_t gsh, int64_t gst,
+                    const float *token_eta, const float *ln_w, const float *ln_b, float eps,
+                    float *W, float *bias, float *out) {
+  const int64_t T = L - r;
+  for (int64_t b = bh0 / H; b * H < bh1; b++) {
+    const int64_t h0 = bh0 > b * H ? bh0 - b * H : 0, h1 = bh1 < (b + 1) * H ? bh1 - b * H : H;
+    for (int64_t j0 = 0; j0 < L; j0 += MB) {
+      const int n = (int)(L - j0 < MB ? L - j0 : MB);
+      for (int64_t h = h0; h < h1; h++) {
+        int64_t bh = b * H + h;
+        if (mini_batch(b, h, H, T, r, j0, n, q, qsb, qsh, qst, k, ksb, ksh, kst, v, vsb, vsh, vst, gate, gsb, gsh,
+                       gst, token_eta, ln_w + h * HD, ln_b + h * HD, eps, W + bh * HD * HD, bias + bh * HD, out))
+          return 1;
+      }
+    }
+  }
+  return 0;
+}

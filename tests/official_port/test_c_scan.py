@@ -1,0 +1,198 @@
+"""The C TTT-Linear scan (`official_port.ops.c_scan`) vs its torch twin `dual_ttt_linear`, and the layer's
+dispatch to it. Skips when no C compiler is found (the layer then runs the twin)."""
+
+import warnings
+
+import pytest
+import torch
+
+from official_port.configuration_ttt import TTTConfig
+from official_port.layers import TTTMLP, TTTBase, TTTLinear
+from official_port.ops import InnerState, c_scan, dual_ttt_linear
+from official_port.ops.triton_dual import resolve_kernel
+from tests.helpers import assert_close
+
+needs_cc = pytest.mark.skipif(c_scan.c_compiler() is None, reason="no C compiler")
+
+
+def _inputs(B, H, T, d, m, r, seed=0, layer_layout=True, dtype=torch.float32):
+    """Op inputs; queries/keys/values as `[B, H, T, d]` views of `[B, T, H, d]` tensors (as the layer
+    passes them) or contiguous."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(dtype)
+
+    def qkv():
+        return rn(B, T, H, d).transpose(1, 2) if layer_layout else rn(B, H, T, d)
+
+    state = InnerState((rn(B, H, d, d, scale=0.1), rn(B, H, 1, d, scale=0.1)), rn(B, H, r, d), rn(B, H, r, d),
+                       (torch.rand(B, H, r, generator=g) * 0.5).to(dtype))
+    return [qkv(), qkv(), qkv(), (torch.rand(B, H, T, generator=g) * 0.5).to(dtype),
+            (torch.rand(m, generator=g) * 0.5 + 0.1).to(dtype), 1 + rn(H, d, scale=0.1), rn(H, d, scale=0.1)], state
+
+
+def _state64(st):
+    return InnerState(tuple(p.double() for p in st.params), st.k.double(), st.v.double(), st.gate.double())
+
+
+@needs_cc
+@pytest.mark.parametrize("B,H,T,d,m,r", [(2, 3, 100, 64, 16, 0), (1, 2, 37, 32, 8, 5), (2, 2, 9, 16, 16, 3),
+                                         (1, 3, 64, 48, 16, 0), (2, 1, 1, 64, 16, 15), (1, 2, 23, 32, 5, 2)],
+                         ids=["T100", "buffered5", "no-update", "d48", "one-token-completes", "m5"])
+@pytest.mark.parametrize("layer_layout", [True, False], ids=["BTHd", "BHTd"])
+def test_c_scan_matches_dual(B, H, T, d, m, r, layer_layout):
+    """Outputs and the whole new state against the torch twin (1e-5, as the Triton kernel), and as close to
+    the float64 twin as the float32 twin is (an independent float64 reference)."""
+    args, state = _inputs(B, H, T, d, m, r, layer_layout=layer_layout)
+    with torch.no_grad():
+        ref, ref_state, _ = dual_ttt_linear(*args, state)
+        got, got_state = c_scan.c_ttt_linear(*args, state)
+        exact, _, _ = dual_ttt_linear(*(a.double() for a in args), _state64(state))
+    assert got.shape == ref.shape == (B, H, T, d) and got.dtype == torch.float32
+    assert_close("output", ref, got, 1e-5)
+    for name, a, b in (("W", *[s.params[0] for s in (ref_state, got_state)]),
+                       ("b", *[s.params[1] for s in (ref_state, got_state)]),
+                       ("k", ref_state.k, got_state.k), ("v", ref_state.v, got_state.v),
+                       ("gate", ref_state.gate, got_state.gate)):
+        assert a.shape == b.shape, name
+        if a.numel():
+            assert_close(f"state {name}", a, b, 1e-5)
+    err_c = (got.double() - exact).abs().max().item()
+    err_torch = (ref.double() - exact).abs().max().item()
+    assert err_c <= 2 * err_torch + 1e-6, (err_c, err_torch)
+
+
+@needs_cc
+def test_c_scan_split_equals_whole_and_is_causal():
+    """Split calls (through buffered tokens) equal one call; perturbing tokens after t leaves outputs up to
+    t bit for bit and changes later ones."""
+    args, state = _inputs(2, 2, 50, 32, 16, 0, seed=3)
+    with torch.no_grad():
+        whole, s_whole = c_scan.c_ttt_linear(*args, state)
+        outs, st = [], state
+        for a, b in ((0, 13), (13, 14), (14, 50)):
+            o, st = c_scan.c_ttt_linear(*(x[:, :, a:b] for x in args[:4]), *args[4:], st)
+            outs.append(o)
+        assert_close("split output", whole, torch.cat(outs, 2), 1e-6)
+        assert_close("split W", s_whole.params[0], st.params[0], 1e-6)
+        for t in (7, 15, 20):
+            pert = [x.clone() for x in args[:4]]
+            for x in pert:
+                x[:, :, t + 1:] += 1.0
+            out, _ = c_scan.c_ttt_linear(*pert, *args[4:], state)
+            assert torch.equal(out[:, :, :t + 1], whole[:, :, :t + 1])
+            assert (out[:, :, t + 1:] - whole[:, :, t + 1:]).abs().max() > 1e-3
+
+
+@needs_cc
+def test_c_scan_threads_give_the_same_bits():
+    """(Batch, head) pairs split over threads compute exactly what one thread does."""
+    args, state = _inputs(2, 3, 40, 32, 16, 0, seed=4)
+    n = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one, s1 = c_scan.c_ttt_linear(*args, state)
+            torch.set_num_threads(3)
+            three, s3 = c_scan.c_ttt_linear(*args, state)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, three) and torch.equal(s1.params[0], s3.params[0])
+
+
+@needs_cc
+@pytest.mark.parametrize("name", ["XK", "XV", "gate"])
+def test_non_finite_input_returns_none_and_layer_isolates_it(name):
+    """A NaN key/value/gate makes the C scan give up (None); the layer then runs the twin, whose outputs
+    before the NaN token are finite and those from it on NaN."""
+    args, state = _inputs(1, 2, 30, 32, 16, 0, seed=5)
+    args[("XQ", "XK", "XV", "gate").index(name)][:, :, 12] = float("nan")
+    with torch.no_grad():
+        assert c_scan.c_ttt_linear(*args, state) is None
+
+
+def _layer_pair(hidden=64, heads=2, seed=0):
+    cfg = TTTConfig(hidden_size=hidden, num_attention_heads=heads, mini_batch_size=16, intermediate_size=64,
+                    num_hidden_layers=1, vocab_size=64)
+    torch.manual_seed(seed)
+    ref = TTTLinear(cfg, kernel="torch")
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    c = TTTLinear(cfg, kernel="auto")
+    c.load_state_dict(ref.state_dict())
+    return ref, c
+
+
+@needs_cc
+def test_layer_dispatch(monkeypatch):
+    """kernel='auto' on CPU: no-grad float32 TTT-Linear calls run the C scan and match kernel='torch';
+    calls that need autograd, stats or float64, and TTT-MLP, run the twin (the same values as 'torch')."""
+    ref, c = _layer_pair()
+    calls = []
+    real = c_scan.c_ttt_linear
+    monkeypatch.setattr(c_scan, "c_ttt_linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 37, 64)
+    with torch.no_grad():
+        want, _, s_want = ref(x)
+        got, _, s_got = c(x)
+        assert len(calls) == 1
+        assert_close("layer output", want, got, 1e-5)
+        assert_close("layer state W", s_want.inner.params[0], s_got.inner.params[0], 1e-5)
+        assert torch.equal(s_want.inner.k, s_got.inner.k) and s_want.conv_cache.equal(s_got.conv_cache)
+        c(x, output_ttt_stats=True)
+        c.double()(x.double())
+        assert len(calls) == 1
+    c.float()
+    out, _, _ = c(x)  # autograd: the twin, bit for bit the 'torch' layer
+    assert len(calls) == 1 and out.requires_grad and torch.equal(out, ref(x)[0])
+    # a NaN token: the C scan gives up and the twin isolates it exactly as kernel='torch' does
+    xn = x.clone()
+    xn[:, 20] = float("nan")
+    with torch.no_grad():
+        a, b = ref(xn)[0], c(xn)[0]
+    assert len(calls) == 2 and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    assert TTTMLP(c.config, kernel="c")._use_c([x.new_zeros(1, 1, 1, 32)], False, 1) is False
+
+
+def test_resolve_kernel_and_build_failures(monkeypatch, tmp_path):
+    """'auto' picks 'c' on CPU exactly when a compiler is found; without one, 'auto' warns once and runs
+    the twin, and an explicit kernel='c' fails with a one-line reason."""
+    assert resolve_kernel("auto", torch.device("cpu")) == ("c" if c_scan.c_compiler() else "torch")
+    assert resolve_kernel("c", torch.device("cpu")) == "c"
+    with pytest.raises(ValueError, match="'torch', 'triton', 'c' or 'auto'"):
+        resolve_kernel("cpp", torch.device("cpu"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("TTT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(c_scan, "_libs", {})
+    monkeypatch.setattr(TTTBase, "_c_warned", False)
+    assert c_scan.c_compiler() is None
+    ref, c = _layer_pair()
+    c.kernel = "c"
+    x = torch.randn(1, 20, 64)
+    with torch.no_grad(), pytest.raises(c_scan.CKernelUnavailable, match="no-such-cc"):
+        c(x)
+    c.kernel = "auto"  # resolves to 'torch' now; force the 'c' branch to see the fallback warning
+    monkeypatch.setattr("official_port.layers.resolve_kernel", lambda k, dev: "c")
+    with torch.no_grad(), pytest.warns(UserWarning, match="C scan is unavailable"):
+        got = c(x)[0]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c(x)  # once per process
+        assert torch.equal(got, ref(x)[0])
+
+
+@needs_cc
+def test_bad_inputs_raise():
+    args, state = _inputs(1, 2, 8, 32, 16, 0)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        c_scan.c_ttt_linear(*(a.double() for a in args), _state64(state))
+    bad, _ = _inputs(1, 2, 8, 24, 16, 0)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        c_scan.c_ttt_linear(*bad, InnerState((torch.zeros(1, 2, 24, 24), torch.zeros(1, 2, 1, 24)),
+                                             torch.zeros(1, 2, 0, 24), torch.zeros(1, 2, 0, 24),
+                                             torch.zeros(1, 2, 0)))
+    leaf = args[0].clone().requires_grad_()
+    with pytest.raises(ValueError, match="no autograd"):
+        c_scan.c_ttt_linear(leaf, *args[1:], state)
