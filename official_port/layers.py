@@ -253,10 +253,13 @@ class TTTBase(nn.Module):
         a_ext = torch.cat([conv_cache.to(a.dtype), a], dim=1)  # causal: w-1 earlier inputs on the left
         new_cache = a_ext[:, a_ext.shape[1] - conv_cache.shape[1]:]
         # both depthwise causal convs at once, in the [B, T, D] layout (see `causal_conv_pair`)
-        # contiguous: a strided [2, D] factor would make every multiply-add pass gather (~1.5x slower)
-        kern = torch.stack([self.conv_q.weight[:, 0], self.conv_k.weight[:, 0]]).permute(2, 0, 1).to(a.dtype).contiguous()
-        bias = torch.stack([self.conv_q.bias, self.conv_k.bias]).to(a.dtype)  # kern: [w, 2, D], bias: [2, D]
-        return *causal_conv_pair(a_ext, kern, bias), self.wv(x), new_cache
+        return *causal_conv_pair(a_ext, *self._conv_params(a.dtype)), self.wv(x), new_cache
+
+    def _conv_params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """`conv_q`/`conv_k` as one `[w, 2, D]` kernel and `[2, D]` bias (queries first). Contiguous: a
+        strided `[2, D]` factor would make every multiply-add pass gather (~1.5x slower)."""
+        kern = torch.stack([self.conv_q.weight[:, 0], self.conv_k.weight[:, 0]]).permute(2, 0, 1).to(dtype)
+        return kern.contiguous(), torch.stack([self.conv_q.bias, self.conv_k.bias]).to(dtype)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -292,18 +295,24 @@ class TTTBase(nn.Module):
         m, H, d = self.mini_batch_size, self.num_heads, self.head_dim
         seen = int(state.seen_tokens)
 
-        XQ, XK, XV, new_cache = self.qkv(hidden_states, state.conv_cache)
-        stat0 = _ssl_target_stat(XV, XK, seen, m) if output_ttt_stats else None
+        res = None
+        if self._use_c(hidden_states, output_ttt_stats, inner_steps):
+            res = self._c_projections_and_scan(hidden_states, position_ids, state, ttt_lr_mult)
+        if res is not None:
+            Z, inner, new_cache, stats = *res, None
+        else:  # the torch path (also when the C scan met a non-finite value: the dual form isolates it)
+            XQ, XK, XV, new_cache = self.qkv(hidden_states, state.conv_cache)
+            stat0 = _ssl_target_stat(XV, XK, seen, m) if output_ttt_stats else None
 
-        pos = position_ids.long() % m
-        # in place without autograd: XQ and XK are this call's own projections
-        XQ, XK = (t.transpose(1, 2) for t in rope_interleaved(
-            (XQ.reshape(B, T, H, d), XK.reshape(B, T, H, d)), pos, self.config.rope_theta, m,
-            inplace=not torch.is_grad_enabled()))
-        XV = XV.reshape(B, T, H, d).transpose(1, 2)
+            pos = position_ids.long() % m
+            # in place without autograd: XQ and XK are this call's own projections
+            XQ, XK = (t.transpose(1, 2) for t in rope_interleaved(
+                (XQ.reshape(B, T, H, d), XK.reshape(B, T, H, d)), pos, self.config.rope_theta, m,
+                inplace=not torch.is_grad_enabled()))
+            XV = XV.reshape(B, T, H, d).transpose(1, 2)
 
-        Z, inner, stats = self._inner_loop(hidden_states, XQ, XK, XV, state, ttt_lr_mult, output_ttt_stats,
-                                           inner_steps)
+            Z, inner, stats = self._inner_loop(hidden_states, XQ, XK, XV, state, ttt_lr_mult, output_ttt_stats,
+                                               inner_steps)
         # back to the activation dtype: under FSDP bf16 parameters post_norm's weight is bf16
         Z = Z.transpose(1, 2).reshape(B, T, D).to(hidden_states.dtype)
         Z = self.post_norm(Z)
@@ -360,10 +369,6 @@ class TTTBase(nn.Module):
                           init_params=tuple(p.to(compute) for p in self.inner_params()))
             if self.use_naive:
                 return naive_ttt(self.inner_kind, *op_args, state.inner.to(compute), **kwargs)
-            if self._use_c(op_args, output_ttt_stats, inner_steps):
-                res = c_scan.c_ttt_linear(*op_args, state.inner.to(compute))
-                if res is not None:  # None: a non-finite gate or gradient, which the dual form isolates
-                    return (*res, None)
             if self._use_triton(XQ, output_ttt_stats, inner_steps):
                 Z, inner = triton_ttt(self.inner_kind, *op_args, state.inner.to(compute))
                 return Z, inner, None
@@ -371,13 +376,15 @@ class TTTBase(nn.Module):
             return dual_ttt(self.inner_kind, *op_args, state.inner.to(compute), remat_group_size=group, **kwargs)
 
 
-    def _use_c(self, op_args: list[Tensor], output_ttt_stats: bool, inner_steps: int) -> bool:
+    def _use_c(self, hidden_states: Tensor, output_ttt_stats: bool, inner_steps: int) -> bool:
         """The one dispatch point to the C scan (see `kernel`): TTT-Linear, float32, no autograd."""
-        if self.inner_kind != "linear" or resolve_kernel(self.kernel, op_args[0].device) != "c":
+        if self.inner_kind != "linear" or self.use_naive or resolve_kernel(self.kernel, hidden_states.device) != "c":
             return False
-        if (output_ttt_stats or inner_steps != 1 or op_args[0].dtype != torch.float32
+        if (output_ttt_stats or inner_steps != 1 or hidden_states.dtype != torch.float32
+                or self.wq.weight.dtype != torch.float32 or torch.is_autocast_enabled(hidden_states.device.type)
                 or not c_scan.supports(self.head_dim, self.mini_batch_size)
-                or (torch.is_grad_enabled() and any(t.requires_grad for t in op_args))):
+                or (torch.is_grad_enabled() and (hidden_states.requires_grad
+                                                 or any(p.requires_grad for p in self.parameters())))):
             return False
         try:
             c_scan.load_library(self.head_dim, self.mini_batch_size)  # built once per process and size
@@ -390,6 +397,30 @@ class TTTBase(nn.Module):
                 TTTBase._c_warned = True
             return False
         return True
+
+    def _c_projections_and_scan(self, x: Tensor, position_ids: Tensor, state: TTTState, ttt_lr_mult: float):
+        """The C path from the projections: (Z `[B, H, T, d]`, inner state, new conv cache), or None when the
+        scan met a non-finite gate or gradient. The convs and RoPE run inside the scan, row by row."""
+        B, T, D = x.shape
+        m, d = self.mini_batch_size, self.head_dim
+        a = self.wq(x)
+        if self.has_conv:
+            w = self.conv_q.weight.shape[-1]
+            cache = state.conv_cache if state.conv_cache is not None else a.new_zeros(B, w - 1, D)
+            new_cache = a[:, T - (w - 1):] if T >= w - 1 else torch.cat([cache, a], dim=1)[:, T:]
+            k_src, (kern, bias) = a, self._conv_params(a.dtype)
+        else:  # a width-1 unit "conv": the projections pass through
+            cache = new_cache = None
+            k_src, kern, bias = self.wk(x), a.new_ones(1, 2, D), a.new_zeros(2, D)
+        cos, sin = rope_cos_sin(torch.arange(m, device=x.device), d, self.config.rope_theta, torch.float32,
+                                correctly_rounded=True)  # the table `rope_interleaved` builds
+        XV = self.wv(x).view(B, T, self.num_heads, d).transpose(1, 2)
+        with torch.autocast(x.device.type, enabled=False):
+            gate = self.ttt_gate(x, ttt_lr_mult)
+        res = c_scan.c_ttt_linear_from_projections(
+            a, k_src, cache, kern, bias, cos, sin, position_ids.long() % m, XV, gate, self.token_eta(),
+            self.ttt_norm_weight, self.ttt_norm_bias, state.inner)
+        return None if res is None else (*res, new_cache)
 
     def _use_triton(self, XQ: Tensor, output_ttt_stats: bool, inner_steps: int) -> bool:
         """The one dispatch point to the Triton scan (see `kernel`)."""

@@ -70,6 +70,24 @@ def _cpu_tag() -> str:
         return platform.processor() + platform.machine()
 
 
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+class _ScanArgs(ctypes.Structure):
+    """`scan_args` of csrc/ttt_linear_scan.c, field for field (what each holds is documented there)."""
+
+    _fields_ = [(n, _I64) for n in ("H", "D", "T", "r", "w")] + [
+        ("qsrc", _PTR), *((n, _I64) for n in ("qsb", "qsh", "qst")),
+        ("ksrc", _PTR), *((n, _I64) for n in ("ksb", "ksh", "kst")),
+        ("cache", _PTR), ("csb", _I64), ("cst", _I64), ("kern", _PTR), ("cbias", _PTR),
+        ("pos", _PTR), ("psb", _I64), ("pst", _I64), ("cosx", _PTR), ("sinx", _PTR),
+        ("kbuf", _PTR), *((n, _I64) for n in ("kbsb", "kbsh", "kbst")),
+        ("v", _PTR), *((n, _I64) for n in ("vsb", "vsh", "vst")),
+        ("gate", _PTR), *((n, _I64) for n in ("gsb", "gsh", "gst")),
+        ("token_eta", _PTR), ("ln_w", _PTR), ("ln_b", _PTR), ("eps", ctypes.c_float),
+        ("W", _PTR), ("bias", _PTR), ("out", _PTR), ("k_tail", _PTR), ("n_tail", _I64)]
+
+
 _libs: dict[tuple[int, int], ctypes.CDLL | Exception] = {}
 _lock = threading.Lock()
 
@@ -116,8 +134,7 @@ def _build(d: int, m: int) -> ctypes.CDLL:
     except OSError as e:  # unwritable cache folder, a library that does not load
         raise CKernelUnavailable(f"building or loading {lib_path}: {e}") from e
     fn = lib.ttt_linear_scan
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [i64] * 5 + [ptr, i64, i64, i64] * 4 + [ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ptr]
+    fn.argtypes = [ctypes.POINTER(_ScanArgs), ctypes.c_int64, ctypes.c_int64]
     fn.restype = ctypes.c_int
     return lib
 
@@ -138,15 +155,67 @@ def _run_split(fn, BH: int, args_for) -> list[int]:
     return list(pool.map(lambda i: fn(*args_for(bounds[i], bounds[i + 1])), range(nt)))
 
 
+def _check(name: str, tensors: tuple[Tensor, ...], d: int, m: int) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise ValueError(f"{name}: no autograd (inputs require grad); use the torch dual form")
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors if t.is_floating_point()):
+        raise ValueError(f"{name}: float32 CPU tensors only; use the torch dual form")
+    if not supports(d, m):
+        raise ValueError(f"{name}: head_dim={d} must be a multiple of 16 (<= {_MAX_D}) and "
+                         f"mini_batch_size={m} <= {_MAX_M}")
+
+
+def _unit(t: Tensor) -> Tensor:
+    """t itself when its last axis is contiguous (the kernel reads rows), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _scan(q_src: Tensor, q_strides, k_src: Tensor, k_strides, cache: Tensor | None, kern: Tensor, cbias: Tensor,
+          pos: Tensor | None, cosx: Tensor | None, sinx: Tensor | None, XV: Tensor, gate: Tensor,
+          token_eta: Tensor, ln_weight: Tensor, ln_bias: Tensor, state: InnerState, B: int, H: int, T: int,
+          d: int) -> tuple[Tensor, InnerState] | None:
+    """Fill `_ScanArgs`, run the kernel over (batch, head) ranges, build the new state (None: non-finite)."""
+    m = token_eta.numel()
+    fn = load_library(d, m).ttt_linear_scan
+    r = state.num_buffered
+    L = r + T
+    n_tail = L - L // m * m
+    V = _unit(torch.cat([state.v, XV], dim=2) if r else XV)
+    g = torch.cat([state.gate, gate], dim=2) if r else gate
+    kbuf = _unit(state.k)
+    tok, lw, lb = (t.contiguous() for t in (token_eta, ln_weight, ln_bias))
+    W = torch.empty(B * H, d, d)
+    W.view(B, H, d, d).copy_(state.params[0])
+    b = torch.empty(B * H, d)
+    b.view(B, H, 1, d).copy_(state.params[1])
+    out = torch.empty(B, T, H, d)
+    k_tail = torch.empty(B, H, n_tail, d)
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+
+    args = _ScanArgs(H, kern.shape[-1], T, r, kern.shape[0], ptr(q_src), *q_strides, ptr(k_src), *k_strides,
+                     ptr(cache), *(cache.stride()[:2] if cache is not None else (0, 0)), ptr(kern), ptr(cbias),
+                     ptr(pos), *(pos.stride() if pos is not None else (0, 0)), ptr(cosx), ptr(sinx),
+                     ptr(kbuf), *kbuf.stride()[:3], ptr(V), *V.stride()[:3], ptr(g), *g.stride(),
+                     ptr(tok), ptr(lw), ptr(lb), LN_EPS, ptr(W), ptr(b), ptr(out), ptr(k_tail), n_tail)
+    ref = ctypes.byref(args)
+    if any(_run_split(fn, B * H, lambda bh0, bh1: (ref, bh0, bh1))):
+        return None
+    tail = slice(L - n_tail, L)
+    return out.transpose(1, 2), InnerState((W.view(B, H, d, d), b.view(B, H, 1, d)), k_tail, V[:, :, tail],
+                                           g[:, :, tail])
+
+
 def c_ttt_linear(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor, ln_weight: Tensor,
                  ln_bias: Tensor, state: InnerState) -> tuple[Tensor, InnerState] | None:
     """TTT-Linear scan in C; the contract of `dual_ttt_linear` without its options, or None when a
     gate or an inner gradient is non-finite (rerun the torch twin then).
 
     Args:
-        XQ, XK, XV: `[B, H, T, d]` float32 on CPU, any strides with a contiguous last axis (the
-            layer passes views of `[B, T, H, d]` tensors); gate: `[B, H, T]`; token_eta: `[m]`;
-            ln_weight, ln_bias: `[H, d]`; state: `InnerState`.
+        XQ, XK, XV: `[B, H, T, d]` float32 on CPU (queries and keys after RoPE), any strides with a
+            contiguous last axis; gate: `[B, H, T]`; token_eta: `[m]`; ln_weight, ln_bias: `[H, d]`;
+            state: `InnerState`.
 
     Returns:
         out `[B, H, T, d]` (a view of a `[B, T, H, d]` tensor, as the twin's) and the `InnerState`
@@ -158,35 +227,58 @@ def c_ttt_linear(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Te
     """
     name = "c_ttt_linear"
     check_op_inputs(name, "linear", XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state, 1)
-    tensors = (XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, *state.params, state.k, state.v, state.gate)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise ValueError(f"{name}: no autograd (inputs require grad); use the torch dual form")
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
-        raise ValueError(f"{name}: float32 CPU tensors only; use the torch dual form")
     B, H, T, d = XQ.shape
-    m = token_eta.numel()
-    if not supports(d, m):
-        raise ValueError(f"{name}: head_dim={d} must be a multiple of 16 (<= {_MAX_D}) and "
-                         f"mini_batch_size={m} <= {_MAX_M}")
-    fn = load_library(d, m).ttt_linear_scan
-    r = state.num_buffered
-    K = torch.cat([state.k, XK], dim=2) if r else XK
-    V = torch.cat([state.v, XV], dim=2) if r else XV
-    g = torch.cat([state.gate, gate], dim=2) if r else gate
-    L = r + T
-    Q, K, V = (t if t.stride(-1) == 1 else t.contiguous() for t in (XQ, K, V))
-    tok, lw, lb = (t.contiguous() for t in (token_eta, ln_weight, ln_bias))
-    W = torch.empty(B * H, d, d)
-    W.view(B, H, d, d).copy_(state.params[0])
-    b = torch.empty(B * H, d)
-    b.view(B, H, 1, d).copy_(state.params[1])
-    out = torch.empty(B, T, H, d)
-    strides = [a for t in (Q, K, V) for a in (t.data_ptr(), t.stride(0), t.stride(1), t.stride(2))]
-    strides += [g.data_ptr(), g.stride(0), g.stride(1), g.stride(2)]
-    rest = [tok.data_ptr(), lw.data_ptr(), lb.data_ptr(), LN_EPS, W.data_ptr(), b.data_ptr(), out.data_ptr()]
-    codes = _run_split(fn, B * H, lambda bh0, bh1: (H, L, r, bh0, bh1, *strides, *rest))
-    if any(codes):
-        return None
-    tail = slice(L // m * m, L)
-    new_state = InnerState((W.view(B, H, d, d), b.view(B, H, 1, d)), K[:, :, tail], V[:, :, tail], g[:, :, tail])
-    return out.transpose(1, 2), new_state
+    _check(name, (XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, *state.params, state.k, state.v, state.gate),
+           d, token_eta.numel())
+    XQ, XK = _unit(XQ), _unit(XK)
+    kern = XQ.new_ones(1, 2, H * d)  # width-1 unit conv and no rotation: the rows pass through
+    return _scan(XQ, XQ.stride()[:3], XK, XK.stride()[:3], None, kern, XQ.new_zeros(2, H * d), None, None, None,
+                 XV, gate, token_eta, ln_weight, ln_bias, state, B, H, T, d)
+
+
+def c_ttt_linear_from_projections(q_src: Tensor, k_src: Tensor, conv_cache: Tensor | None, conv_kernel: Tensor,
+                                  conv_bias: Tensor, rope_cos: Tensor, rope_sin: Tensor, positions: Tensor,
+                                  XV: Tensor, gate: Tensor, token_eta: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+                                  state: InnerState) -> tuple[Tensor, InnerState] | None:
+    """The TTT layer's queries and keys (causal depthwise conv, then RoPE) and the TTT-Linear scan in one
+    C pass over the projections (the conv and rotated tensors are never built); as `causal_conv_pair`,
+    `rope_interleaved` and `c_ttt_linear` in a row.
+
+    Args:
+        q_src, k_src: `[B, T, D]` projections the queries / keys are made from (the same `wq` output
+            for TTTLinear; `wq`, `wk` outputs for TTTLinearBase).
+        conv_cache: `[B, w-1, D]` inputs before these (None when w = 1).
+        conv_kernel: `[w, 2, D]` (queries, keys), conv_bias: `[2, D]` (a width-1 unit kernel and zero
+            bias for no conv).
+        rope_cos, rope_sin: `[m, d/2]` angle tables (`rope_cos_sin` of positions 0..m-1).
+        positions: `[B, T]` integers in `[0, m)` (position modulo the mini-batch size).
+        XV: `[B, H, T, d]`, gate: `[B, H, T]`, token_eta, ln_weight, ln_bias, state: as `c_ttt_linear`.
+
+    Returns:
+        as `c_ttt_linear` (the new state's keys are rotated, as the twin's); or None.
+    """
+    name = "c_ttt_linear_from_projections"
+    B, T, D = q_src.shape
+    H, d = ln_weight.shape
+    w = conv_kernel.shape[0]
+    if k_src.shape != (B, T, D) or D != H * d or conv_kernel.shape != (w, 2, D) or conv_bias.shape != (2, D):
+        raise ValueError(f"{name}: q_src/k_src [B, T, D] = {tuple(q_src.shape)}/{tuple(k_src.shape)}, "
+                         f"conv_kernel [w, 2, D] = {tuple(conv_kernel.shape)}, conv_bias [2, D] = "
+                         f"{tuple(conv_bias.shape)} do not fit D = H * d = {H} * {d}")
+    if (conv_cache is None) != (w == 1) or (conv_cache is not None and conv_cache.shape != (B, w - 1, D)):
+        raise ValueError(f"{name}: conv_cache must be [B, w-1, D] = {(B, w - 1, D)} (None for w = 1)")
+    if positions.shape != (B, T) or rope_cos.shape != (token_eta.numel(), d // 2):
+        raise ValueError(f"{name}: positions must be [B, T] = {(B, T)} and the RoPE tables [m, d/2]")
+    check_op_inputs(name, "linear", XV, XV, XV, gate, token_eta, ln_weight, ln_bias, state, 1)
+    tensors = (q_src, k_src, conv_kernel, conv_bias, rope_cos, rope_sin, XV, gate, token_eta, ln_weight, ln_bias,
+               *state.params, state.k, state.v, state.gate) + ((conv_cache,) if conv_cache is not None else ())
+    _check(name, tensors, d, token_eta.numel())
+    q_src, k_src = _unit(q_src), _unit(k_src)
+    cache = _unit(conv_cache) if conv_cache is not None else None
+    # [m, d] tables: cos per pair repeated, sin signed (-sin, +sin): x' = x * cos + swap_pairs(x) * sin
+    cosx = rope_cos.repeat_interleave(2, dim=-1).contiguous()
+    sinx = torch.stack([-rope_sin, rope_sin], dim=-1).flatten(-2).contiguous()
+    pos = positions.to(torch.int64).contiguous()
+    return _scan(q_src, (q_src.stride(0), d, q_src.stride(1)), k_src, (k_src.stride(0), d, k_src.stride(1)), cache,
+                 conv_kernel.contiguous(), conv_bias.contiguous(), pos, cosx, sinx, XV, gate, token_eta, ln_weight,
+                 ln_bias, state, B, H, T, d)

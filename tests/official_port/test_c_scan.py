@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from official_port.configuration_ttt import TTTConfig
-from official_port.layers import TTTMLP, TTTBase, TTTLinear
+from official_port.layers import TTTMLP, TTTBase, TTTLinear, TTTLinearBase
 from official_port.ops import InnerState, c_scan, dual_ttt_linear
 from official_port.ops.triton_dual import resolve_kernel
 from tests.helpers import assert_close
@@ -112,48 +112,92 @@ def test_non_finite_input_returns_none_and_layer_isolates_it(name):
         assert c_scan.c_ttt_linear(*args, state) is None
 
 
-def _layer_pair(hidden=64, heads=2, seed=0):
+def _layer_pair(cls=TTTLinear, hidden=64, heads=2, seed=0):
     cfg = TTTConfig(hidden_size=hidden, num_attention_heads=heads, mini_batch_size=16, intermediate_size=64,
                     num_hidden_layers=1, vocab_size=64)
     torch.manual_seed(seed)
-    ref = TTTLinear(cfg, kernel="torch")
+    ref = cls(cfg, kernel="torch")
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    c = TTTLinear(cfg, kernel="auto")
+    c = cls(cfg, kernel="auto")
     c.load_state_dict(ref.state_dict())
     return ref, c
 
 
+def _count_calls(monkeypatch):
+    calls = []
+    real = c_scan.c_ttt_linear_from_projections
+    monkeypatch.setattr(c_scan, "c_ttt_linear_from_projections", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@needs_cc
+@pytest.mark.parametrize("cls", [TTTLinear, TTTLinearBase])
+def test_layer_c_path_matches_torch(monkeypatch, cls):
+    """kernel='auto' on CPU runs the convs, RoPE and scan in C for no-grad float32 TTT-Linear calls: the same
+    outputs and states as kernel='torch' (1e-5), whole, in pieces that start and end inside mini-batches
+    (buffered tokens, conv cache), and at shifted positions."""
+    ref, c = _layer_pair(cls)
+    calls = _count_calls(monkeypatch)
+    x = torch.randn(2, 37, 64)
+    pos = (torch.arange(37) + 5).expand(2, 37)
+    with torch.no_grad():
+        for kw in ({"position_ids": pos}, {}):
+            want, _, s_want = ref(x, **kw)
+            whole, _, s_got = c(x, **kw)
+            assert_close("layer output", want, whole, 1e-5)
+        outs, st_ref, st_c = [], None, None
+        for a, b in ((0, 13), (13, 14), (14, 37)):
+            o_ref, _, st_ref = ref(x[:, a:b], state=st_ref)
+            o_c, _, st_c = c(x[:, a:b], state=st_c)
+            assert_close(f"piece {a}:{b}", o_ref, o_c, 1e-5)
+            assert_close(f"state k after {b}", st_ref.inner.k, st_c.inner.k, 1e-6)
+            assert torch.equal(st_ref.inner.v, st_c.inner.v) and torch.equal(st_ref.inner.gate, st_c.inner.gate)
+            if cls.has_conv:
+                assert torch.equal(st_ref.conv_cache, st_c.conv_cache)
+            for p_ref, p_c in zip(st_ref.inner.params, st_c.inner.params):
+                assert_close("state params", p_ref, p_c, 1e-5)
+            outs.append(o_c)
+        assert_close("pieces vs whole", whole, torch.cat(outs, 1), 1e-5)
+    assert len(calls) == 5 and st_c.seen_tokens == 37 and st_c.inner.num_buffered == 37 % 16
+
+
+@needs_cc
+@pytest.mark.parametrize("t", [7, 15, 20])
+def test_layer_c_path_is_causal(monkeypatch, t):
+    """Perturbing inputs after token t leaves the C path's outputs up to t bit for bit (conv, RoPE, scan)."""
+    _, c = _layer_pair()
+    calls = _count_calls(monkeypatch)
+    x = torch.randn(1, 40, 64)
+    pert = x.clone()
+    pert[:, t + 1:] += 1.0
+    with torch.no_grad():
+        a, b = c(x)[0], c(pert)[0]
+    assert len(calls) == 2
+    assert torch.equal(a[:, :t + 1], b[:, :t + 1]) and (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-3
+
+
 @needs_cc
 def test_layer_dispatch(monkeypatch):
-    """kernel='auto' on CPU: no-grad float32 TTT-Linear calls run the C scan and match kernel='torch';
-    calls that need autograd, stats or float64, and TTT-MLP, run the twin (the same values as 'torch')."""
+    """Calls that need autograd, stats, float64 or inner_steps > 1, and TTT-MLP, run the twin (bit for bit
+    kernel='torch'); a NaN token makes the C scan give up and the twin isolates it exactly as 'torch' does."""
     ref, c = _layer_pair()
-    calls = []
-    real = c_scan.c_ttt_linear
-    monkeypatch.setattr(c_scan, "c_ttt_linear", lambda *a: calls.append(1) or real(*a))
+    calls = _count_calls(monkeypatch)
     x = torch.randn(2, 37, 64)
     with torch.no_grad():
-        want, _, s_want = ref(x)
-        got, _, s_got = c(x)
-        assert len(calls) == 1
-        assert_close("layer output", want, got, 1e-5)
-        assert_close("layer state W", s_want.inner.params[0], s_got.inner.params[0], 1e-5)
-        assert torch.equal(s_want.inner.k, s_got.inner.k) and s_want.conv_cache.equal(s_got.conv_cache)
-        c(x, output_ttt_stats=True)
-        c.double()(x.double())
-        assert len(calls) == 1
-    c.float()
-    out, _, _ = c(x)  # autograd: the twin, bit for bit the 'torch' layer
-    assert len(calls) == 1 and out.requires_grad and torch.equal(out, ref(x)[0])
-    # a NaN token: the C scan gives up and the twin isolates it exactly as kernel='torch' does
+        for kw in ({"output_ttt_stats": True}, {"inner_steps": 2}):
+            assert torch.equal(c(x, **kw)[0], ref(x, **kw)[0])
+        assert torch.equal(c.double()(x.double())[0], ref.double()(x.double())[0])
+    c.float(), ref.float()
+    out = c(x)[0]  # autograd
+    assert out.requires_grad and torch.equal(out, ref(x)[0]) and not calls
     xn = x.clone()
     xn[:, 20] = float("nan")
     with torch.no_grad():
         a, b = ref(xn)[0], c(xn)[0]
-    assert len(calls) == 2 and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
-    assert TTTMLP(c.config, kernel="c")._use_c([x.new_zeros(1, 1, 1, 32)], False, 1) is False
+    assert len(calls) == 1 and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    assert TTTMLP(c.config, kernel="c")._use_c(x, False, 1) is False
 
 
 def test_resolve_kernel_and_build_failures(monkeypatch, tmp_path):

@@ -1,5 +1,7 @@
 /* TTT-Linear forward scan (no autograd) as one C loop per (batch, head): the CPU twin of the Triton
- * forward kernel, computing what `official_port.ops.dual.dual_ttt_linear` computes.
+ * forward kernel, computing what `official_port.ops.dual.dual_ttt_linear` computes, from the layer's
+ * projections (its causal convs and RoPE are applied here, row by row, so their outputs never exist
+ * as full tensors).
  *
  * Per mini-batch (rows i, s < MB; e[i, s] = token_eta[i] * gate[s] for s <= i):
  *   Z  = K W + b;   R = LN(Z) - (V - K);   G = J_LN(Z)^T R
@@ -111,38 +113,92 @@ static inline int row_finite(const float *x) {
   return hsum(z) == 0.f;
 }
 
-/* Mini-batch [j0, j0 + n) of (batch b, head h) (see `ttt_linear_scan` for the arguments). */
-static int mini_batch(int64_t b, int64_t h, int64_t H, int64_t T, int64_t r, int64_t j0, int n,
-                      const float *q, int64_t qsb, int64_t qsh, int64_t qst,
-                      const float *k, int64_t ksb, int64_t ksh, int64_t kst,
-                      const float *v, int64_t vsb, int64_t vsh, int64_t vst,
-                      const float *gate, int64_t gsb, int64_t gsh, int64_t gst,
-                      const float *token_eta, const float *gam, const float *bet, float eps,
-                      float *Wh, float *bh_bias, float *out) {
-  const float *kr[MB], *vr[MB], *qr[MB], *br[MB];
-  float g[MB], Z[MB][HD] A64, G[MB][HD] A64, Zq[MB][HD] A64;
+/* Everything one call reads and writes (mirrored by `_ScanArgs` in c_scan.py). Strides are in floats
+ * (positions: in int64), the channel axis is contiguous everywhere. A call covers L = r + T rows: r
+ * buffered tokens of the state (rotated keys in kbuf, values and gates in v and gate) and T new ones.
+ * New queries/keys are made here: a depthwise causal conv of width w (kern [w, 2, D], q then k; bias
+ * [2, D]) over the source rows, the w - 1 rows of `cache` continuing them on the left, then RoPE with
+ * the [MB, HD] tables cosx (cos, pairs repeated) and sinx (-sin, +sin) at row pos % MB (no rotation
+ * when cosx is NULL; w = 1 with unit kernels and zero biases passes the rows through). */
+typedef struct {
+  int64_t H, D, T, r, w;
+  const float *qsrc; int64_t qsb, qsh, qst; /* source row of (b, h, new token u): b*qsb + h*qsh + u*qst */
+  const float *ksrc; int64_t ksb, ksh, kst;
+  const float *cache; int64_t csb, cst;     /* [B, w-1, D] */
+  const float *kern, *cbias;
+  const int64_t *pos; int64_t psb, pst;     /* [B, T] positions modulo MB */
+  const float *cosx, *sinx;
+  const float *kbuf; int64_t kbsb, kbsh, kbst; /* [B, H, r, HD] buffered keys (rotated) */
+  const float *v; int64_t vsb, vsh, vst;    /* L rows */
+  const float *gate; int64_t gsb, gsh, gst; /* L rows */
+  const float *token_eta, *ln_w, *ln_b;
+  float eps;
+  float *W, *bias;                          /* [B*H, HD, HD], [B*H, HD], updated in place */
+  float *out;                               /* [B, T, H, HD] */
+  float *k_tail; int64_t n_tail;            /* [B, H, n_tail, HD]: keys of the incomplete last mini-batch */
+} scan_args;
+
+/* Row u of the conv input for (b, h): the cache's w - 1 rows, then the sources. */
+static inline const float *conv_in(const scan_args *a, const float *src, int64_t sb, int64_t sh, int64_t rs,
+                                   int64_t b, int64_t h, int64_t i) {
+  return i < a->w - 1 ? a->cache + b * a->csb + i * a->cst + h * HD : src + b * sb + h * sh + (i - (a->w - 1)) * rs;
+}
+
+/* New token u's query (which = 0) or key (1) row of head h: conv, then RoPE. */
+static void make_row(const scan_args *a, int which, int64_t b, int64_t h, int64_t u, float *row) {
+  const float *src = which ? a->ksrc : a->qsrc;
+  int64_t sb = which ? a->ksb : a->qsb, sh = which ? a->ksh : a->qsh, rs = which ? a->kst : a->qst;
+  vf acc[NV];
+  for (int v = 0; v < NV; v++) acc[v] = ld(a->cbias + which * a->D + h * HD + 16 * v);
+  for (int64_t k = 0; k < a->w; k++) {
+    const float *x = conv_in(a, src, sb, sh, rs, b, h, u + k), *kk = a->kern + (k * 2 + which) * a->D + h * HD;
+    for (int v = 0; v < NV; v++) acc[v] += ld(kk + 16 * v) * ld(x + 16 * v);
+  }
+  if (a->cosx) {
+    int64_t p = a->pos[b * a->psb + u * a->pst];
+    const float *cs = a->cosx + p * HD, *sn = a->sinx + p * HD;
+    for (int v = 0; v < NV; v++) {
+      vf sw = __builtin_shufflevector(acc[v], acc[v], 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+      acc[v] = acc[v] * ld(cs + 16 * v) + sw * ld(sn + 16 * v);
+    }
+  }
+  for (int v = 0; v < NV; v++) st(row + 16 * v, acc[v]);
+}
+
+/* Mini-batch [j0, j0 + n) of the L rows of (batch b, head h). */
+static int mini_batch(const scan_args *a, int64_t b, int64_t h, int64_t j0, int n) {
+  const int64_t bh = b * a->H + h;
+  const float *gam = a->ln_w + h * HD, *bet = a->ln_b + h * HD, *token_eta = a->token_eta;
+  float *Wh = a->W + bh * HD * HD, *bh_bias = a->bias + bh * HD;
+  const float *vr[MB], *qr[MB], *kr[MB], *br[MB];
+  float g[MB], K[MB][HD] A64, Q[MB][HD] A64, Z[MB][HD] A64, G[MB][HD] A64, Zq[MB][HD] A64;
   float A[MB][MB];
   float *zr[MB], *zqr[MB];
   int nq = 0;
   for (int i = 0; i < n; i++) {
     int64_t t = j0 + i;
-    kr[i] = k + b * ksb + h * ksh + t * kst;
-    vr[i] = v + b * vsb + h * vsh + t * vst;
-    g[i] = gate[b * gsb + h * gsh + t * gst];
+    vr[i] = a->v + b * a->vsb + h * a->vsh + t * a->vst;
+    g[i] = a->gate[b * a->gsb + h * a->gsh + t * a->gst];
     if (!isfinite(g[i])) return 1;
-    if (t >= r) qr[nq++] = q + b * qsb + h * qsh + (t - r) * qst;
-    br[i] = bh_bias, zr[i] = Z[i], zqr[i] = Zq[i];
+    if (t < a->r) {
+      memcpy(K[i], a->kbuf + b * a->kbsb + h * a->kbsh + t * a->kbst, sizeof K[i]);
+    } else {
+      make_row(a, 1, b, h, t - a->r, K[i]);
+      make_row(a, 0, b, h, t - a->r, Q[nq]);
+      qr[nq] = Q[nq], nq++;
+    }
+    kr[i] = K[i], br[i] = bh_bias, zr[i] = Z[i], zqr[i] = Zq[i];
   }
   const int q0 = n - nq; /* rows q0..n-1 have queries */
   /* gradient of the reconstruction loss at the mini-batch's starting W */
   rows_times(kr, n, HD, Wh, 1.f, br, zr);
   for (int i = 0; i < n; i++) {
     float *z = Z[i], *gr = G[i];
-    float rstd = normalise(z, eps); /* z now holds xhat */
+    float rstd = normalise(z, a->eps); /* z now holds xhat */
     vf s1 = {0}, s2 = {0};
     for (int u = 0; u < NV; u++) {
       vf xh = ld(z + 16 * u), gm = ld(gam + 16 * u);
-      vf resid = (ld(bet + 16 * u) + xh * gm) + (ld(kr[i] + 16 * u) - ld(vr[i] + 16 * u));
+      vf resid = (ld(bet + 16 * u) + xh * gm) + (ld(K[i] + 16 * u) - ld(vr[i] + 16 * u));
       vf d = resid * gm;
       st(gr + 16 * u, d);
       s1 += d, s2 += d * xh;
@@ -151,18 +207,18 @@ static int mini_batch(int64_t b, int64_t h, int64_t H, int64_t T, int64_t r, int
     for (int u = 0; u < NV; u++) st(gr + 16 * u, (ld(gr + 16 * u) - m1 - ld(z + 16 * u) * m2) * rs);
     if (!row_finite(gr)) return 1;
   }
-  /* dual-form outputs of the rows with queries: Q W + b - (e * tril(Q K^T + 1)) G */
+  /* dual-form outputs of the rows with queries: Q W + b - (e * tril(Q K^T + 1)) G, then Q + LN(.) */
   if (nq) {
     for (int i = q0; i < n; i++) {
       const float *qi = qr[i - q0];
       for (int s = 0; s < MB; s++) {
-        float a = 0.f;
+        float e = 0.f;
         if (s <= i) {
           vf d = {0};
-          for (int u = 0; u < NV; u++) d += ld(qi + 16 * u) * ld(kr[s] + 16 * u);
-          a = token_eta[i] * g[s] * (hsum(d) + 1.f);
+          for (int u = 0; u < NV; u++) d += ld(qi + 16 * u) * ld(K[s] + 16 * u);
+          e = token_eta[i] * g[s] * (hsum(d) + 1.f);
         }
-        A[i][s] = a;
+        A[i][s] = e;
       }
     }
     const float *ar[MB];
@@ -171,59 +227,48 @@ static int mini_batch(int64_t b, int64_t h, int64_t H, int64_t T, int64_t r, int
     rows_times(ar, nq, n, &G[0][0], -1.f, (const float *const *)(zqr + q0), zqr + q0);
     for (int i = q0; i < n; i++) {
       float *zq = Zq[i];
-      normalise(zq, eps);
-      float *o = out + ((b * T + (j0 + i - r)) * H + h) * HD;
+      normalise(zq, a->eps);
+      float *o = a->out + ((b * a->T + (j0 + i - a->r)) * a->H + h) * HD;
       for (int u = 0; u < NV; u++)
         st(o + 16 * u, ld(qr[i - q0] + 16 * u) + (ld(bet + 16 * u) + ld(zq + 16 * u) * ld(gam + 16 * u)));
     }
   }
-  /* a complete mini-batch moves the params (a partial one goes back to the state) */
-  if (n == MB) {
-    vf db[NV] = {{0}};
-    for (int s = 0; s < MB; s++) {
-      vf e = splat(token_eta[MB - 1] * g[s]);
-      for (int u = 0; u < NV; u++) {
-        vf eg = ld(G[s] + 16 * u) * e;
-        st(G[s] + 16 * u, eg);
-        db[u] += eg;
-      }
+  if (n < MB) { /* incomplete: no update; its keys go back to the state */
+    for (int i = 0; i < n; i++) memcpy(a->k_tail + (bh * a->n_tail + i) * HD, K[i], sizeof K[i]);
+    return 0;
+  }
+  /* a complete mini-batch moves the params */
+  vf db[NV] = {{0}};
+  for (int s = 0; s < MB; s++) {
+    vf e = splat(token_eta[MB - 1] * g[s]);
+    for (int u = 0; u < NV; u++) {
+      vf eg = ld(G[s] + 16 * u) * e;
+      st(G[s] + 16 * u, eg);
+      db[u] += eg;
     }
-    for (int u = 0; u < NV; u++) st(bh_bias + 16 * u, ld(bh_bias + 16 * u) - db[u]);
-    /* W -= K^T (e G): tiles of 4 rows of W; K^T's rows are K's columns, read with the row stride */
-    const float *kbase = kr[0];
-    for (int c0 = 0; c0 < HD; c0 += 4) {
-      const float *xs[4] = {kbase + c0, kbase + c0 + 1, kbase + c0 + 2, kbase + c0 + 3};
-      float *wr[4] = {Wh + c0 * HD, Wh + (c0 + 1) * HD, Wh + (c0 + 2) * HD, Wh + (c0 + 3) * HD};
-      tile(xs, kst, MB, &G[0][0], -1.f, (const float *const *)wr, wr);
-    }
+  }
+  for (int u = 0; u < NV; u++) st(bh_bias + 16 * u, ld(bh_bias + 16 * u) - db[u]);
+  /* W -= K^T (e G): tiles of 4 rows of W; K^T's rows are K's columns, read with the row stride */
+  for (int c0 = 0; c0 < HD; c0 += 4) {
+    const float *xs[4] = {&K[0][c0], &K[0][c0 + 1], &K[0][c0 + 2], &K[0][c0 + 3]};
+    float *wr[4] = {Wh + c0 * HD, Wh + (c0 + 1) * HD, Wh + (c0 + 2) * HD, Wh + (c0 + 3) * HD};
+    tile(xs, HD, MB, &G[0][0], -1.f, (const float *const *)wr, wr);
   }
   return 0;
 }
 
 /* (Batch, head) pairs [bh0, bh1) of B*H, a mini-batch of every head of a batch row before the next
- * mini-batch: the rows read are then whole contiguous [H * HD] rows of the caller's [B, T, H, HD]
+ * mini-batch: the rows read are then whole contiguous [H * HD] rows of the caller's [B, T, H * HD]
  * tensors (streamed, prefetched), and the heads' W (H * HD * HD floats) stay in L2.
- * q: T query rows at row offset r (row t of the L = r + T rows has a query iff t >= r);
- * k, v, gate: L rows. Strides in floats: (batch, head, row); the last axis of q/k/v is contiguous.
- * W [B*H, HD, HD] and b [B*H, HD] are updated in place; out rows are (b, t, h) of [B, T, H, HD]. */
-int ttt_linear_scan(int64_t H, int64_t L, int64_t r, int64_t bh0, int64_t bh1,
-                    const float *q, int64_t qsb, int64_t qsh, int64_t qst,
-                    const float *k, int64_t ksb, int64_t ksh, int64_t kst,
-                    const float *v, int64_t vsb, int64_t vsh, int64_t vst,
-                    const float *gate, int64_t gsb, int64_t gsh, int64_t gst,
-                    const float *token_eta, const float *ln_w, const float *ln_b, float eps,
-                    float *W, float *bias, float *out) {
-  const int64_t T = L - r;
+ * Returns 0, or 1 at the first non-finite gate or inner gradient (nothing is then usable). */
+int ttt_linear_scan(const scan_args *a, int64_t bh0, int64_t bh1) {
+  const int64_t H = a->H, L = a->r + a->T;
   for (int64_t b = bh0 / H; b * H < bh1; b++) {
     const int64_t h0 = bh0 > b * H ? bh0 - b * H : 0, h1 = bh1 < (b + 1) * H ? bh1 - b * H : H;
     for (int64_t j0 = 0; j0 < L; j0 += MB) {
       const int n = (int)(L - j0 < MB ? L - j0 : MB);
-      for (int64_t h = h0; h < h1; h++) {
-        int64_t bh = b * H + h;
-        if (mini_batch(b, h, H, T, r, j0, n, q, qsb, qsh, qst, k, ksb, ksh, kst, v, vsb, vsh, vst, gate, gsb, gsh,
-                       gst, token_eta, ln_w + h * HD, ln_b + h * HD, eps, W + bh * HD * HD, bias + bh * HD, out))
-          return 1;
-      }
+      for (int64_t h = h0; h < h1; h++)
+        if (mini_batch(a, b, h, j0, n)) return 1;
     }
   }
   return 0;
