@@ -2,22 +2,24 @@
 
 Computes what `official_port.ops.dual.dual_ttt_linear` computes (test-time-training/ttt-lm-jax
 `TTTLinearBase.process_mini_batch` scanned by `TTTBase.ttt`), for float32 calls without autograd:
-one C loop per (batch, head) keeps the inner `W [d, d]`, `b [d]` in cache and walks the
-mini-batches (the algebra is in `csrc/ttt_linear_scan.c`). It reads queries, keys and values in
-the caller's layout and writes the output straight into `[B, T, H, d]`, so none of the twin's
-large temporaries (blocked copies, `E * tril(Q K^T + 1)` for all mini-batches, the output
-LayerNorm's passes) exist. At the 125m width on one thread it replaces ~60 ms of the twin's
-~65 ms per 2048 tokens (`scripts/bench_official.py`).
+one C loop walks the mini-batches of every (batch, head), keeping the inner `W [d, d]`, `b [d]` in
+cache (the algebra is in `csrc/ttt_linear_scan.c`). It reads the caller's layout and writes the
+output straight into `[B, T, H, d]`, so none of the twin's large temporaries (blocked copies,
+`E * tril(Q K^T + 1)` for all mini-batches, the output LayerNorm's passes) exist. Two entry points:
+`c_ttt_linear` (the op's contract: rotated queries and keys in) and
+`c_ttt_linear_from_projections` (the layer's: the causal convs and RoPE run inside the loop, row by
+row, so their outputs are never built). At the 125m width, one thread, L 2048, the op takes 12.5 ms
+at B 1 where the twin takes 48.8 (44.5 vs 170.5 ms at B 4).
 
-The source is compiled on first use with the system C compiler (`$CC`, else `cc`/`gcc`; about
-a second) for the head dim and mini-batch size at hand, with `-march=native`, and cached under
+The source is compiled on first use with the system C compiler (`$CC`, else `cc`/`gcc`; 0.25 s
+here) for the head dim and mini-batch size at hand, with `-march=native`, and cached under
 `$TTT_CACHE_DIR/kernels` keyed by source, flags, compiler and CPU. (Batch, head) pairs are split
 over `torch.get_num_threads()` threads (ctypes releases the GIL during the call).
 
 Limits: float32, no autograd, `inner_steps == 1`, no stats, d a multiple of 16 (<= 256),
-m <= 64; a non-finite gate or inner gradient makes `c_ttt_linear` return None so that the caller
-reruns the twin (which isolates such rows as the official values require). The layer dispatch
-(`official_port.layers.TTTBase`, `kernel="auto"` or `"c"`) applies these rules.
+m <= 64; a non-finite gate or inner gradient makes both return None so that the caller reruns the
+twin (which isolates such rows as the official values require). The layer's dispatch
+(`official_port.layers.TTTBase._use_c`, `kernel="auto"` or `"c"`) applies these rules.
 """
 
 from __future__ import annotations
