@@ -269,12 +269,16 @@ def c_ttt_linear_from_projections(q_src: Tensor, k_src: Tensor, conv_cache: Tens
                          f"{tuple(conv_bias.shape)} do not fit D = H * d = {H} * {d}")
     if (conv_cache is None) != (w == 1) or (conv_cache is not None and conv_cache.shape != (B, w - 1, D)):
         raise ValueError(f"{name}: conv_cache must be [B, w-1, D] = {(B, w - 1, D)} (None for w = 1)")
-    if positions.shape != (B, T) or rope_cos.shape != (token_eta.numel(), d // 2):
-        raise ValueError(f"{name}: positions must be [B, T] = {(B, T)} and the RoPE tables [m, d/2]")
+    m = token_eta.numel()
+    if positions.shape != (B, T) or rope_cos.shape != (m, d // 2) or rope_sin.shape != (m, d // 2):
+        raise ValueError(f"{name}: positions must be [B, T] = {(B, T)} and the RoPE tables [m, d/2] = {(m, d // 2)}")
+    if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < m):
+        raise ValueError(f"{name}: positions must be in [0, m = {m}) (positions modulo the mini-batch size): "
+                         f"got {int(positions.min())}..{int(positions.max())}")
     check_op_inputs(name, "linear", XV, XV, XV, gate, token_eta, ln_weight, ln_bias, state, 1)
     tensors = (q_src, k_src, conv_kernel, conv_bias, rope_cos, rope_sin, XV, gate, token_eta, ln_weight, ln_bias,
                *state.params, state.k, state.v, state.gate) + ((conv_cache,) if conv_cache is not None else ())
-    _check(name, tensors, d, token_eta.numel())
+    _check(name, tensors, d, m)
     q_src, k_src = _unit(q_src), _unit(k_src)
     cache = _unit(conv_cache) if conv_cache is not None else None
     # [m, d] tables: cos per pair repeated, sin signed (-sin, +sin): x' = x * cos + swap_pairs(x) * sin

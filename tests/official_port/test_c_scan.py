@@ -240,3 +240,12 @@ def test_bad_inputs_raise():
     leaf = args[0].clone().requires_grad_()
     with pytest.raises(ValueError, match="no autograd"):
         c_scan.c_ttt_linear(leaf, *args[1:], state)
+    # the layer entry point: positions index the [m, d] RoPE table, so they must be reduced modulo m
+    src, XV = torch.randn(1, 8, 64), args[2]
+    tables = [torch.ones(16, 16), torch.zeros(16, 16)]
+    common = (torch.ones(1, 2, 64), torch.zeros(2, 64), *tables)
+    with pytest.raises(ValueError, match=r"positions must be in \[0, m = 16\)"):
+        c_scan.c_ttt_linear_from_projections(src, src, None, *common, torch.arange(8)[None] + 10, XV, *args[3:], state)
+    with pytest.raises(ValueError, match="conv_kernel"):
+        c_scan.c_ttt_linear_from_projections(src, src, None, torch.ones(1, 2, 32), *common[1:], torch.zeros(1, 8),
+                                             XV, *args[3:], state)
