@@ -25,6 +25,7 @@ twin (which isolates such rows as the official values require). The layer's disp
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -52,8 +53,13 @@ class CKernelUnavailable(RuntimeError):
 
 def c_compiler() -> str | None:
     """The compiler the kernel would be built with (`$CC` when set, else cc or gcc on PATH), or None."""
-    cc = os.environ.get("CC")
-    return shutil.which(cc) if cc else (shutil.which("cc") or shutil.which("gcc"))
+    return _find_compiler(os.environ.get("CC"), os.environ.get("PATH"))
+
+
+@functools.lru_cache(maxsize=16)
+def _find_compiler(cc: str | None, path: str | None) -> str | None:
+    # cached per ($CC, $PATH): the layer's dispatch asks on every call, and a PATH search costs ~20 us
+    return shutil.which(cc, path=path) if cc else (shutil.which("cc", path=path) or shutil.which("gcc", path=path))
 
 
 def supports(d: int, m: int) -> bool:
