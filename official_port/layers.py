@@ -54,6 +54,11 @@ class TTTState:
         return TTTState(self.inner.detach(), cache, self.seen_tokens)
 
 
+def rope_table(n: int, d: int, theta: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin `[n, d/2]` of positions 0..n-1 (the official numpy table: float64, then rounded to dtype)."""
+    return rope_cos_sin(torch.arange(n, device=device), d, theta, dtype, correctly_rounded=True)
+
+
 def rope_interleaved(xs: tuple[Tensor, ...], positions: Tensor, theta: float, num_positions: int | None = None,
                      inplace: bool = False) -> tuple[Tensor, ...]:
     """Rotate interleaved pairs `(x[2i], x[2i+1])` by `positions * theta^(-2i/d)` (official `apply_rotary_emb`)
@@ -74,8 +79,7 @@ def rope_interleaved(xs: tuple[Tensor, ...], positions: Tensor, theta: float, nu
     x0 = xs[0]
     n = int(num_positions) if num_positions is not None else int(positions.max()) + 1
     table = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    cos, sin = rope_cos_sin(torch.arange(n, device=x0.device), x0.shape[-1], theta, table,
-                            correctly_rounded=True)  # [n, d/2]
+    cos, sin = rope_table(n, x0.shape[-1], theta, x0.device, table)
     cos, sin = cos[positions], sin[positions]
     return tuple(apply_rotary_interleaved(x, cos, sin, inplace=inplace) for x in xs)
 
@@ -412,8 +416,7 @@ class TTTBase(nn.Module):
         else:  # a width-1 unit "conv": the projections pass through
             cache = new_cache = None
             k_src, kern, bias = self.wk(x), a.new_ones(1, 2, D), a.new_zeros(2, D)
-        cos, sin = rope_cos_sin(torch.arange(m, device=x.device), d, self.config.rope_theta, torch.float32,
-                                correctly_rounded=True)  # the table `rope_interleaved` builds
+        cos, sin = rope_table(m, d, self.config.rope_theta, x.device, torch.float32)  # as `rope_interleaved`
         XV = self.wv(x).view(B, T, self.num_heads, d).transpose(1, 2)
         with torch.autocast(x.device.type, enabled=False):
             gate = self.ttt_gate(x, ttt_lr_mult)
