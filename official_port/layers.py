@@ -379,7 +379,6 @@ class TTTBase(nn.Module):
             group = int(self.config.remat_mini_batch_group_size) if self.remat else 0
             return dual_ttt(self.inner_kind, *op_args, state.inner.to(compute), remat_group_size=group, **kwargs)
 
-
     def _use_c(self, hidden_states: Tensor, output_ttt_stats: bool, inner_steps: int) -> bool:
         """The one dispatch point to the C scan (see `kernel`): TTT-Linear, float32, no autograd."""
         if self.inner_kind != "linear" or self.use_naive or resolve_kernel(self.kernel, hidden_states.device) != "c":

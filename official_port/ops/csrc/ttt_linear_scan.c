@@ -1,14 +1,14 @@
-/* TTT-Linear forward scan (no autograd) as one C loop per (batch, head): the CPU twin of the Triton
- * forward kernel, computing what `official_port.ops.dual.dual_ttt_linear` computes, from the layer's
- * projections (its causal convs and RoPE are applied here, row by row, so their outputs never exist
- * as full tensors).
+/* TTT-Linear forward scan (no autograd) in C: the CPU twin of the Triton forward kernel, computing
+ * what `official_port.ops.dual.dual_ttt_linear` computes, from the layer's projections (its causal
+ * convs and RoPE are applied here, row by row, so their outputs never exist as full tensors).
  *
  * Per mini-batch (rows i, s < MB; e[i, s] = token_eta[i] * gate[s] for s <= i):
  *   Z  = K W + b;   R = LN(Z) - (V - K);   G = J_LN(Z)^T R
  *   Zb = Q W + b - (e * tril(Q K^T + 1)) G;   out = Q + LN(Zb)
  *   complete mini-batch:  W -= K^T (e[MB-1] * G),  b -= sum_s e[MB-1, s] G[s]
- * W (HD x HD floats) stays in L1 for the whole scan; torch's version of the same loop spends most of
- * its time in the fixed cost of ~10 small ops per mini-batch and in passes over large temporaries.
+ * Each mini-batch of a batch row walks its heads (`ttt_linear_scan`), so the heads' W (H x HD x HD
+ * floats) stay in L2 across the scan; torch's version of the same loop spends most of its time in the
+ * fixed cost of ~10 small ops per mini-batch and in passes over large temporaries.
  *
  * HD (head dim, a multiple of 16) and MB (mini-batch size) are compile-time constants (-DHD= -DMB=).
  * Every product is a tile of 4 rows whose accumulators stay in vector registers (GCC/clang vector
