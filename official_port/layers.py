@@ -143,10 +143,11 @@ class TTTBase(nn.Module):
             here it is opt-in because recomputation costs time; values are identical).
         use_naive: run the per-token primal twin instead of the dual form (tests, benchmarks).
         kernel: "torch" (the dual form), "triton" (`ops.triton_dual`: forward and backward kernels
-            of the TTT-Linear and TTT-MLP scans), "c" (`ops.c_scan`: the TTT-Linear scan in C for
-            float32 CPU calls without autograd, built on first use) or "auto" (triton on CUDA when
-            importable, c on CPU when a C compiler is found). Calls the kernels do not cover
-            (autograd for c, stats, inner_steps > 1, remat, unsupported sizes) run the torch dual form.
+            of the TTT-Linear and TTT-MLP scans), "c" (`ops.c_scan`, for float32 CPU calls without
+            autograd, built on first use: the TTT-Linear scan, and for both kinds the gated output
+            epilogue, post_norm and gelu(wg x) in one pass) or "auto" (triton on CUDA when importable,
+            c on CPU when a C compiler is found). Calls the kernels do not cover (autograd for c,
+            stats, inner_steps > 1, remat, unsupported sizes) run the torch dual form.
     """
 
     inner_kind = "linear"
@@ -319,6 +320,18 @@ class TTTBase(nn.Module):
                                                inner_steps)
         # back to the activation dtype: under FSDP bf16 parameters post_norm's weight is bf16
         Z = Z.transpose(1, 2).reshape(B, T, D).to(hidden_states.dtype)
+        if self._use_c_epilogue(hidden_states):  # post_norm, gelu(wg x) and their product in one pass
+            Z = c_scan.c_post_norm_gate(Z, self.wg(hidden_states), self.post_norm.weight, self.post_norm.bias,
+                                        self.post_norm.eps)
+        else:
+            Z = self._post_norm_and_gate(hidden_states, Z)
+        out = self.wo(Z)
+        if output_ttt_stats:
+            stats = (stat0, *(s.mean(dim=(0, 1)) for s in stats))
+        return out, stats, TTTState(inner, new_cache, seen + T)
+
+    def _post_norm_and_gate(self, hidden_states: Tensor, Z: Tensor) -> Tensor:
+        """`post_norm(Z)`, times `gelu_tanh(wg(hidden_states))` when the layer is gated (torch)."""
         Z = self.post_norm(Z)
         if self.has_gate:
             g = self.wg(hidden_states)
@@ -326,10 +339,7 @@ class TTTBase(nn.Module):
                 Z = F.gelu(g, approximate="tanh") * Z
             else:  # the same products in the gate's own buffer (two large temporaries less)
                 Z = torch.ops.aten.gelu_(g, approximate="tanh").mul_(Z)
-        out = self.wo(Z)
-        if output_ttt_stats:
-            stats = (stat0, *(s.mean(dim=(0, 1)) for s in stats))
-        return out, stats, TTTState(inner, new_cache, seen + T)
+        return Z
 
     def _check_forward_args(self, hidden_states: Tensor, position_ids: Tensor | None, state: TTTState | None,
                             inner_steps: int) -> tuple[TTTState, Tensor]:
@@ -381,22 +391,35 @@ class TTTBase(nn.Module):
 
     def _use_c(self, hidden_states: Tensor, output_ttt_stats: bool, inner_steps: int) -> bool:
         """The one dispatch point to the C scan (see `kernel`): TTT-Linear, float32, no autograd."""
-        if self.inner_kind != "linear" or self.use_naive or resolve_kernel(self.kernel, hidden_states.device) != "c":
+        d, m = self.head_dim, self.mini_batch_size
+        return (self.inner_kind == "linear" and not output_ttt_stats and inner_steps == 1 and c_scan.supports(d, m)
+                and self._c_ready(hidden_states, "scan", lambda: c_scan.load_library(d, m)))
+
+    def _use_c_epilogue(self, hidden_states: Tensor) -> bool:
+        """The one dispatch point to the C output epilogue (`c_scan.c_post_norm_gate`): as the C scan's,
+        for both inner kinds."""
+        return (self.has_gate and c_scan.post_norm_gate_supported(self.width)
+                and self.post_norm.weight.dtype == torch.float32
+                and self._c_ready(hidden_states, "output epilogue", c_scan.load_post_norm_gate))
+
+    def _c_ready(self, hidden_states: Tensor, what: str, load) -> bool:
+        """What the C paths share: `kernel` resolves to 'c', float32 without autocast or autograd, and
+        `load()` builds the library (under 'auto' a failure warns once and the torch path runs)."""
+        if self.use_naive or resolve_kernel(self.kernel, hidden_states.device) != "c":
             return False
-        if (output_ttt_stats or inner_steps != 1 or hidden_states.dtype != torch.float32
-                or self.wq.weight.dtype != torch.float32 or torch.is_autocast_enabled(hidden_states.device.type)
-                or not c_scan.supports(self.head_dim, self.mini_batch_size)
+        if (hidden_states.dtype != torch.float32 or self.wq.weight.dtype != torch.float32
+                or torch.is_autocast_enabled(hidden_states.device.type)
                 or (torch.is_grad_enabled() and (hidden_states.requires_grad
                                                  or any(p.requires_grad for p in self.parameters())))):
             return False
         try:
-            c_scan.load_library(self.head_dim, self.mini_batch_size)  # built once per process and size
+            load()  # built once per process and size
         except c_scan.CKernelUnavailable as e:
             if self.kernel == "c":
                 raise
             if not TTTBase._c_warned:
-                warnings.warn(f"kernel='auto': the C scan is unavailable ({e}); using the torch dual form",
-                              stacklevel=3)
+                warnings.warn(f"kernel='auto': the C {what} is unavailable ({e}); using the torch path",
+                              stacklevel=4)
                 TTTBase._c_warned = True
             return False
         return True

@@ -178,26 +178,115 @@ def test_layer_c_path_is_causal(monkeypatch, t):
     assert torch.equal(a[:, :t + 1], b[:, :t + 1]) and (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-3
 
 
+def _count_epilogue_calls(monkeypatch):
+    calls = []
+    real = c_scan.c_post_norm_gate
+    monkeypatch.setattr(c_scan, "c_post_norm_gate", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @needs_cc
 def test_layer_dispatch(monkeypatch):
-    """Calls that need autograd, stats, float64 or inner_steps > 1, and TTT-MLP, run the twin (bit for bit
-    kernel='torch'); a NaN token makes the C scan give up and the twin isolates it exactly as 'torch' does."""
+    """Calls that need stats or inner_steps > 1, and TTT-MLP, run the twin scan (then the C epilogue: 1e-5
+    of kernel='torch'); autograd and float64 run everything in torch (bit for bit kernel='torch'); a NaN
+    token makes the C scan give up and the twin isolates it as 'torch' does."""
     ref, c = _layer_pair()
-    calls = _count_calls(monkeypatch)
+    calls, epilogue = _count_calls(monkeypatch), _count_epilogue_calls(monkeypatch)
     x = torch.randn(2, 37, 64)
     with torch.no_grad():
         for kw in ({"output_ttt_stats": True}, {"inner_steps": 2}):
-            assert torch.equal(c(x, **kw)[0], ref(x, **kw)[0])
+            (want, s_want, _), (got, s_got, _) = ref(x, **kw), c(x, **kw)
+            assert_close(f"output {kw}", want, got, 1e-5)
+            if s_want is not None:
+                assert all(torch.equal(a, b) for a, b in zip(s_want, s_got))
+        assert not calls and len(epilogue) == 2
         assert torch.equal(c.double()(x.double())[0], ref.double()(x.double())[0])
     c.float(), ref.float()
     out = c(x)[0]  # autograd
-    assert out.requires_grad and torch.equal(out, ref(x)[0]) and not calls
+    assert out.requires_grad and torch.equal(out, ref(x)[0]) and not calls and len(epilogue) == 2
     xn = x.clone()
     xn[:, 20] = float("nan")
     with torch.no_grad():
         a, b = ref(xn)[0], c(xn)[0]
-    assert len(calls) == 1 and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    assert len(calls) == 1 and torch.equal(a.isnan(), b.isnan())
+    assert_close("finite outputs around a NaN token", a.nan_to_num(), b.nan_to_num(), 1e-5)
     assert TTTMLP(c.config, kernel="c")._use_c(x, False, 1) is False
+
+
+@needs_cc
+def test_ttt_mlp_uses_the_c_epilogue():
+    """TTT-MLP keeps its torch scan but its output epilogue runs in C under kernel='auto' (1e-5 of 'torch')."""
+    ref, c = _layer_pair(TTTMLP)
+    x = torch.randn(2, 37, 64)
+    with torch.no_grad():
+        assert c._use_c_epilogue(x) and not ref._use_c_epilogue(x)
+        assert_close("TTT-MLP output", ref(x)[0], c(x)[0], 1e-5)
+
+
+def _epilogue_twin(Z, g, w, b, eps=1e-6):
+    return torch.nn.functional.gelu(g, approximate="tanh") * torch.nn.functional.layer_norm(Z, Z.shape[-1:], w, b, eps)
+
+
+@needs_cc
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0])
+def test_post_norm_gate_matches_torch(scale):
+    """`c_post_norm_gate` against torch's post_norm, gelu and product: 1e-5 of the float32 twin, and no
+    farther from the float64 twin than the float32 twin is (up to 1.25x of its max error)."""
+    gen = torch.Generator().manual_seed(3)
+    Z, g = (torch.randn(3, 50, 768, generator=gen) * scale for _ in range(2))
+    w, b = torch.randn(768, generator=gen), torch.randn(768, generator=gen)
+    want = _epilogue_twin(Z, g, w, b)
+    want64 = _epilogue_twin(*(t.double() for t in (Z, g, w, b)))
+    got = c_scan.c_post_norm_gate(Z, g.clone(), w, b, 1e-6)
+    assert_close("c_post_norm_gate", want, got, 1e-5)
+    assert (got.double() - want64).abs().max() <= 1.25 * (want.double() - want64).abs().max()
+    # a non-contiguous Z is read through a copy; the result is written into g and returned
+    gz = g.clone()
+    out = c_scan.c_post_norm_gate(Z.transpose(0, 1).contiguous().transpose(0, 1), gz, w, b, 1e-6)
+    assert out is gz and torch.equal(out, got)
+
+
+@needs_cc
+def test_post_norm_gate_gelu_values():
+    """The C GELU (x sigmoid(2y) with its own exp) on a dense grid: within 2e-6 relative of float64 where
+    |gelu| > 1e-6, and torch's values at NaN, +-inf, +-1e30, +-0."""
+    x = torch.linspace(-12, 12, 768 * 100).reshape(100, 768)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.0, -0.0, 1e-30])
+    x = torch.cat([x, special.repeat(96)[None]])
+    Z, w, b = torch.randn_like(x), torch.zeros(768), torch.ones(768)  # LayerNorm output 1: the gate alone
+    got = c_scan.c_post_norm_gate(Z, x.clone(), w, b, 1e-6)
+    want64 = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    grid, big = slice(0, -1), want64[:-1].abs() > 1e-6
+    assert ((got[grid].double() - want64[grid]).abs() / want64[grid].abs())[big].max() < 2e-6
+    want = torch.nn.functional.gelu(x[-1], approximate="tanh")
+    assert torch.equal(got[-1].isnan(), want.isnan())
+    assert torch.equal(got[-1].nan_to_num(), want.nan_to_num())
+
+
+@needs_cc
+def test_post_norm_gate_threads_and_bad_inputs():
+    """Rows split over threads give the same bits; bad inputs raise one-line errors."""
+    Z, g = torch.randn(2, 33, 64), torch.randn(2, 33, 64)
+    w, b = torch.randn(64), torch.randn(64)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = c_scan.c_post_norm_gate(Z, g.clone(), w, b, 1e-6)
+        torch.set_num_threads(3)
+        three = c_scan.c_post_norm_gate(Z, g.clone(), w, b, 1e-6)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, three)
+    with pytest.raises(ValueError, match="must match"):
+        c_scan.c_post_norm_gate(Z, g[:, :5].clone(), w, b, 1e-6)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        c_scan.c_post_norm_gate(Z[..., :40], g[..., :40].clone(), w[:40], b[:40], 1e-6)
+    with pytest.raises(ValueError, match="contiguous"):
+        c_scan.c_post_norm_gate(Z.transpose(0, 1), g.transpose(0, 1), w, b, 1e-6)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        c_scan.c_post_norm_gate(Z.double(), g.double(), w.double(), b.double(), 1e-6)
+    with pytest.raises(ValueError, match="no autograd"):
+        c_scan.c_post_norm_gate(Z.requires_grad_(), g, w, b, 1e-6)
 
 
 def test_resolve_kernel_and_build_failures(monkeypatch, tmp_path):

@@ -1,0 +1,84 @@
+/* The TTT layer's output epilogue in one pass (no autograd), the CPU twin of
+ *   gelu_tanh(g) * LayerNorm(z)        (official: `post_norm`, then the `wg` gate)
+ * for rows [t0, t1) of z, g [N, D] (contiguous rows, D a multiple of 16), written into g.
+ * torch spends three passes and one fresh [N, D] buffer on it (layer_norm, gelu_, mul_).
+ *
+ * gelu_tanh(x) = x/2 (1 + tanh(y)) = x sigmoid(2y), y = sqrt(2/pi) (x + 0.044715 x^3): the sigmoid
+ * form has no cancellation near tanh = -1 and needs only exp(-|2y|) in (0, 1], which cannot
+ * overflow. exp is a Cody-Waite range reduction and a degree-7 Taylor polynomial (relative error
+ * ~1e-7 on |r| <= ln2/2), built from GCC/clang vector extensions like the scan.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float vf __attribute__((vector_size(64)));
+typedef float vfu __attribute__((vector_size(64), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+
+static inline vf ld(const float *p) { return *(const vfu *)p; }
+static inline void st(float *p, vf x) { *(vfu *)p = x; }
+static inline vf splat(float x) { return (vf){0} + x; }
+static inline float hsum(vf x) {
+  vf8 lo, hi;
+  memcpy(&lo, &x, 32), memcpy(&hi, (const char *)&x + 32, 32);
+  lo += hi;
+  vf4 a, c;
+  memcpy(&a, &lo, 16), memcpy(&c, (const char *)&lo + 16, 16);
+  a += c;
+  return (a[0] + a[1]) + (a[2] + a[3]);
+}
+static inline vf select(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
+
+/* exp(x) for x <= 0; 0 below -87 (near float's smallest normal; the caller's 1 + t ignores it) and
+ * NaN for NaN. */
+static inline vf exp_nonpos(vf x) {
+  const vi under = x < splat(-87.f);
+  x = select(under, splat(-87.f), x);
+  const vf shifter = splat(12582912.f); /* 1.5 * 2^23: adding it rounds to an integer */
+  vf k = (x * splat(1.44269504088896341f) + shifter) - shifter;
+  vf r = (x - k * splat(0.693359375f)) - k * splat(-2.12194440e-4f); /* ln2 in two parts */
+  vf p = splat(1.f / 5040);
+  p = p * r + splat(1.f / 720);
+  p = p * r + splat(1.f / 120);
+  p = p * r + splat(1.f / 24);
+  p = p * r + splat(1.f / 6);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.f);
+  p = p * r + splat(1.f);
+  vi e = (__builtin_convertvector(k, vi) + 127) << 23; /* 2^k, k >= -126 */
+  return select(under, splat(0.f), p * (vf)e);
+}
+
+static inline vf gelu_tanh(vf x) {
+  vf s = splat(2.f * 0.7978845608028654f) * (x + splat(0.044715f) * x * x * x);
+  vi neg = s < splat(0.f);
+  vf t = exp_nonpos(select(neg, s, -s)); /* exp(-|s|) */
+  /* sigmoid(s) = 1 / (1 + t) for s >= 0, t / (1 + t) below */
+  return x * select(neg, t, splat(1.f)) / (splat(1.f) + t);
+}
+
+int post_norm_gelu_gate(const float *z, float *g, const float *w, const float *b, float eps, int64_t D,
+                        int64_t t0, int64_t t1) {
+  const int64_t nv = D / 16;
+  for (int64_t t = t0; t < t1; t++) {
+    const float *zr = z + t * D;
+    float *gr = g + t * D;
+    vf s = {0};
+    for (int64_t v = 0; v < nv; v++) s += ld(zr + 16 * v);
+    const float mean = hsum(s) / D;
+    vf q = {0};
+    for (int64_t v = 0; v < nv; v++) {
+      vf c = ld(zr + 16 * v) - mean;
+      q += c * c;
+    }
+    const vf rstd = splat(1.f / sqrtf(hsum(q) / D + eps)), mv = splat(mean);
+    for (int64_t v = 0; v < nv; v++) {
+      vf y = (ld(zr + 16 * v) - mv) * rstd * ld(w + 16 * v) + ld(b + 16 * v);
+      st(gr + 16 * v, gelu_tanh(ld(gr + 16 * v)) * y);
+    }
+  }
+  return 0;
+}
