@@ -144,25 +144,29 @@ static inline const float *conv_in(const scan_args *a, const float *src, int64_t
   return i < a->w - 1 ? a->cache + b * a->csb + i * a->cst + h * HD : src + b * sb + h * sh + (i - (a->w - 1)) * rs;
 }
 
-/* New token u's query (which = 0) or key (1) row of head h: conv, then RoPE. */
-static void make_row(const scan_args *a, int which, int64_t b, int64_t h, int64_t u, float *row) {
-  const float *src = which ? a->ksrc : a->qsrc;
-  int64_t sb = which ? a->ksb : a->qsb, sh = which ? a->ksh : a->qsh, rs = which ? a->kst : a->qst;
-  vf acc[NV];
-  for (int v = 0; v < NV; v++) acc[v] = ld(a->cbias + which * a->D + h * HD + 16 * v);
-  for (int64_t k = 0; k < a->w; k++) {
-    const float *x = conv_in(a, src, sb, sh, rs, b, h, u + k), *kk = a->kern + (k * 2 + which) * a->D + h * HD;
-    for (int v = 0; v < NV; v++) acc[v] += ld(kk + 16 * v) * ld(x + 16 * v);
+/* New token u's query and key rows of head h: convs, then RoPE (one pass over the conv taps: for
+ * TTTLinear both read the same source rows). */
+static void make_rows(const scan_args *a, int64_t b, int64_t h, int64_t u, float *qrow, float *krow) {
+  vf q[NV], k[NV];
+  const float *qb = a->cbias + h * HD, *kb = a->cbias + a->D + h * HD;
+  for (int v = 0; v < NV; v++) q[v] = ld(qb + 16 * v), k[v] = ld(kb + 16 * v);
+  for (int64_t j = 0; j < a->w; j++) {
+    const float *xq = conv_in(a, a->qsrc, a->qsb, a->qsh, a->qst, b, h, u + j);
+    const float *xk = conv_in(a, a->ksrc, a->ksb, a->ksh, a->kst, b, h, u + j);
+    const float *kq = a->kern + (j * 2) * a->D + h * HD, *kk = kq + a->D;
+    for (int v = 0; v < NV; v++) q[v] += ld(kq + 16 * v) * ld(xq + 16 * v), k[v] += ld(kk + 16 * v) * ld(xk + 16 * v);
   }
   if (a->cosx) {
     int64_t p = a->pos[b * a->psb + u * a->pst];
     const float *cs = a->cosx + p * HD, *sn = a->sinx + p * HD;
     for (int v = 0; v < NV; v++) {
-      vf sw = __builtin_shufflevector(acc[v], acc[v], 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-      acc[v] = acc[v] * ld(cs + 16 * v) + sw * ld(sn + 16 * v);
+      vf c = ld(cs + 16 * v), s = ld(sn + 16 * v);
+      vf sq = __builtin_shufflevector(q[v], q[v], 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+      vf sk = __builtin_shufflevector(k[v], k[v], 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+      q[v] = q[v] * c + sq * s, k[v] = k[v] * c + sk * s;
     }
   }
-  for (int v = 0; v < NV; v++) st(row + 16 * v, acc[v]);
+  for (int v = 0; v < NV; v++) st(qrow + 16 * v, q[v]), st(krow + 16 * v, k[v]);
 }
 
 /* Mini-batch [j0, j0 + n) of the L rows of (batch b, head h). */
@@ -183,8 +187,7 @@ static int mini_batch(const scan_args *a, int64_t b, int64_t h, int64_t j0, int 
     if (t < a->r) {
       memcpy(K[i], a->kbuf + b * a->kbsb + h * a->kbsh + t * a->kbst, sizeof K[i]);
     } else {
-      make_row(a, 1, b, h, t - a->r, K[i]);
-      make_row(a, 0, b, h, t - a->r, Q[nq]);
+      make_rows(a, b, h, t - a->r, Q[nq], K[i]);
       qr[nq] = Q[nq], nq++;
     }
     kr[i] = K[i], br[i] = bh_bias, zr[i] = Z[i], zqr[i] = Zq[i];
