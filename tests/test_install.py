@@ -58,6 +58,9 @@ def test_installed_package_runs_from_another_folder(installed):
                                 for p in (site / "parity" / "fixtures").rglob("*") if p.is_file())
     assert installed_fixtures == fixtures
     assert (site / "parity" / "live_jax.py").is_file()
+    # the C kernels' sources and the headers they include (compiled on first use)
+    csrc = "official_port/ops/csrc"
+    assert sorted(p.name for p in (site / csrc).iterdir()) == sorted(p.name for p in (ROOT / csrc).iterdir())
     code = ("import official_port, lact, ponder, parity, ttt_common\n"
             "from ttt_common.config_files import resolve_config\n"
             "print(official_port.__file__); print(resolve_config('lact_debug_r2'))\n"

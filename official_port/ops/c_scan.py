@@ -17,8 +17,9 @@ take 4.2 (B 1, width 768, one thread).
 
 Each source is compiled on first use with the system C compiler (`$CC`, else `cc`/`gcc`; 0.25 s
 here), the scan for the head dim and mini-batch size at hand, with `-march=native`, and cached under
-`$TTT_CACHE_DIR/kernels` keyed by source, flags, compiler and CPU. (Batch, head) pairs, or the
-epilogue's rows, are split over `torch.get_num_threads()` threads (ctypes releases the GIL).
+`$TTT_CACHE_DIR/kernels` keyed by source (with `csrc/*.h`), flags, compiler and CPU. (Batch, head)
+pairs, or the epilogue's rows, are split over `torch.get_num_threads()` threads (ctypes releases the
+GIL).
 
 Limits of the scan: float32, no autograd, `inner_steps == 1`, no stats, d a multiple of 16 (<= 256),
 m <= 64; a non-finite gate or inner gradient makes both return None so that the caller reruns the
@@ -142,7 +143,7 @@ def _build(stem: str, defines: dict[str, int]) -> ctypes.CDLL:
         raise CKernelUnavailable(f"no C compiler ({why}); use kernel='torch'")
     src = _CSRC / f"{stem}.c"
     flags = [*_FLAGS, *(f"-D{k}={v}" for k, v in defines.items())]
-    source = src.read_bytes()
+    source = b"".join(f.read_bytes() for f in [src, *sorted(_CSRC.glob("*.h"))])  # and the headers it may include
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:

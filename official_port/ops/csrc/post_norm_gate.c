@@ -9,27 +9,9 @@
  * ~1e-7 on |r| <= ln2/2), built from GCC/clang vector extensions like the scan.
  */
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
 
-typedef float vf __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
+#include "simd.h"
 
-static inline vf ld(const float *p) { return *(const vfu *)p; }
-static inline void st(float *p, vf x) { *(vfu *)p = x; }
-static inline vf splat(float x) { return (vf){0} + x; }
-static inline float hsum(vf x) {
-  vf8 lo, hi;
-  memcpy(&lo, &x, 32), memcpy(&hi, (const char *)&x + 32, 32);
-  lo += hi;
-  vf4 a, c;
-  memcpy(&a, &lo, 16), memcpy(&c, (const char *)&lo + 16, 16);
-  a += c;
-  return (a[0] + a[1]) + (a[2] + a[3]);
-}
 static inline vf select(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
 
 /* exp(x) for x <= 0; 0 below -87 (near float's smallest normal; the caller's 1 + t ignores it) and

@@ -18,8 +18,8 @@
  * the torch twin, which isolates such rows as the official code's values require.
  */
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
+
+#include "simd.h"
 
 #ifndef HD
 #error "compile with -DHD=<head dim>"
@@ -31,26 +31,8 @@
 #error "HD must be a multiple of 16"
 #endif
 
-typedef float vf __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4)));  /* for rows of the caller's tensors */
 #define NV (HD / 16)              /* vectors per row of HD floats */
 #define A64 __attribute__((aligned(64)))
-
-static inline vf ld(const float *p) { return *(const vfu *)p; }
-static inline void st(float *p, vf x) { *(vfu *)p = x; }
-static inline vf splat(float x) { return (vf){0} + x; }
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-/* Sum of the 16 lanes as a tree (16 -> 8 -> 4 -> 1): a few shuffles instead of a 16-add chain. */
-static inline float hsum(vf x) {
-  vf8 lo, hi;
-  memcpy(&lo, &x, 32), memcpy(&hi, (const char *)&x + 32, 32);
-  lo += hi;
-  vf4 a, c;
-  memcpy(&a, &lo, 16), memcpy(&c, (const char *)&lo + 16, 16);
-  a += c;
-  return (a[0] + a[1]) + (a[2] + a[3]);
-}
 
 static const float zero_row[HD > MB ? HD : MB] A64;
 
