@@ -346,7 +346,7 @@ def c_post_norm_gate(Z: Tensor, g: Tensor, weight: Tensor, bias: Tensor, eps: fl
         raise ValueError(f"{name}: the width D = {D} must be a multiple of 16")
     if not g.is_contiguous():
         raise ValueError(f"{name}: g is overwritten in place and must be contiguous")
-    _check(name, (Z, g, weight, bias), 16, 1)
+    _check(name, (Z, g, weight, bias), 16, 1)  # autograd, dtype, device (16, 1: sizes checked above)
     fn = load_post_norm_gate().post_norm_gelu_gate
     Z, w, b = Z.contiguous(), weight.contiguous(), bias.contiguous()
     ptrs = (Z.data_ptr(), g.data_ptr(), w.data_ptr(), b.data_ptr(), eps, D)
