@@ -125,10 +125,11 @@ def _layer_pair(cls=TTTLinear, hidden=64, heads=2, seed=0):
     return ref, c
 
 
-def _count_calls(monkeypatch):
+def _count_calls(monkeypatch, name="c_ttt_linear_from_projections"):
+    """A list that grows by one at each call of `c_scan.<name>` (the layer's C scan by default)."""
     calls = []
-    real = c_scan.c_ttt_linear_from_projections
-    monkeypatch.setattr(c_scan, "c_ttt_linear_from_projections", lambda *a: calls.append(1) or real(*a))
+    real = getattr(c_scan, name)
+    monkeypatch.setattr(c_scan, name, lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -178,20 +179,13 @@ def test_layer_c_path_is_causal(monkeypatch, t):
     assert torch.equal(a[:, :t + 1], b[:, :t + 1]) and (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-3
 
 
-def _count_epilogue_calls(monkeypatch):
-    calls = []
-    real = c_scan.c_post_norm_gate
-    monkeypatch.setattr(c_scan, "c_post_norm_gate", lambda *a: calls.append(1) or real(*a))
-    return calls
-
-
 @needs_cc
 def test_layer_dispatch(monkeypatch):
     """Calls that need stats or inner_steps > 1, and TTT-MLP, run the twin scan (then the C epilogue: 1e-5
     of kernel='torch'); autograd and float64 run everything in torch (bit for bit kernel='torch'); a NaN
     token makes the C scan give up and the twin isolates it as 'torch' does."""
     ref, c = _layer_pair()
-    calls, epilogue = _count_calls(monkeypatch), _count_epilogue_calls(monkeypatch)
+    calls, epilogue = _count_calls(monkeypatch), _count_calls(monkeypatch, "c_post_norm_gate")
     x = torch.randn(2, 37, 64)
     with torch.no_grad():
         for kw in ({"output_ttt_stats": True}, {"inner_steps": 2}):
