@@ -8,8 +8,6 @@
  * overflow. exp is a Cody-Waite range reduction and a degree-7 Taylor polynomial (relative error
  * ~1e-7 on |r| <= ln2/2), built from GCC/clang vector extensions like the scan.
  */
-#include <math.h>
-
 #include "simd.h"
 
 static inline vf select(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
@@ -48,15 +46,8 @@ int post_norm_gelu_gate(const float *z, float *g, const float *w, const float *b
   for (int64_t t = t0; t < t1; t++) {
     const float *zr = z + t * D;
     float *gr = g + t * D;
-    vf s = {0};
-    for (int64_t v = 0; v < nv; v++) s += ld(zr + 16 * v);
-    const float mean = hsum(s) / D;
-    vf q = {0};
-    for (int64_t v = 0; v < nv; v++) {
-      vf c = ld(zr + 16 * v) - mean;
-      q += c * c;
-    }
-    const vf rstd = splat(1.f / sqrtf(hsum(q) / D + eps)), mv = splat(mean);
+    float mean, r = mean_rstd(zr, D, eps, &mean);
+    const vf rstd = splat(r), mv = splat(mean);
     for (int64_t v = 0; v < nv; v++) {
       vf y = (ld(zr + 16 * v) - mv) * rstd * ld(w + 16 * v) + ld(b + 16 * v);
       st(gr + 16 * v, gelu_tanh(ld(gr + 16 * v)) * y);

@@ -2,6 +2,7 @@
  * GCC/clang vector extensions. */
 #ifndef TTT_SIMD_H
 #define TTT_SIMD_H
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -23,5 +24,20 @@ static inline float hsum(vf x) {
   memcpy(&a, &lo, 16), memcpy(&c, (const char *)&lo + 16, 16);
   a += c;
   return (a[0] + a[1]) + (a[2] + a[3]);
+}
+
+/* LayerNorm's statistics of n floats (n a multiple of 16): the mean into *mean, and returns
+ * 1 / sqrt(biased variance + eps), the variance from the centred values (two passes). */
+static inline float mean_rstd(const float *z, int64_t n, float eps, float *mean) {
+  vf s = {0};
+  for (int64_t v = 0; v < n / 16; v++) s += ld(z + 16 * v);
+  const vf m = splat(hsum(s) / n);
+  vf q = {0};
+  for (int64_t v = 0; v < n / 16; v++) {
+    vf c = ld(z + 16 * v) - m;
+    q += c * c;
+  }
+  *mean = m[0];
+  return 1.f / sqrtf(hsum(q) / n + eps);
 }
 #endif

@@ -74,17 +74,9 @@ static void rows_times(const float *const *x, int n, int kdim, const float *M, f
 
 /* xhat = (z - mean) * rstd in place (biased variance, as LayerNorm); returns rstd. */
 static inline float normalise(float *z, float eps) {
-  vf s = {0};
-  for (int v = 0; v < NV; v++) s += ld(z + 16 * v);
-  vf mean = splat(hsum(s) / HD), q = {0};
-  for (int v = 0; v < NV; v++) {
-    vf c = ld(z + 16 * v) - mean;
-    st(z + 16 * v, c);
-    q += c * c;
-  }
-  float rstd = 1.f / sqrtf(hsum(q) / HD + eps);
-  vf rs = splat(rstd);
-  for (int v = 0; v < NV; v++) st(z + 16 * v, ld(z + 16 * v) * rs);
+  float mean, rstd = mean_rstd(z, HD, eps, &mean);
+  const vf mv = splat(mean), rs = splat(rstd);
+  for (int v = 0; v < NV; v++) st(z + 16 * v, (ld(z + 16 * v) - mv) * rs);
   return rstd;
 }
 
