@@ -413,7 +413,7 @@ class TTTBase(nn.Module):
                                                  or any(p.requires_grad for p in self.parameters())))):
             return False
         try:
-            load()  # built once per process and size
+            load()  # built once per process (and per size, for the scan)
         except c_scan.CKernelUnavailable as e:
             if self.kernel == "c":
                 raise
