@@ -17,9 +17,11 @@ take 4.2 (B 1, width 768, one thread).
 
 Each source is compiled on first use with the system C compiler (`$CC`, else `cc`/`gcc`; 0.25 s
 here), the scan for the head dim and mini-batch size at hand, with `-march=native`, and cached under
-`$TTT_CACHE_DIR/kernels` keyed by source (with `csrc/*.h`), flags, compiler and CPU. (Batch, head)
-pairs, or the epilogue's rows, are split over `torch.get_num_threads()` threads (ctypes releases the
-GIL).
+`$TTT_CACHE_DIR/kernels` keyed by source (with `csrc/*.h`), flags, compiler and CPU, with `-fopenmp`
+where the compiler has it. (Batch, head) pairs, or the epilogue's rows, are split over
+`torch.get_num_threads()` threads: OpenMP threads inside the C call, which are torch's own pool when
+torch loaded libgomp (the usual Linux wheels; csrc/threads.h says why that matters), else Python
+threads (ctypes releases the GIL).
 
 Limits of the scan: float32, no autograd, `inner_steps == 1`, no stats, d a multiple of 16 (<= 256),
 m <= 64; a non-finite gate or inner gradient makes both return None so that the caller reruns the
@@ -102,11 +104,15 @@ class _ScanArgs(ctypes.Structure):
         ("W", _PTR), ("bias", _PTR), ("out", _PTR), ("k_tail", _PTR), ("n_tail", _I64)]
 
 
-# each source's entry point and its C argument types
-_SIGNATURES = {
-    "ttt_linear_scan": ("ttt_linear_scan", [ctypes.POINTER(_ScanArgs), _I64, _I64]),
-    "post_norm_gate": ("post_norm_gelu_gate", [_PTR, _PTR, _PTR, _PTR, ctypes.c_float, _I64, _I64, _I64]),
-}
+class _EpilogueArgs(ctypes.Structure):
+    """`epilogue_args` of csrc/post_norm_gate.c."""
+
+    _fields_ = [("z", _PTR), ("g", _PTR), ("w", _PTR), ("b", _PTR), ("eps", ctypes.c_float), ("D", _I64)]
+
+
+# each source's entry point: `<name>(args, lo, hi)` runs rows [lo, hi); `<name>_threads(args, n, nt)` all n
+# rows on nt OpenMP threads (csrc/threads.h)
+_ENTRY = {"ttt_linear_scan": "ttt_linear_scan", "post_norm_gate": "post_norm_gelu_gate"}
 _libs: dict[tuple, ctypes.CDLL | Exception] = {}
 _lock = threading.Lock()
 
@@ -141,8 +147,15 @@ def _build(stem: str, defines: dict[str, int]) -> ctypes.CDLL:
     if cc is None:
         why = f"$CC={os.environ['CC']!r} not found" if os.environ.get("CC") else "no cc or gcc on PATH"
         raise CKernelUnavailable(f"no C compiler ({why}); use kernel='torch'")
+    try:  # with OpenMP where the compiler has it (see csrc/threads.h), else without
+        return _compile(cc, stem, defines, ("-fopenmp",))
+    except CKernelUnavailable:
+        return _compile(cc, stem, defines, ())
+
+
+def _compile(cc: str, stem: str, defines: dict[str, int], extra_flags: tuple[str, ...]) -> ctypes.CDLL:
     src = _CSRC / f"{stem}.c"
-    flags = [*_FLAGS, *(f"-D{k}={v}" for k, v in defines.items())]
+    flags = [*_FLAGS, *extra_flags, *(f"-D{k}={v}" for k, v in defines.items())]
     source = b"".join(f.read_bytes() for f in [src, *sorted(_CSRC.glob("*.h"))])  # and the headers it may include
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
@@ -164,26 +177,32 @@ def _build(stem: str, defines: dict[str, int]) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(lib_path))
     except OSError as e:  # unwritable cache folder, a library that does not load
         raise CKernelUnavailable(f"building or loading {lib_path}: {e}") from e
-    name, argtypes = _SIGNATURES[stem]
-    fn = getattr(lib, name)
-    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    for name in (_ENTRY[stem], _ENTRY[stem] + "_threads"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = [_PTR, _I64, _I64], ctypes.c_int
+    lib.built_with_openmp.restype = ctypes.c_int
     return lib
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
-def _run_split(fn, BH: int, args_for) -> list[int]:
-    """Call fn on [bh0, bh1) ranges, one per torch thread (the calls release the GIL)."""
-    nt = max(1, min(torch.get_num_threads(), BH))
+def _run(lib: ctypes.CDLL, stem: str, args: ctypes.Structure, n: int) -> bool:
+    """The kernel on rows [0, n) of args over `torch.get_num_threads()` threads; True when all rows went
+    through (the scan stops at a non-finite value)."""
+    nt = max(1, min(torch.get_num_threads(), n))
+    fn, ref = getattr(lib, _ENTRY[stem]), ctypes.addressof(args)
     if nt == 1:
-        return [fn(*args_for(0, BH))]
-    bounds = [BH * i // nt for i in range(nt + 1)]
+        return fn(ref, 0, n) == 0
+    if lib.built_with_openmp():
+        return getattr(lib, _ENTRY[stem] + "_threads")(ref, n, nt) == 0
+    # no OpenMP: ranges on Python threads (ctypes releases the GIL)
+    bounds = [n * i // nt for i in range(nt + 1)]
     with _lock:
         if nt not in _pools:
-            _pools[nt] = ThreadPoolExecutor(max_workers=nt, thread_name_prefix="ttt_c_scan")
+            _pools[nt] = ThreadPoolExecutor(max_workers=nt, thread_name_prefix="ttt_c_kernel")
         pool = _pools[nt]
-    return list(pool.map(lambda i: fn(*args_for(bounds[i], bounds[i + 1])), range(nt)))
+    return not any(pool.map(lambda i: fn(ref, bounds[i], bounds[i + 1]), range(nt)))
 
 
 def _check(name: str, tensors: tuple[Tensor, ...], d: int, m: int) -> None:
@@ -207,7 +226,7 @@ def _scan(q_src: Tensor, q_strides, k_src: Tensor, k_strides, cache: Tensor | No
           d: int) -> tuple[Tensor, InnerState] | None:
     """Fill `_ScanArgs`, run the kernel over (batch, head) ranges, build the new state (None: non-finite)."""
     m = token_eta.numel()
-    fn = load_library(d, m).ttt_linear_scan
+    lib = load_library(d, m)
     r = state.num_buffered
     L = r + T
     n_tail = L - L // m * m
@@ -230,8 +249,7 @@ def _scan(q_src: Tensor, q_strides, k_src: Tensor, k_strides, cache: Tensor | No
                      ptr(pos), *(pos.stride() if pos is not None else (0, 0)), ptr(cosx), ptr(sinx),
                      ptr(kbuf), *kbuf.stride()[:3], ptr(V), *V.stride()[:3], ptr(g), *g.stride(),
                      ptr(tok), ptr(lw), ptr(lb), LN_EPS, ptr(W), ptr(b), ptr(out), ptr(k_tail), n_tail)
-    ref = ctypes.byref(args)
-    if any(_run_split(fn, B * H, lambda bh0, bh1: (ref, bh0, bh1))):
+    if not _run(lib, "ttt_linear_scan", args, B * H):
         return None
     tail = slice(L - n_tail, L)
     return out.transpose(1, 2), InnerState((W.view(B, H, d, d), b.view(B, H, 1, d)), k_tail, V[:, :, tail],
@@ -347,8 +365,7 @@ def c_post_norm_gate(Z: Tensor, g: Tensor, weight: Tensor, bias: Tensor, eps: fl
     if not g.is_contiguous():
         raise ValueError(f"{name}: g is overwritten in place and must be contiguous")
     _check(name, (Z, g, weight, bias), 16, 1)  # autograd, dtype, device (16, 1: sizes checked above)
-    fn = load_post_norm_gate().post_norm_gelu_gate
     Z, w, b = Z.contiguous(), weight.contiguous(), bias.contiguous()
-    ptrs = (Z.data_ptr(), g.data_ptr(), w.data_ptr(), b.data_ptr(), eps, D)
-    _run_split(fn, Z.numel() // D, lambda t0, t1: (*ptrs, t0, t1))
+    args = _EpilogueArgs(Z.data_ptr(), g.data_ptr(), w.data_ptr(), b.data_ptr(), eps, D)
+    _run(load_post_norm_gate(), "post_norm_gate", args, Z.numel() // D)
     return g

@@ -2,6 +2,7 @@
 dispatch to it. Skips when no C compiler is found (the layer then runs the twin)."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,10 +86,29 @@ def test_c_scan_split_equals_whole_and_is_causal():
             assert (out[:, :, t + 1:] - whole[:, :, t + 1:]).abs().max() > 1e-3
 
 
+@pytest.fixture(params=["openmp", "python threads"])
+def thread_split(request, monkeypatch, tmp_path):
+    """Both ways a C call's rows go over threads: OpenMP inside the call, or Python threads for a library
+    built without OpenMP (forced here); the test checks which one it got with `_expect_split`."""
+    if request.param == "python threads":
+        monkeypatch.setenv("TTT_CACHE_DIR", str(tmp_path))
+        monkeypatch.setattr(c_scan, "_libs", {})
+        monkeypatch.setattr(c_scan, "_build", lambda stem, defines: c_scan._compile(c_scan.c_compiler(), stem,
+                                                                                    defines, ()))
+    return request.param
+
+
+def _expect_split(lib, thread_split):
+    if thread_split == "openmp" and not lib.built_with_openmp():
+        pytest.skip("the C compiler has no OpenMP")
+    assert lib.built_with_openmp() == (thread_split == "openmp")
+
+
 @needs_cc
-def test_c_scan_threads_give_the_same_bits():
+def test_c_scan_threads_give_the_same_bits(thread_split):
     """(Batch, head) pairs split over threads compute exactly what one thread does."""
     args, state = _inputs(2, 3, 40, 32, 16, 0, seed=4)
+    _expect_split(c_scan.load_library(32, 16), thread_split)
     n = torch.get_num_threads()
     try:
         with torch.no_grad():
@@ -258,10 +278,27 @@ def test_post_norm_gate_gelu_values():
 
 
 @needs_cc
-def test_post_norm_gate_threads_and_bad_inputs():
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the loaded libraries from /proc")
+def test_c_kernels_run_on_torchs_openmp_runtime():
+    """Built with OpenMP, the kernels bind to the libgomp torch loaded (one runtime, one pool of threads:
+    a second runtime's threads would spin against torch's), not to a second copy."""
+    libs = [c_scan.load_library(64, 16), c_scan.load_post_norm_gate()]
+    if not all(lib.built_with_openmp() for lib in libs):
+        pytest.skip("the C compiler has no OpenMP")
+    torch_gomp = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*"))
+    if not torch_gomp:
+        pytest.skip("this torch does not ship libgomp")
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    loaded = {Path(line.split()[-1]) for line in maps if "libgomp" in line}
+    assert loaded == {torch_gomp[0].resolve()}, f"OpenMP runtimes loaded: {loaded}"
+
+
+@needs_cc
+def test_post_norm_gate_threads_and_bad_inputs(thread_split):
     """Rows split over threads give the same bits; bad inputs raise one-line errors."""
     Z, g = torch.randn(2, 33, 64), torch.randn(2, 33, 64)
     w, b = torch.randn(64), torch.randn(64)
+    _expect_split(c_scan.load_post_norm_gate(), thread_split)
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -9,6 +9,7 @@
  * ~1e-7 on |r| <= ln2/2), built from GCC/clang vector extensions like the scan.
  */
 #include "simd.h"
+#include "threads.h"
 
 static inline vf select(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
 
@@ -40,13 +41,24 @@ static inline vf gelu_tanh(vf x) {
   return x * select(neg, t, splat(1.f)) / (splat(1.f) + t);
 }
 
-int post_norm_gelu_gate(const float *z, float *g, const float *w, const float *b, float eps, int64_t D,
-                        int64_t t0, int64_t t1) {
-  const int64_t nv = D / 16;
+/* Everything one call reads and writes (mirrored by `_EpilogueArgs` in c_scan.py): z, g [N, D]. */
+typedef struct {
+  const float *z;
+  float *g;
+  const float *w, *b;
+  float eps;
+  int64_t D;
+} epilogue_args;
+
+/* Rows [t0, t1). */
+int post_norm_gelu_gate(const void *args, int64_t t0, int64_t t1) {
+  const epilogue_args *a = args;
+  const int64_t D = a->D, nv = D / 16;
+  const float *w = a->w, *b = a->b;
   for (int64_t t = t0; t < t1; t++) {
-    const float *zr = z + t * D;
-    float *gr = g + t * D;
-    float mean, r = mean_rstd(zr, D, eps, &mean);
+    const float *zr = a->z + t * D;
+    float *gr = a->g + t * D;
+    float mean, r = mean_rstd(zr, D, a->eps, &mean);
     const vf rstd = splat(r), mv = splat(mean);
     for (int64_t v = 0; v < nv; v++) {
       vf y = (ld(zr + 16 * v) - mv) * rstd * ld(w + 16 * v) + ld(b + 16 * v);
@@ -54,4 +66,9 @@ int post_norm_gelu_gate(const float *z, float *g, const float *w, const float *b
     }
   }
   return 0;
+}
+
+/* All N rows, in nt ranges on OpenMP threads (see threads.h). */
+int post_norm_gelu_gate_threads(const epilogue_args *a, int64_t N, int64_t nt) {
+  return run_ranges(post_norm_gelu_gate, a, N, nt);
 }

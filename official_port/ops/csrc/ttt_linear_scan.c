@@ -20,6 +20,7 @@
 #include <math.h>
 
 #include "simd.h"
+#include "threads.h"
 
 #ifndef HD
 #error "compile with -DHD=<head dim>"
@@ -238,7 +239,8 @@ static int mini_batch(const scan_args *a, int64_t b, int64_t h, int64_t j0, int 
  * mini-batch: the rows read are then whole contiguous [H * HD] rows of the caller's [B, T, H * HD]
  * tensors (streamed, prefetched), and the heads' W (H * HD * HD floats) stay in L2.
  * Returns 0, or 1 at the first non-finite gate or inner gradient (nothing is then usable). */
-int ttt_linear_scan(const scan_args *a, int64_t bh0, int64_t bh1) {
+int ttt_linear_scan(const void *args, int64_t bh0, int64_t bh1) {
+  const scan_args *a = args;
   const int64_t H = a->H, L = a->r + a->T;
   for (int64_t b = bh0 / H; b * H < bh1; b++) {
     const int64_t h0 = bh0 > b * H ? bh0 - b * H : 0, h1 = bh1 < (b + 1) * H ? bh1 - b * H : H;
@@ -250,3 +252,6 @@ int ttt_linear_scan(const scan_args *a, int64_t bh0, int64_t bh1) {
   }
   return 0;
 }
+
+/* All B*H pairs, in nt ranges on OpenMP threads (see threads.h). */
+int ttt_linear_scan_threads(const scan_args *a, int64_t BH, int64_t nt) { return run_ranges(ttt_linear_scan, a, BH, nt); }
