@@ -30,6 +30,12 @@ adds another checkout of this project (e.g. `git worktree add ../base main`) tim
 rounds, so a speed change is a ratio ours-new / ours-old under the same load. With several
 implementations the order rotates each round.
 
+`--keep-freed-memory` runs every measured process with glibc's mmap and trim thresholds at 2 GB
+(`GLIBC_TUNABLES`), so memory a forward frees is reused by the next one instead of going back to the
+OS and being faulted in again (~7,700 page faults per TTTLinear forward at B 1, ~1 us each here):
+what jemalloc or tcmalloc do, as PyTorch's CPU performance guide advises. It applies to every
+implementation alike; the default is glibc's own behaviour.
+
 `--clock cpu` counts this process's CPU seconds: robust to other jobs with one thread, but with
 several threads it also counts OpenMP spin-waiting, which under contention dwarfs the work: time
 threads > 1 with the wall clock on an idle machine.
@@ -47,6 +53,8 @@ import subprocess
 import sys
 import time
 
+# glibc tunables of --keep-freed-memory: freed blocks stay mapped (no mmap per large tensor, no trim)
+KEEP_FREED_MEMORY = "glibc.malloc.mmap_threshold=2000000000:glibc.malloc.trim_threshold=2000000000"
 
 def _ref_layer(ref_path: str, layer_name: str, config):
     """The reference implementation's layer of the same shape (imported from the user's checkout)."""
@@ -125,6 +133,7 @@ def _measure(q, layer_name: str, impl: str, batch: int, seq_len: int, repeats: i
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     best = min(times)
     result = {mode: {"tok_s": batch * seq_len / best, "sec": best, "peak_mib": max(peak, 0) / 2**20,
+                     "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                      # the matmul limit in this process right after the layer's runs: this machine's speed
                      # drifts up to 3x within minutes, so the share of the limit is taken from one moment
                      "matmul_gflops": _time_matmul(batch * seq_len, config.hidden_size, repeats, clock, device)}}
@@ -318,6 +327,7 @@ def compare_ref(args) -> int:
                   + " ".join(f"{k} {got[k]:>7.0f}" for k in impls) + " tok/s  "
                   + " ".join(f"ours/{k} {got['ours'] / got[k]:.2f}x" for k in others), flush=True)
     print(f"\ndevice={args.device} clock={args.clock} L={args.seq_len} rounds={args.rounds} "
+          f"malloc={'keep-freed-memory' if args.keep_freed_memory else 'glibc default'} "
           f"(best of {args.repeats} per process); medians over rounds; 'of limit' = tok/s x matmul FLOPs/token "
           "/ the matmul FLOP/s measured in the same process right after (fwd+bwd counted as 3x fwd); "
           "ref = ttt-lm-pytorch, jax = ttt-lm-jax, base = --baseline checkout")
@@ -333,6 +343,7 @@ def compare_ref(args) -> int:
         fracs = [o * fl / (g * 1e9) for o, g in zip(ours, ours_gflops[c])]
         frac = statistics.median(fracs)
         row = {"layer": ln, "batch": b, "threads": th, "mode": mode, "matmul_gflops": limits[th, b],
+               "keep_freed_memory": args.keep_freed_memory,
                "ours_matmul_gflops": ours_gflops[c], "ours_of_limit_per_round": fracs, "ours_of_limit": frac,
                **{f"{k}_tok_s": tok[c][k] for k in impls}}
         line = f"{ln:<10} {b:>2} {th:>3} {mode:<7} " + " ".join(f"{statistics.median(tok[c][k]):>10.0f}" for k in impls)
@@ -380,8 +391,13 @@ def _main(argv: list[str] | None = None) -> int:
                     "commit): timed as 'base' in the same rounds (ours-new / ours-old ratios)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="with --ref/--ref-jax/--baseline: rounds of rotating order (median reported)")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="run the measured processes with glibc keeping freed memory mapped (GLIBC_TUNABLES; "
+                    "no page faults on reused buffers), as jemalloc/tcmalloc would; all implementations alike")
     args = ap.parse_args(argv)
     validate_args(args)
+    if args.keep_freed_memory:  # read by glibc when a process starts: every worker spawned from here has it
+        os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), KEEP_FREED_MEMORY]))
     if args.ref or args.ref_jax or args.baseline:
         args.threads = args.threads or [1, 2]
         args.layers = [ln for ln in args.layers if ln in ("ttt_linear", "ttt_mlp")]
@@ -403,6 +419,7 @@ def _main(argv: list[str] | None = None) -> int:
             rows.append((layer_name, batch, res))
 
     print(f"device={args.device} threads={args.threads or 'default'} clock={args.clock} repeats={args.repeats} (best of); "
+          f"malloc={'keep-freed-memory' if args.keep_freed_memory else 'glibc default'}; "
           f"naive per-token loop measured at L={min(args.seq_len, args.naive_seq_len)}, dual at L={args.seq_len}")
     head = (f"{'layer':<11} {'B':>2} {'impl':<6} {'L':>5} {'fwd tok/s':>10} {'fwd MiB':>8} "
             f"{'f+b tok/s':>10} {'f+b MiB':>8}")

@@ -1,8 +1,10 @@
 """The official-layer benchmark's FLOP model and its `--ref` argument checks (no timing here)."""
 
+import json
+
 import pytest
 
-from official_port.bench import layer_matmul_flops_per_token, main
+from official_port.bench import KEEP_FREED_MEMORY, layer_matmul_flops_per_token, main
 
 
 def test_flops_per_token_match_hand_count():
@@ -40,3 +42,18 @@ def test_ref_jax_with_a_python_lacking_jax_is_a_clear_error(tmp_path, capsys):
 def test_baseline_must_be_a_checkout_of_this_project(tmp_path, capsys):
     assert main(["--baseline", str(tmp_path)]) == 2
     assert "no official_port/bench.py there" in capsys.readouterr().err
+
+
+def test_keep_freed_memory_reaches_the_measured_processes(monkeypatch, tmp_path):
+    """--keep-freed-memory sets glibc's tunables for the spawned measurement processes (which report what
+    they saw); without it they run with glibc's defaults."""
+    monkeypatch.setenv("GLIBC_TUNABLES", "")
+    tiny = ["--seq-len", "16", "--batch", "1", "--repeats", "1", "--layers", "ttt_linear", "--skip-naive",
+            "--threads", "1"]
+    seen = {}
+    for flag in ([], ["--keep-freed-memory"]):
+        out = tmp_path / "bench.json"
+        assert main([*tiny, *flag, "--json", str(out)]) == 0
+        row = json.loads(out.read_text())[0]
+        seen[bool(flag)] = {row["dual"][mode]["glibc_tunables"] for mode in ("fwd", "fwd+bwd")}
+    assert seen == {False: {""}, True: {KEEP_FREED_MEMORY}}
