@@ -387,6 +387,8 @@ class TTTBase(nn.Module):
                 Z, inner = triton_ttt(self.inner_kind, *op_args, state.inner.to(compute))
                 return Z, inner, None
             group = int(self.config.remat_mini_batch_group_size) if self.remat else 0
+            if self._use_c_gelu(hidden_states):
+                kwargs["c_gelu"] = True
             return dual_ttt(self.inner_kind, *op_args, state.inner.to(compute), remat_group_size=group, **kwargs)
 
     def _use_c(self, hidden_states: Tensor, output_ttt_stats: bool, inner_steps: int) -> bool:
@@ -401,6 +403,12 @@ class TTTBase(nn.Module):
         return (self.has_gate and c_scan.post_norm_gate_supported(self.width)
                 and self.post_norm.weight.dtype == torch.float32
                 and self._c_ready(hidden_states, "output epilogue", c_scan.load_post_norm_gate))
+
+    def _use_c_gelu(self, hidden_states: Tensor) -> bool:
+        """The one dispatch point to the C GELU of TTT-MLP's dual form (`dual_ttt_mlp(c_gelu=True)`): as the
+        C scan's."""
+        return (self.inner_kind == "mlp" and c_scan.gelu_supported(4 * self.head_dim)
+                and self._c_ready(hidden_states, "GELU", c_scan.load_post_norm_gate))
 
     def _c_ready(self, hidden_states: Tensor, what: str, load) -> bool:
         """What the C paths share: `kernel` resolves to 'c', float32 without autocast or autograd, and

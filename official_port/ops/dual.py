@@ -28,6 +28,8 @@ lower-triangular, and its update is not applied: those tokens go back to the sta
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -331,25 +333,35 @@ def _linear_model(mb: _MiniBatches, in_place: bool) -> _InnerModel:
     return _InnerModel(forward, grads_at, update, mse_last)
 
 
-def _mlp_model(mb: _MiniBatches, in_place: bool) -> _InnerModel:
+def _gelu_with_ones(z: Tensor) -> Tensor:
+    """`[gelu_tanh(z), 1]`: the second inner layer's input with its ones column."""
+    return _with_ones(F.gelu(z, approximate="tanh"))
+
+
+def _mlp_model(mb: _MiniBatches, in_place: bool, c_gelu: bool = False) -> _InnerModel:
     """TTT-MLP pieces: f(k) = [gelu([k, 1] W1), 1] W2, W1 `[BH, d+1, 4d]`, W2 `[BH, 4d+1, d]`;
     grads `(G1 [BH, m, 4d], G2 [BH, m, d], X2a [BH, m, 4d+1])`: dLoss/dZ1, dLoss/dZ2 and the
-    second layer's input (with its ones column)."""
+    second layer's input (with its ones column). `c_gelu`: the GELU and its derivative from the C
+    kernels (no autograd; `dual_ttt_mlp`)."""
+    gelu_with_ones, gelu_grad = _gelu_with_ones, _gelu_grad
+    if c_gelu:
+        from official_port.ops import c_scan  # here: c_scan imports this module
+
+        gelu_with_ones, gelu_grad = functools.partial(c_scan.c_gelu_tanh, with_ones=True), c_scan.c_gelu_tanh_grad
 
     def grads_from(Z1, W, j):  # Z1 = K_j W1, [BH, m, 4d]
         W1, W2 = W
         hidden = W1.shape[-1]
-        X2a = _with_ones(F.gelu(Z1, approximate="tanh"))
+        X2a = gelu_with_ones(Z1)
         G2, R = _ln_fwd_vjp(X2a @ W2, mb.neg_tgt[j], mb.gamma, mb.beta)
-        G1 = _gelu_grad(G2 @ W2[:, :hidden].transpose(-1, -2), Z1)
+        G1 = gelu_grad(G2 @ W2[:, :hidden].transpose(-1, -2), Z1)
         return (G1, G2, X2a), R
 
     def forward(W, j, out):
         grads, R = grads_from(torch.bmm(mb.Ka[j], W[0]), W, j)
         G1, G2, X2a = grads
         G1c, bad = _finite_rows(G1) if mb.guard else (G1, None)
-        Xb2a = _with_ones(F.gelu(torch.baddbmm(torch.bmm(mb.Qa[j], W[0]), mb.M1[j], G1c, alpha=-1),
-                                 approximate="tanh"))
+        Xb2a = gelu_with_ones(torch.baddbmm(torch.bmm(mb.Qa[j], W[0]), mb.M1[j], G1c, alpha=-1))
         M2 = (mb.E[j] * (Xb2a @ X2a.transpose(-1, -2))).tril()  # E * tril(Xb2 X2^T + 1), by selection
         G2c, bad2 = _finite_rows(G2) if mb.guard else (G2, None)
         Zb = torch.bmm(Xb2a, W[1], out=out).baddbmm_(M2, G2c, alpha=-1)
@@ -365,7 +377,7 @@ def _mlp_model(mb: _MiniBatches, in_place: bool) -> _InnerModel:
                 _sub_prod(W[1], X2a.transpose(-1, -2), e * G2, in_place))
 
     def mse_last(W, j):
-        z = _with_ones(F.gelu(mb.Ka[j][:, -1:] @ W[0], approximate="tanh")) @ W[1]
+        z = gelu_with_ones(mb.Ka[j][:, -1:] @ W[0]) @ W[1]
         return ((_ln(z, mb.gamma, mb.beta) + mb.neg_tgt[j][:, -1:]) ** 2).mean(dim=(-1, -2))
 
     return _InnerModel(forward, grads_at, update, mse_last)
@@ -403,7 +415,7 @@ def dual_ttt_linear(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta:
 
 def dual_ttt_mlp(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor, ln_weight: Tensor,
                  ln_bias: Tensor, state: InnerState, *, inner_steps: int = 1, output_stats: bool = False,
-                 init_params: tuple[Tensor, ...] | None = None, remat_group_size: int = 0):
+                 init_params: tuple[Tensor, ...] | None = None, remat_group_size: int = 0, c_gelu: bool = False):
     """TTT-MLP inner loop (hidden width 4d, tanh-GELU) in the mini-batch dual form.
 
     Per mini-batch, with W1 `[d+1, 4d]`, W2 `[4d+1, d]` at its start, X2 = gelu([K, 1] W1) and
@@ -412,10 +424,13 @@ def dual_ttt_mlp(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Te
     and `Q + LN(Zb2)`; the params move by `(e K)^T G1` and `(e X2)^T G2`.
 
     Args: as `dual_ttt_linear`, with state params and `init_params`
-        `(W1 [., H, d, 4d], b1 [., H, 1, 4d], W2 [., H, 4d, d], b2 [., H, 1, d])`.
+        `(W1 [., H, d, 4d], b1 [., H, 1, 4d], W2 [., H, 4d, d], b2 [., H, 1, d])`; `c_gelu`: the GELU
+        and its derivative in C (`c_scan.c_gelu_tanh`, `c_gelu_tanh_grad`: float32 CPU, no autograd,
+        4d a multiple of 16; 1-2 ulp from ATen's), the layer's no-grad path under `kernel="c"`/`"auto"`.
     Returns: as `dual_ttt_linear`.
     """
-    return _run_op("dual_ttt_mlp", "mlp", _mlp_model, XQ, XK, XV, gate, token_eta, ln_weight, ln_bias,
+    model = functools.partial(_mlp_model, c_gelu=c_gelu) if c_gelu else _mlp_model
+    return _run_op("dual_ttt_mlp", "mlp", model, XQ, XK, XV, gate, token_eta, ln_weight, ln_bias,
                    state, inner_steps, output_stats, init_params, remat_group_size)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from official_port.configuration_ttt import TTTConfig
 from official_port.layers import TTTMLP, TTTBase, TTTLinear, TTTLinearBase
-from official_port.ops import InnerState, c_scan, dual_ttt_linear
+from official_port.ops import InnerState, c_scan, dual_ttt_linear, dual_ttt_mlp
 from official_port.ops.triton_dual import resolve_kernel
 from tests.helpers import assert_close
 
@@ -149,7 +149,7 @@ def _count_calls(monkeypatch, name="c_ttt_linear_from_projections"):
     """A list that grows by one at each call of `c_scan.<name>` (the layer's C scan by default)."""
     calls = []
     real = getattr(c_scan, name)
-    monkeypatch.setattr(c_scan, name, lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(c_scan, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     return calls
 
 
@@ -228,13 +228,77 @@ def test_layer_dispatch(monkeypatch):
 
 
 @needs_cc
-def test_ttt_mlp_uses_the_c_epilogue():
-    """TTT-MLP keeps its torch scan but its output epilogue runs in C under kernel='auto' (1e-5 of 'torch')."""
+def test_ttt_mlp_uses_the_c_epilogue_and_gelu(monkeypatch):
+    """TTT-MLP keeps its torch dual form, with its GELU and GELU' from C, and runs its output epilogue in C
+    under kernel='auto': 1e-5 of 'torch', whole and in pieces through buffered tokens; with autograd, the
+    torch path alone."""
     ref, c = _layer_pair(TTTMLP)
+    calls = _count_calls(monkeypatch, "c_gelu_tanh")
+    grad_calls = _count_calls(monkeypatch, "c_gelu_tanh_grad")
     x = torch.randn(2, 37, 64)
     with torch.no_grad():
         assert c._use_c_epilogue(x) and not ref._use_c_epilogue(x)
+        assert c._use_c_gelu(x) and not ref._use_c_gelu(x)
         assert_close("TTT-MLP output", ref(x)[0], c(x)[0], 1e-5)
+        assert len(calls) > 0 and len(grad_calls) > 0
+        st_ref = st_c = None
+        for a, b in ((0, 13), (13, 37)):
+            o_ref, _, st_ref = ref(x[:, a:b], state=st_ref)
+            o_c, _, st_c = c(x[:, a:b], state=st_c)
+            assert_close(f"piece {a}:{b}", o_ref, o_c, 1e-5)
+            for p_ref, p_c in zip(st_ref.inner.params, st_c.inner.params):
+                assert_close("state params", p_ref, p_c, 1e-5)
+    n = len(calls)
+    c(x)[0].sum().backward()  # autograd: the torch GELU
+    assert len(calls) == n
+
+
+@needs_cc
+def test_c_gelu_values_and_derivative():
+    """`c_gelu_tanh` (the epilogue's GELU) on a dense grid within 2e-6 relative of float64 where |gelu| > 1e-6,
+    its ones column; `c_gelu_tanh_grad` within ~2.5 ulps of float64's `gelu_backward` on the grid and at
+    three scales; the dual form with them within 1e-5 of without."""
+    x = torch.linspace(-12, 12, 64 * 1000).reshape(1000, 64)
+    want64 = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    got = c_scan.c_gelu_tanh(x)
+    big = want64.abs() > 1e-6
+    assert ((got.double() - want64).abs() / want64.abs())[big].max() < 2e-6
+    ones = c_scan.c_gelu_tanh(x.view(10, 100, 64), with_ones=True)
+    assert ones.shape == (10, 100, 65) and torch.equal(ones[..., :64].reshape(1000, 64), got)
+    assert torch.equal(ones[..., 64], torch.ones(10, 100))
+    gen = torch.Generator().manual_seed(5)
+    for scale, g in ((1.0, torch.ones_like(x)), (0.1, None), (1.0, None), (10.0, None)):
+        z = x if g is not None else torch.randn(40, 256, generator=gen) * scale
+        g = g if g is not None else torch.randn(40, 256, generator=gen) * scale
+        want64 = torch.ops.aten.gelu_backward(g.double(), z.double(), approximate="tanh")
+        got = c_scan.c_gelu_tanh_grad(g, z).double()
+        # ~2.5 float32 ulps of the larger of |g| and the result (measured <= 2.2e-7 on the grid, where
+        # ATen's float32 gelu_backward is off by up to 1.0e-6 for |x| > 4)
+        assert ((got - want64).abs() <= 3e-7 * torch.maximum(g.double().abs(), want64.abs())).all()
+    args, _ = _inputs(2, 2, 40, 16, 16, 0, seed=6)
+    gen = torch.Generator().manual_seed(7)
+    state = InnerState((*(torch.randn(2, 2, *s, generator=gen) * 0.1 for s in ((16, 64), (1, 64), (64, 16), (1, 16))),),
+                       *(torch.zeros(2, 2, 0, 16) for _ in range(2)), torch.zeros(2, 2, 0))
+    with torch.no_grad():
+        want, s_want, _ = dual_ttt_mlp(*args, state)
+        got, s_got, _ = dual_ttt_mlp(*args, state, c_gelu=True)
+    assert_close("dual_ttt_mlp c_gelu", want, got, 1e-5)
+    for a, b in zip(s_want.params, s_got.params):
+        assert_close("dual_ttt_mlp c_gelu params", a, b, 1e-5)
+
+
+@needs_cc
+def test_c_gelu_bad_inputs():
+    """One-line errors: a width not a multiple of 16, mismatched shapes, float64, autograd."""
+    x = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        c_scan.c_gelu_tanh(x[:, :20])
+    with pytest.raises(ValueError, match="must match"):
+        c_scan.c_gelu_tanh_grad(x[:2], x)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        c_scan.c_gelu_tanh(x.double())
+    with pytest.raises(ValueError, match="no autograd"):
+        c_scan.c_gelu_tanh(x.requires_grad_())
 
 
 def _epilogue_twin(Z, g, w, b, eps=1e-6):

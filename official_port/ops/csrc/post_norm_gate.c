@@ -7,6 +7,7 @@
  * form has no cancellation near tanh = -1 and needs only exp(-|2y|) in (0, 1], which cannot
  * overflow. exp is a Cody-Waite range reduction and a degree-7 Taylor polynomial (relative error
  * ~1e-7 on |r| <= ln2/2), built from GCC/clang vector extensions like the scan.
+ * The same GELU and its derivative serve TTT-MLP's inner loop (`gelu_tanh_rows`, below).
  */
 #include "simd.h"
 #include "threads.h"
@@ -33,12 +34,28 @@ static inline vf exp_nonpos(vf x) {
   return select(under, splat(0.f), p * (vf)e);
 }
 
-static inline vf gelu_tanh(vf x) {
+/* t = exp(-|s|) at s = 2y, and whether s < 0: sigmoid(s) is 1 / (1 + t) for s >= 0 and t / (1 + t)
+ * below, 1 - sigmoid(s) the other one (neither form cancels). */
+static inline vf gelu_exp(vf x, vi *neg) {
   vf s = splat(2.f * 0.7978845608028654f) * (x + splat(0.044715f) * x * x * x);
-  vi neg = s < splat(0.f);
-  vf t = exp_nonpos(select(neg, s, -s)); /* exp(-|s|) */
-  /* sigmoid(s) = 1 / (1 + t) for s >= 0, t / (1 + t) below */
+  *neg = s < splat(0.f);
+  return exp_nonpos(select(*neg, s, -s));
+}
+
+static inline vf gelu_tanh(vf x) {
+  vi neg;
+  vf t = gelu_exp(x, &neg);
   return x * select(neg, t, splat(1.f)) / (splat(1.f) + t);
+}
+
+/* d/dx x sigmoid(2y) = sigmoid(2y) + 2 x sigmoid(2y) (1 - sigmoid(2y)) y', y' = sqrt(2/pi) (1 + 3 * 0.044715 x^2) */
+static inline vf gelu_tanh_grad(vf x) {
+  vi neg;
+  vf t = gelu_exp(x, &neg);
+  vf inv = splat(1.f) / (splat(1.f) + t);
+  vf sig = select(neg, t, splat(1.f)) * inv, sig_c = select(neg, splat(1.f), t) * inv;
+  vf dy = splat(2.f * 0.7978845608028654f) * (splat(1.f) + splat(3.f * 0.044715f) * x * x);
+  return sig + x * sig * sig_c * dy;
 }
 
 /* Everything one call reads and writes (mirrored by `_EpilogueArgs` in c_scan.py): z, g [N, D]. */
@@ -72,3 +89,32 @@ int post_norm_gelu_gate(const void *args, int64_t t0, int64_t t1) {
 int post_norm_gelu_gate_threads(const epilogue_args *a, int64_t N, int64_t nt) {
   return run_ranges(post_norm_gelu_gate, a, N, nt);
 }
+
+/* TTT-MLP's inner GELU (no autograd): rows of n floats (n a multiple of 16) of x, row stride xs.
+ * With g NULL: out = gelu_tanh(x), rows of stride os, and when `ones`, a 1 after each row (the
+ * layer's [gelu(Z1), 1] in one pass). Else out = g * gelu_tanh'(x) (g and out rows of stride n). */
+typedef struct {
+  const float *x, *g;
+  float *out;
+  int64_t n, xs, os, ones;
+} gelu_args;
+
+int gelu_tanh_rows(const void *args, int64_t r0, int64_t r1) {
+  const gelu_args *a = args;
+  const int64_t nv = a->n / 16;
+  for (int64_t r = r0; r < r1; r++) {
+    const float *x = a->x + r * a->xs;
+    if (a->g) {
+      const float *g = a->g + r * a->n;
+      float *o = a->out + r * a->n;
+      for (int64_t v = 0; v < nv; v++) st(o + 16 * v, ld(g + 16 * v) * gelu_tanh_grad(ld(x + 16 * v)));
+    } else {
+      float *o = a->out + r * a->os;
+      for (int64_t v = 0; v < nv; v++) st(o + 16 * v, gelu_tanh(ld(x + 16 * v)));
+      if (a->ones) o[a->n] = 1.f;
+    }
+  }
+  return 0;
+}
+
+int gelu_tanh_rows_threads(const gelu_args *a, int64_t rows, int64_t nt) { return run_ranges(gelu_tanh_rows, a, rows, nt); }
