@@ -29,7 +29,6 @@ lower-triangular, and its update is not applied: those tokens go back to the sta
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Callable
 from dataclasses import dataclass
 
