@@ -56,6 +56,7 @@ import time
 # glibc tunables of --keep-freed-memory: freed blocks stay mapped (no mmap per large tensor, no trim)
 KEEP_FREED_MEMORY = "glibc.malloc.mmap_threshold=2000000000:glibc.malloc.trim_threshold=2000000000"
 
+
 def _ref_layer(ref_path: str, layer_name: str, config):
     """The reference implementation's layer of the same shape (imported from the user's checkout)."""
     sys.path.insert(0, ref_path)

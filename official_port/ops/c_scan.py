@@ -115,7 +115,7 @@ class _EpilogueArgs(ctypes.Structure):
 class _GeluArgs(ctypes.Structure):
     """`gelu_args` of csrc/post_norm_gate.c."""
 
-    _fields_ = [("x", _PTR), ("g", _PTR), ("out", _PTR), *((n, _I64) for n in ("n", "xs", "os", "ones"))]
+    _fields_ = [("x", _PTR), ("g", _PTR), ("out", _PTR), ("n", _I64), ("ones", _I64)]
 
 
 # each source's entry points: `<name>(args, lo, hi)` runs rows [lo, hi); `<name>_threads(args, n, nt)` all n
@@ -397,7 +397,7 @@ def c_gelu_tanh(x: Tensor, with_ones: bool = False) -> Tensor:
     n = _gelu_check("c_gelu_tanh", x)
     x = x.contiguous()
     out = x.new_empty(*x.shape[:-1], n + int(with_ones))
-    args = _GeluArgs(x.data_ptr(), None, out.data_ptr(), n, n, out.shape[-1], int(with_ones))
+    args = _GeluArgs(x.data_ptr(), None, out.data_ptr(), n, int(with_ones))
     _run(load_post_norm_gate(), "gelu_tanh_rows", args, x.numel() // max(n, 1))
     return out
 
@@ -414,7 +414,7 @@ def c_gelu_tanh_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     _check("c_gelu_tanh_grad", (grad_out,), 16, 1)
     x, grad_out = x.contiguous(), grad_out.contiguous()
     out = torch.empty_like(x)
-    args = _GeluArgs(x.data_ptr(), grad_out.data_ptr(), out.data_ptr(), n, n, n, 0)
+    args = _GeluArgs(x.data_ptr(), grad_out.data_ptr(), out.data_ptr(), n, 0)
     _run(load_post_norm_gate(), "gelu_tanh_rows", args, x.numel() // max(n, 1))
     return out
 

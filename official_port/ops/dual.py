@@ -425,7 +425,8 @@ def dual_ttt_mlp(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Te
     Args: as `dual_ttt_linear`, with state params and `init_params`
         `(W1 [., H, d, 4d], b1 [., H, 1, 4d], W2 [., H, 4d, d], b2 [., H, 1, d])`; `c_gelu`: the GELU
         and its derivative in C (`c_scan.c_gelu_tanh`, `c_gelu_tanh_grad`: float32 CPU, no autograd,
-        4d a multiple of 16; 1-2 ulp from ATen's), the layer's no-grad path under `kernel="c"`/`"auto"`.
+        4d a multiple of 16; within ~2.5 float32 ulps of float64), the layer's no-grad path under
+        `kernel="c"`/`"auto"`.
     Returns: as `dual_ttt_linear`.
     """
     model = functools.partial(_mlp_model, c_gelu=c_gelu) if c_gelu else _mlp_model

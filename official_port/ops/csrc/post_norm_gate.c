@@ -90,26 +90,26 @@ int post_norm_gelu_gate_threads(const epilogue_args *a, int64_t N, int64_t nt) {
   return run_ranges(post_norm_gelu_gate, a, N, nt);
 }
 
-/* TTT-MLP's inner GELU (no autograd): rows of n floats (n a multiple of 16) of x, row stride xs.
- * With g NULL: out = gelu_tanh(x), rows of stride os, and when `ones`, a 1 after each row (the
- * layer's [gelu(Z1), 1] in one pass). Else out = g * gelu_tanh'(x) (g and out rows of stride n). */
+/* TTT-MLP's inner GELU (no autograd): contiguous rows of n floats (n a multiple of 16) of x.
+ * With g NULL: out = gelu_tanh(x), and when `ones`, a 1 after each row (out rows of n + 1: the dual
+ * form's [gelu(Z1), 1] in one pass). Else out = g * gelu_tanh'(x) (g and out rows of n). */
 typedef struct {
   const float *x, *g;
   float *out;
-  int64_t n, xs, os, ones;
+  int64_t n, ones;
 } gelu_args;
 
 int gelu_tanh_rows(const void *args, int64_t r0, int64_t r1) {
   const gelu_args *a = args;
   const int64_t nv = a->n / 16;
   for (int64_t r = r0; r < r1; r++) {
-    const float *x = a->x + r * a->xs;
+    const float *x = a->x + r * a->n;
     if (a->g) {
       const float *g = a->g + r * a->n;
       float *o = a->out + r * a->n;
       for (int64_t v = 0; v < nv; v++) st(o + 16 * v, ld(g + 16 * v) * gelu_tanh_grad(ld(x + 16 * v)));
     } else {
-      float *o = a->out + r * a->os;
+      float *o = a->out + r * (a->n + a->ones);
       for (int64_t v = 0; v < nv; v++) st(o + 16 * v, gelu_tanh(ld(x + 16 * v)));
       if (a->ones) o[a->n] = 1.f;
     }
