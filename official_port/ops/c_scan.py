@@ -408,10 +408,9 @@ def c_gelu_tanh_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     Args:
         grad_out, x: `[..., n]` float32 on CPU, same shape, n a multiple of 16.
     """
-    n = _gelu_check("c_gelu_tanh_grad", x)
     if grad_out.shape != x.shape:
         raise ValueError(f"c_gelu_tanh_grad: grad_out {tuple(grad_out.shape)} and x {tuple(x.shape)} must match")
-    _check("c_gelu_tanh_grad", (grad_out,), 16, 1)
+    n = _gelu_check("c_gelu_tanh_grad", x, grad_out)
     x, grad_out = x.contiguous(), grad_out.contiguous()
     out = torch.empty_like(x)
     args = _GeluArgs(x.data_ptr(), grad_out.data_ptr(), out.data_ptr(), n, 0)
@@ -419,9 +418,10 @@ def c_gelu_tanh_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     return out
 
 
-def _gelu_check(name: str, x: Tensor) -> int:
+def _gelu_check(name: str, x: Tensor, *more: Tensor) -> int:
+    """The row width n of x (and of `more`, same shape), after the width, autograd, dtype and device checks."""
     n = x.shape[-1] if x.dim() else 0
     if x.dim() == 0 or not gelu_supported(n):
         raise ValueError(f"{name}: the last axis ({n if x.dim() else 'none'}) must be a multiple of 16")
-    _check(name, (x,), 16, 1)  # autograd, dtype, device
+    _check(name, (x, *more), 16, 1)  # autograd, dtype, device
     return n
