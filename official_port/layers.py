@@ -300,11 +300,11 @@ class TTTBase(nn.Module):
         m, H, d = self.mini_batch_size, self.num_heads, self.head_dim
         seen = int(state.seen_tokens)
 
-        res = None
+        res = spare = None  # spare: a [B, T, D] buffer of this call that is no longer needed
         if self._use_c(hidden_states, output_ttt_stats, inner_steps):
             res = self._c_projections_and_scan(hidden_states, position_ids, state, ttt_lr_mult)
         if res is not None:
-            Z, inner, new_cache, stats = *res, None
+            Z, inner, new_cache, spare, stats = *res, None
         else:  # the torch path (also when the C scan met a non-finite value: the dual form isolates it)
             XQ, XK, XV, new_cache = self.qkv(hidden_states, state.conv_cache)
             stat0 = _ssl_target_stat(XV, XK, seen, m) if output_ttt_stats else None
@@ -321,11 +321,12 @@ class TTTBase(nn.Module):
         # back to the activation dtype: under FSDP bf16 parameters post_norm's weight is bf16
         Z = Z.transpose(1, 2).reshape(B, T, D).to(hidden_states.dtype)
         if self._use_c_epilogue(hidden_states):  # post_norm, gelu(wg x) and their product in one pass
-            Z = c_scan.c_post_norm_gate(Z, self.wg(hidden_states), self.post_norm.weight, self.post_norm.bias,
-                                        self.post_norm.eps)
+            gated = c_scan.c_post_norm_gate(Z, _linear_into(self.wg, hidden_states, spare), self.post_norm.weight,
+                                            self.post_norm.bias, self.post_norm.eps)
+            # after the C scan Z is this call's own buffer, free once the epilogue has read it
+            out = _linear_into(self.wo, gated, Z if res is not None else None)
         else:
-            Z = self._post_norm_and_gate(hidden_states, Z)
-        out = self.wo(Z)
+            out = self.wo(self._post_norm_and_gate(hidden_states, Z))
         if output_ttt_stats:
             stats = (stat0, *(s.mean(dim=(0, 1)) for s in stats))
         return out, stats, TTTState(inner, new_cache, seen + T)
@@ -433,27 +434,33 @@ class TTTBase(nn.Module):
         return True
 
     def _c_projections_and_scan(self, x: Tensor, position_ids: Tensor, state: TTTState, ttt_lr_mult: float):
-        """The C path from the projections: (Z `[B, H, T, d]`, inner state, new conv cache), or None when the
-        scan met a non-finite gate or gradient. The convs and RoPE run inside the scan, row by row."""
+        """The C path from the projections: (Z `[B, H, T, d]`, inner state, new conv cache, spare), or None
+        when the scan met a non-finite gate or gradient. The convs and RoPE run inside the scan, row by row.
+        Fewer fresh buffers, fewer page faults: the scan writes Z over the values it has read, and `wq`'s
+        output is returned as `spare` (None when `wq` is not a plain `nn.Linear`) for the gate projection."""
         B, T, D = x.shape
         m, d = self.mini_batch_size, self.head_dim
         a = self.wq(x)
+        spare = a if _plain_linear(self.wq) else None
         if self.has_conv:
             w = self.conv_q.weight.shape[-1]
             cache = state.conv_cache if state.conv_cache is not None else a.new_zeros(B, w - 1, D)
             new_cache = a[:, T - (w - 1):] if T >= w - 1 else torch.cat([cache, a], dim=1)[:, T:]
+            if spare is not None:
+                new_cache = new_cache.clone()  # not a view of the spare buffer
             k_src, (kern, bias) = a, self._conv_params(a.dtype)
         else:  # a width-1 unit "conv": the projections pass through
             cache = new_cache = None
             k_src, kern, bias = self.wk(x), a.new_ones(1, 2, D), a.new_zeros(2, D)
         cos, sin = rope_table(m, d, self.config.rope_theta, x.device, torch.float32)  # as `rope_interleaved`
-        XV = self.wv(x).view(B, T, self.num_heads, d).transpose(1, 2)
+        values = self.wv(x).view(B, T, self.num_heads, d)
         with torch.autocast(x.device.type, enabled=False):
             gate = self.ttt_gate(x, ttt_lr_mult)
         res = c_scan.c_ttt_linear_from_projections(
-            a, k_src, cache, kern, bias, cos, sin, position_ids.long() % m, XV, gate, self.token_eta(),
-            self.ttt_norm_weight, self.ttt_norm_bias, state.inner)
-        return None if res is None else (*res, new_cache)
+            a, k_src, cache, kern, bias, cos, sin, position_ids.long() % m, values.transpose(1, 2), gate,
+            self.token_eta(), self.ttt_norm_weight, self.ttt_norm_bias, state.inner,
+            out=values if _plain_linear(self.wv) else None)
+        return None if res is None else (*res, new_cache, spare)
 
     def _use_triton(self, XQ: Tensor, output_ttt_stats: bool, inner_steps: int) -> bool:
         """The one dispatch point to the Triton scan (see `kernel`)."""
@@ -462,6 +469,24 @@ class TTTBase(nn.Module):
         d, m = self.head_dim, self.mini_batch_size
         return (not output_ttt_stats and inner_steps == 1 and not self.remat
                 and d & (d - 1) == 0 and m & (m - 1) == 0)
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """Whether calling module is `F.linear(x, module.weight)` and nothing else: an `nn.Linear` without bias
+    or hooks. Its output is then a fresh tensor of the caller's, and its product may go into a buffer."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, torch.nn.modules.module._global_forward_hooks,
+             torch.nn.modules.module._global_forward_pre_hooks)
+    return type(module) is nn.Linear and module.bias is None and not any(hooks)
+
+
+def _linear_into(linear: nn.Module, x: Tensor, buffer: Tensor | None) -> Tensor:
+    """`linear(x)`, its product written into buffer (a spare `[..., out_features]` tensor of the caller) when
+    there is one and linear is plain (`_plain_linear`): no fresh buffer to fault in."""
+    if (buffer is None or not _plain_linear(linear) or buffer.shape != (*x.shape[:-1], linear.out_features)
+            or not buffer.is_contiguous()):
+        return linear(x)
+    torch.mm(x.reshape(-1, x.shape[-1]), linear.weight.t(), out=buffer.view(-1, linear.out_features))
+    return buffer
 
 
 def _ssl_target_stat(XV: Tensor, XK: Tensor, seen: int, m: int) -> Tensor:

@@ -231,7 +231,7 @@ def _unit(t: Tensor) -> Tensor:
 def _scan(q_src: Tensor, q_strides, k_src: Tensor, k_strides, cache: Tensor | None, kern: Tensor, cbias: Tensor,
           pos: Tensor | None, cosx: Tensor | None, sinx: Tensor | None, XV: Tensor, gate: Tensor,
           token_eta: Tensor, ln_weight: Tensor, ln_bias: Tensor, state: InnerState, B: int, H: int, T: int,
-          d: int) -> tuple[Tensor, InnerState] | None:
+          d: int, out: Tensor | None = None) -> tuple[Tensor, InnerState] | None:
     """Fill `_ScanArgs`, run the kernel over (batch, head) ranges, build the new state (None: non-finite)."""
     m = token_eta.numel()
     lib = load_library(d, m)
@@ -240,13 +240,18 @@ def _scan(q_src: Tensor, q_strides, k_src: Tensor, k_strides, cache: Tensor | No
     n_tail = L - L // m * m
     V = _unit(torch.cat([state.v, XV], dim=2) if r else XV)
     g = torch.cat([state.gate, gate], dim=2) if r else gate
+    out = _scan_output(out, V, B, T, H, d)
+    tail = slice(L - n_tail, L)
+    # the kernel writes a mini-batch's outputs after reading its values: out may be V itself, but the
+    # values of an incomplete last mini-batch, which go to the state, are copied first
+    out_is_v = out.data_ptr() == V.data_ptr()
+    v_tail = V[:, :, tail].clone() if out_is_v else V[:, :, tail]
     kbuf = _unit(state.k)
     tok, lw, lb = (t.contiguous() for t in (token_eta, ln_weight, ln_bias))
     W = torch.empty(B * H, d, d)
     W.view(B, H, d, d).copy_(state.params[0])
     b = torch.empty(B * H, d)
     b.view(B, H, 1, d).copy_(state.params[1])
-    out = torch.empty(B, T, H, d)
     k_tail = torch.empty(B, H, n_tail, d)
 
     def ptr(t):
@@ -259,9 +264,21 @@ def _scan(q_src: Tensor, q_strides, k_src: Tensor, k_strides, cache: Tensor | No
                      ptr(tok), ptr(lw), ptr(lb), LN_EPS, ptr(W), ptr(b), ptr(out), ptr(k_tail), n_tail)
     if not _run(lib, "ttt_linear_scan", args, B * H):
         return None
-    tail = slice(L - n_tail, L)
-    return out.transpose(1, 2), InnerState((W.view(B, H, d, d), b.view(B, H, 1, d)), k_tail, V[:, :, tail],
-                                           g[:, :, tail])
+    return out.transpose(1, 2), InnerState((W.view(B, H, d, d), b.view(B, H, 1, d)), k_tail, v_tail, g[:, :, tail])
+
+
+def _scan_output(out: Tensor | None, V: Tensor, B: int, T: int, H: int, d: int) -> Tensor:
+    """The scan's `[B, T, H, d]` output buffer: a fresh one, or the caller's `out` after its checks."""
+    if out is None:
+        return torch.empty(B, T, H, d)
+    if out.shape != (B, T, H, d) or not out.is_contiguous() or out.dtype != torch.float32 or out.device.type != "cpu":
+        raise ValueError(f"out must be a contiguous float32 CPU tensor [B, T, H, d] = {(B, T, H, d)}, got "
+                         f"{out.dtype} {tuple(out.shape)} with strides {out.stride()}")
+    if out.untyped_storage().data_ptr() == V.untyped_storage().data_ptr() and (
+            out.data_ptr() != V.data_ptr() or out.transpose(1, 2).stride() != V.stride()):
+        raise ValueError("out shares memory with XV but is not XV's own [B, T, H, d] elements (XV must be "
+                         "out.transpose(1, 2))")
+    return out
 
 
 def c_ttt_linear(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor, ln_weight: Tensor,
@@ -296,7 +313,7 @@ def c_ttt_linear(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Te
 def c_ttt_linear_from_projections(q_src: Tensor, k_src: Tensor, conv_cache: Tensor | None, conv_kernel: Tensor,
                                   conv_bias: Tensor, rope_cos: Tensor, rope_sin: Tensor, positions: Tensor,
                                   XV: Tensor, gate: Tensor, token_eta: Tensor, ln_weight: Tensor, ln_bias: Tensor,
-                                  state: InnerState) -> tuple[Tensor, InnerState] | None:
+                                  state: InnerState, out: Tensor | None = None) -> tuple[Tensor, InnerState] | None:
     """The TTT layer's queries and keys (causal depthwise conv, then RoPE) and the TTT-Linear scan in one
     C pass over the projections (the conv and rotated tensors are never built); as `causal_conv_pair`,
     `rope_interleaved` and `c_ttt_linear` in a row.
@@ -310,6 +327,10 @@ def c_ttt_linear_from_projections(q_src: Tensor, k_src: Tensor, conv_cache: Tens
         rope_cos, rope_sin: `[m, d/2]` angle tables (`rope_cos_sin` of positions 0..m-1).
         positions: `[B, T]` integers in `[0, m)` (position modulo the mini-batch size).
         XV: `[B, H, T, d]`, gate: `[B, H, T]`, token_eta, ln_weight, ln_bias, state: as `c_ttt_linear`.
+        out: a contiguous `[B, T, H, d]` buffer for the output (default: a fresh one). It may be the
+            values' own memory (`XV` is `out.transpose(1, 2)`), since the values of
+            a mini-batch are read before its outputs are written; after a None return it holds garbage
+            (and so may XV then).
 
     Returns:
         as `c_ttt_linear` (the new state's keys are rotated, as the twin's); or None.
@@ -334,6 +355,9 @@ def c_ttt_linear_from_projections(q_src: Tensor, k_src: Tensor, conv_cache: Tens
     tensors = (q_src, k_src, conv_kernel, conv_bias, rope_cos, rope_sin, XV, gate, token_eta, ln_weight, ln_bias,
                *state.params, state.k, state.v, state.gate) + ((conv_cache,) if conv_cache is not None else ())
     _check(name, tensors, d, m)
+    if out is not None and any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                               for t in tensors if t is not XV):
+        raise ValueError(f"{name}: out may share memory with XV only")
     q_src, k_src = _unit(q_src), _unit(k_src)
     cache = _unit(conv_cache) if conv_cache is not None else None
     # [m, d] tables: cos per pair repeated, sin signed (-sin, +sin): x' = x * cos + swap_pairs(x) * sin
@@ -342,7 +366,7 @@ def c_ttt_linear_from_projections(q_src: Tensor, k_src: Tensor, conv_cache: Tens
     pos = positions.to(torch.int64).contiguous()
     return _scan(q_src, (q_src.stride(0), d, q_src.stride(1)), k_src, (k_src.stride(0), d, k_src.stride(1)), cache,
                  conv_kernel.contiguous(), conv_bias.contiguous(), pos, cosx, sinx, XV, gate, token_eta, ln_weight,
-                 ln_bias, state, B, H, T, d)
+                 ln_bias, state, B, H, T, d, out)
 
 
 def post_norm_gate_supported(width: int) -> bool:

@@ -184,6 +184,84 @@ def test_layer_c_path_matches_torch(monkeypatch, cls):
     assert len(calls) == 5 and st_c.seen_tokens == 37 and st_c.inner.num_buffered == 37 % 16
 
 
+def _projection_inputs(B, H, T, d, m, r, seed=6):
+    """`c_ttt_linear_from_projections` inputs (a width-4 conv with its cache, RoPE tables, positions) whose
+    values are `[B, H, T, d]` views of a `[B, T, H, d]` tensor, as the layer passes them."""
+    args, state = _inputs(B, H, T, d, m, r, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    D = H * d
+    src, cache = torch.randn(B, T, D, generator=g), torch.randn(B, 3, D, generator=g)
+    kern, bias = torch.randn(4, 2, D, generator=g) * 0.5, torch.randn(2, D, generator=g) * 0.1
+    angles = torch.rand(m, d // 2, generator=g) * 6
+    pos = (torch.arange(T) + r).remainder(m).expand(B, T)
+    return (src, src, cache, kern, bias, angles.cos(), angles.sin(), pos, args[2], *args[3:], state)
+
+
+@needs_cc
+@pytest.mark.parametrize("T,r", [(45, 0), (30, 5), (32, 0)], ids=["tail", "buffered", "whole-mini-batches"])
+def test_c_scan_output_over_its_values(T, r):
+    """`out=` the values' own memory (the layer's value projection, free once the scan has read it) gives the
+    same bits as a fresh output, and the new state keeps the values of an incomplete last mini-batch
+    (copied before the scan overwrites them)."""
+    inputs = _projection_inputs(2, 2, T, 32, 16, r)
+    values = inputs[8].transpose(1, 2)  # [B, T, H, d], the memory XV views
+    assert values.is_contiguous()
+    with torch.no_grad():
+        fresh, s_fresh = c_scan.c_ttt_linear_from_projections(*inputs)
+        # the fresh call's state views the values (its tail), which the next call overwrites
+        s_fresh = InnerState(tuple(p.clone() for p in s_fresh.params), s_fresh.k.clone(), s_fresh.v.clone(),
+                             s_fresh.gate.clone())
+        v_before = values.clone()
+        got, s_got = c_scan.c_ttt_linear_from_projections(*inputs, out=values)
+    assert got.data_ptr() == values.data_ptr() and not torch.equal(values, v_before)
+    assert torch.equal(got, fresh)
+    assert s_got.num_buffered == s_fresh.num_buffered == (r + T) % 16
+    for name in ("k", "v", "gate"):
+        assert torch.equal(getattr(s_got, name), getattr(s_fresh, name)), name
+    for p_got, p_fresh in zip(s_got.params, s_fresh.params):
+        assert torch.equal(p_got, p_fresh)
+
+
+@needs_cc
+def test_c_scan_output_buffer_errors():
+    """An `out` of the wrong shape, or sharing memory with anything but the values' own elements, is refused."""
+    B, H, T, d = 1, 2, 20, 32
+    inputs = _projection_inputs(B, H, T, d, 16, 0)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"out must be a contiguous float32 CPU tensor \[B, T, H, d\]"):
+            c_scan.c_ttt_linear_from_projections(*inputs, out=torch.empty(B, H, T, d + 16))
+        with pytest.raises(ValueError, match="out may share memory with XV only"):
+            c_scan.c_ttt_linear_from_projections(*inputs, out=inputs[0].view(B, T, H, d))
+        values = torch.randn(B, H, T, d)  # contiguous [B, H, T, d]: XV's elements are not out's
+        bad = list(inputs)
+        bad[8] = values
+        with pytest.raises(ValueError, match="not XV's own"):
+            c_scan.c_ttt_linear_from_projections(*bad, out=values.view(B, T, H, d))
+
+
+@needs_cc
+def test_layer_c_path_respects_projection_hooks(monkeypatch):
+    """The C path writes `wg`'s and `wo`'s products into this call's spare buffers only when they are plain
+    `nn.Linear`s: with forward hooks on `wv`, `wg` and `wo` (here scaling their outputs) the hooks run and the
+    output matches kernel='torch' with the same hooks."""
+    ref, c = _layer_pair()
+    calls = []
+    real = c_scan.c_ttt_linear_from_projections
+    monkeypatch.setattr(c_scan, "c_ttt_linear_from_projections",
+                        lambda *a, **kw: calls.append(kw.get("out") is not None) or real(*a, **kw))
+    x = torch.randn(2, 40, 64)
+    with torch.no_grad():
+        plain = c(x)[0]
+        assert_close("plain layer", ref(x)[0], plain, 1e-5)
+        for layer in (ref, c):
+            for name, scale in (("wv", 0.5), ("wg", 2.0), ("wo", 3.0)):
+                getattr(layer, name).register_forward_hook(lambda mod, inp, out, s=scale: out * s)
+        hooked = c(x)[0]
+        assert_close("hooked layer", ref(x)[0], hooked, 1e-5)
+    assert calls == [True, False]  # the hooked wv's output is not overwritten
+    assert (hooked - plain).abs().max() > 1e-2
+
+
 @needs_cc
 @pytest.mark.parametrize("t", [7, 15, 20])
 def test_layer_c_path_is_causal(monkeypatch, t):
