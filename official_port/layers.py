@@ -144,7 +144,7 @@ class TTTBase(nn.Module):
         use_naive: run the per-token primal twin instead of the dual form (tests, benchmarks).
         kernel: "torch" (the dual form), "triton" (`ops.triton_dual`: forward and backward kernels
             of the TTT-Linear and TTT-MLP scans), "c" (`ops.c_scan`, for float32 CPU calls without
-            autograd, built on first use: the TTT-Linear scan, and for both kinds the gated output
+            autograd, built on first use: the TTT-Linear and TTT-MLP scans and the gated output
             epilogue, post_norm and gelu(wg x) in one pass) or "auto" (triton on CUDA when importable,
             c on CPU when a C compiler is found). Calls the kernels do not cover (autograd for c,
             stats, inner_steps > 1, remat, unsupported sizes) run the torch dual form.
@@ -393,10 +393,10 @@ class TTTBase(nn.Module):
             return dual_ttt(self.inner_kind, *op_args, state.inner.to(compute), remat_group_size=group, **kwargs)
 
     def _use_c(self, hidden_states: Tensor, output_ttt_stats: bool, inner_steps: int) -> bool:
-        """The one dispatch point to the C scan (see `kernel`): TTT-Linear, float32, no autograd."""
-        d, m = self.head_dim, self.mini_batch_size
-        return (self.inner_kind == "linear" and not output_ttt_stats and inner_steps == 1 and c_scan.supports(d, m)
-                and self._c_ready(hidden_states, "scan", lambda: c_scan.load_library(d, m)))
+        """The one dispatch point to the C scans (see `kernel`): float32, no autograd."""
+        d, m, kind = self.head_dim, self.mini_batch_size, self.inner_kind
+        return (not output_ttt_stats and inner_steps == 1 and c_scan.supports(d, m, kind)
+                and self._c_ready(hidden_states, "scan", lambda: c_scan.load_library(d, m, kind)))
 
     def _use_c_epilogue(self, hidden_states: Tensor) -> bool:
         """The one dispatch point to the C output epilogue (`c_scan.c_post_norm_gate`): as the C scan's,
@@ -456,7 +456,8 @@ class TTTBase(nn.Module):
         values = self.wv(x).view(B, T, self.num_heads, d)
         with torch.autocast(x.device.type, enabled=False):
             gate = self.ttt_gate(x, ttt_lr_mult)
-        res = c_scan.c_ttt_linear_from_projections(
+        linear = self.inner_kind == "linear"
+        res = (c_scan.c_ttt_linear_from_projections if linear else c_scan.c_ttt_mlp_from_projections)(
             a, k_src, cache, kern, bias, cos, sin, position_ids.long() % m, values.transpose(1, 2), gate,
             self.token_eta(), self.ttt_norm_weight, self.ttt_norm_bias, state.inner,
             out=values if _plain_linear(self.wv) else None)

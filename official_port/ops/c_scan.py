@@ -55,6 +55,7 @@ from ttt_common.tokenizer import cache_dir
 _CSRC = Path(__file__).with_name("csrc")
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c11", "-shared", "-fPIC")
 _MAX_D, _MAX_M = 256, 64
+_MAX_MLP_ROWS = 16384  # 4d x m floats per mini-batch array of the TTT-MLP scan
 
 
 class CKernelUnavailable(RuntimeError):
@@ -72,9 +73,11 @@ def _find_compiler(cc: str | None, path: str | None) -> str | None:
     return shutil.which(cc, path=path) if cc else (shutil.which("cc", path=path) or shutil.which("gcc", path=path))
 
 
-def supports(d: int, m: int) -> bool:
-    """Head dim and mini-batch size the C scan handles."""
-    return d % 16 == 0 and 16 <= d <= _MAX_D and 1 <= m <= _MAX_M
+def supports(d: int, m: int, kind: str = "linear") -> bool:
+    """Head dim and mini-batch size the C scan of `kind` ("linear", "mlp") handles."""
+    ok = d % 16 == 0 and 16 <= d <= _MAX_D and 1 <= m <= _MAX_M
+    # TTT-MLP's per-mini-batch rows of width 4d live on the C stack: at most ~0.5 MB of them
+    return ok and (kind == "linear" or 4 * d * m <= _MAX_MLP_ROWS)
 
 
 def _cpu_tag() -> str:
@@ -92,7 +95,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
 class _ScanArgs(ctypes.Structure):
-    """`scan_args` of csrc/ttt_linear_scan.c, field for field (what each holds is documented there)."""
+    """`scan_args` of csrc/scan_common.h, field for field (what each holds is documented there)."""
 
     _fields_ = [(n, _I64) for n in ("H", "D", "T", "r", "w")] + [
         ("qsrc", _PTR), *((n, _I64) for n in ("qsb", "qsh", "qst")),
@@ -103,7 +106,8 @@ class _ScanArgs(ctypes.Structure):
         ("v", _PTR), *((n, _I64) for n in ("vsb", "vsh", "vst")),
         ("gate", _PTR), *((n, _I64) for n in ("gsb", "gsh", "gst")),
         ("token_eta", _PTR), ("ln_w", _PTR), ("ln_b", _PTR), ("eps", ctypes.c_float),
-        ("W", _PTR), ("bias", _PTR), ("out", _PTR), ("k_tail", _PTR), ("n_tail", _I64)]
+        ("W", _PTR), ("bias", _PTR), ("W2", _PTR), ("bias2", _PTR), ("out", _PTR), ("k_tail", _PTR),
+        ("n_tail", _I64)]
 
 
 class _EpilogueArgs(ctypes.Structure):
@@ -120,14 +124,15 @@ class _GeluArgs(ctypes.Structure):
 
 # each source's entry points: `<name>(args, lo, hi)` runs rows [lo, hi); `<name>_threads(args, n, nt)` all n
 # rows on nt OpenMP threads (csrc/threads.h)
-_ENTRIES = {"ttt_linear_scan": ("ttt_linear_scan",), "post_norm_gate": ("post_norm_gelu_gate", "gelu_tanh_rows")}
+_ENTRIES = {"ttt_linear_scan": ("ttt_linear_scan",), "ttt_mlp_scan": ("ttt_mlp_scan",),
+            "post_norm_gate": ("post_norm_gelu_gate", "gelu_tanh_rows")}
 _libs: dict[tuple, ctypes.CDLL | Exception] = {}
 _lock = threading.Lock()
 
 
-def load_library(d: int, m: int) -> ctypes.CDLL:
-    """The compiled scan for head dim d and mini-batch size m (built and cached on first use)."""
-    return _load("ttt_linear_scan", HD=d, MB=m)
+def load_library(d: int, m: int, kind: str = "linear") -> ctypes.CDLL:
+    """The compiled scan of `kind` for head dim d and mini-batch size m (built and cached on first use)."""
+    return _load(f"ttt_{kind}_scan", HD=d, MB=m)
 
 
 def load_post_norm_gate() -> ctypes.CDLL:
@@ -213,14 +218,15 @@ def _run(lib: ctypes.CDLL, entry: str, args: ctypes.Structure, n: int) -> bool:
     return not any(pool.map(lambda i: fn(ref, bounds[i], bounds[i + 1]), range(nt)))
 
 
-def _check(name: str, tensors: tuple[Tensor, ...], d: int, m: int) -> None:
+def _check(name: str, tensors: tuple[Tensor, ...], d: int, m: int, kind: str = "linear") -> None:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise ValueError(f"{name}: no autograd (inputs require grad); use the torch dual form")
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors if t.is_floating_point()):
         raise ValueError(f"{name}: float32 CPU tensors only; use the torch dual form")
-    if not supports(d, m):
+    if not supports(d, m, kind):
+        mlp = f", and 4 head_dim mini_batch_size <= {_MAX_MLP_ROWS} for TTT-MLP" if kind == "mlp" else ""
         raise ValueError(f"{name}: head_dim={d} must be a multiple of 16 (<= {_MAX_D}) and "
-                         f"mini_batch_size={m} <= {_MAX_M}")
+                         f"mini_batch_size={m} <= {_MAX_M}{mlp}")
 
 
 def _unit(t: Tensor) -> Tensor:
@@ -231,10 +237,11 @@ def _unit(t: Tensor) -> Tensor:
 def _scan(q_src: Tensor, q_strides, k_src: Tensor, k_strides, cache: Tensor | None, kern: Tensor, cbias: Tensor,
           pos: Tensor | None, cosx: Tensor | None, sinx: Tensor | None, XV: Tensor, gate: Tensor,
           token_eta: Tensor, ln_weight: Tensor, ln_bias: Tensor, state: InnerState, B: int, H: int, T: int,
-          d: int, out: Tensor | None = None) -> tuple[Tensor, InnerState] | None:
-    """Fill `_ScanArgs`, run the kernel over (batch, head) ranges, build the new state (None: non-finite)."""
+          d: int, out: Tensor | None = None, kind: str = "linear") -> tuple[Tensor, InnerState] | None:
+    """Fill `_ScanArgs`, run the kernel of `kind` over (batch, head) ranges, build the new state (None:
+    non-finite)."""
     m = token_eta.numel()
-    lib = load_library(d, m)
+    lib = load_library(d, m, kind)
     r = state.num_buffered
     L = r + T
     n_tail = L - L // m * m
@@ -248,10 +255,11 @@ def _scan(q_src: Tensor, q_strides, k_src: Tensor, k_strides, cache: Tensor | No
     v_tail = V[:, :, tail].clone() if out_is_v else V[:, :, tail]
     kbuf = _unit(state.k)
     tok, lw, lb = (t.contiguous() for t in (token_eta, ln_weight, ln_bias))
-    W = torch.empty(B * H, d, d)
-    W.view(B, H, d, d).copy_(state.params[0])
-    b = torch.empty(B * H, d)
-    b.view(B, H, 1, d).copy_(state.params[1])
+    # the inner params, updated in place: weights [B*H, in, out] and biases [B*H, out], contiguous copies
+    params = [torch.empty(B * H, *(p.shape[-2:] if i % 2 == 0 else p.shape[-1:])) for i, p in enumerate(state.params)]
+    for buf, p in zip(params, state.params):
+        buf.view(p.shape).copy_(p)
+    W, b, W2, b2 = params + [None] * (4 - len(params))
     k_tail = torch.empty(B, H, n_tail, d)
 
     def ptr(t):
@@ -261,10 +269,12 @@ def _scan(q_src: Tensor, q_strides, k_src: Tensor, k_strides, cache: Tensor | No
                      ptr(cache), *(cache.stride()[:2] if cache is not None else (0, 0)), ptr(kern), ptr(cbias),
                      ptr(pos), *(pos.stride() if pos is not None else (0, 0)), ptr(cosx), ptr(sinx),
                      ptr(kbuf), *kbuf.stride()[:3], ptr(V), *V.stride()[:3], ptr(g), *g.stride(),
-                     ptr(tok), ptr(lw), ptr(lb), LN_EPS, ptr(W), ptr(b), ptr(out), ptr(k_tail), n_tail)
-    if not _run(lib, "ttt_linear_scan", args, B * H):
+                     ptr(tok), ptr(lw), ptr(lb), LN_EPS, ptr(W), ptr(b), ptr(W2), ptr(b2), ptr(out), ptr(k_tail),
+                     n_tail)
+    if not _run(lib, f"ttt_{kind}_scan", args, B * H):
         return None
-    return out.transpose(1, 2), InnerState((W.view(B, H, d, d), b.view(B, H, 1, d)), k_tail, v_tail, g[:, :, tail])
+    new_params = tuple(buf.view(p.shape) for buf, p in zip(params, state.params))
+    return out.transpose(1, 2), InnerState(new_params, k_tail, v_tail, g[:, :, tail])
 
 
 def _scan_output(out: Tensor | None, V: Tensor, B: int, T: int, H: int, d: int) -> Tensor:
@@ -299,15 +309,26 @@ def c_ttt_linear(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Te
         ValueError for autograd inputs, another dtype or device, unsupported sizes;
         CKernelUnavailable when the kernel cannot be built here.
     """
-    name = "c_ttt_linear"
-    check_op_inputs(name, "linear", XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state, 1)
+    return _c_ttt("linear", "c_ttt_linear", XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state)
+
+
+def c_ttt_mlp(XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor, ln_weight: Tensor,
+              ln_bias: Tensor, state: InnerState) -> tuple[Tensor, InnerState] | None:
+    """TTT-MLP scan in C (`csrc/ttt_mlp_scan.c`): as `c_ttt_linear`, with the contract of `dual_ttt_mlp`
+    (state params `(W1, b1, W2, b2)`; its GELU is `c_gelu_tanh`'s) and 4 d m <= 16384."""
+    return _c_ttt("mlp", "c_ttt_mlp", XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state)
+
+
+def _c_ttt(kind: str, name: str, XQ: Tensor, XK: Tensor, XV: Tensor, gate: Tensor, token_eta: Tensor,
+           ln_weight: Tensor, ln_bias: Tensor, state: InnerState) -> tuple[Tensor, InnerState] | None:
+    check_op_inputs(name, kind, XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, state, 1)
     B, H, T, d = XQ.shape
     _check(name, (XQ, XK, XV, gate, token_eta, ln_weight, ln_bias, *state.params, state.k, state.v, state.gate),
-           d, token_eta.numel())
+           d, token_eta.numel(), kind)
     XQ, XK = _unit(XQ), _unit(XK)
     kern = XQ.new_ones(1, 2, H * d)  # width-1 unit conv and no rotation: the rows pass through
     return _scan(XQ, XQ.stride()[:3], XK, XK.stride()[:3], None, kern, XQ.new_zeros(2, H * d), None, None, None,
-                 XV, gate, token_eta, ln_weight, ln_bias, state, B, H, T, d)
+                 XV, gate, token_eta, ln_weight, ln_bias, state, B, H, T, d, kind=kind)
 
 
 def c_ttt_linear_from_projections(q_src: Tensor, k_src: Tensor, conv_cache: Tensor | None, conv_kernel: Tensor,
@@ -335,7 +356,25 @@ def c_ttt_linear_from_projections(q_src: Tensor, k_src: Tensor, conv_cache: Tens
     Returns:
         as `c_ttt_linear` (the new state's keys are rotated, as the twin's); or None.
     """
-    name = "c_ttt_linear_from_projections"
+    return _from_projections("linear", "c_ttt_linear_from_projections", q_src, k_src, conv_cache, conv_kernel,
+                             conv_bias, rope_cos, rope_sin, positions, XV, gate, token_eta, ln_weight, ln_bias,
+                             state, out)
+
+
+def c_ttt_mlp_from_projections(q_src: Tensor, k_src: Tensor, conv_cache: Tensor | None, conv_kernel: Tensor,
+                               conv_bias: Tensor, rope_cos: Tensor, rope_sin: Tensor, positions: Tensor,
+                               XV: Tensor, gate: Tensor, token_eta: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+                               state: InnerState, out: Tensor | None = None) -> tuple[Tensor, InnerState] | None:
+    """`c_ttt_linear_from_projections` for TTT-MLP (`c_ttt_mlp`'s scan)."""
+    return _from_projections("mlp", "c_ttt_mlp_from_projections", q_src, k_src, conv_cache, conv_kernel, conv_bias,
+                             rope_cos, rope_sin, positions, XV, gate, token_eta, ln_weight, ln_bias, state, out)
+
+
+def _from_projections(kind: str, name: str, q_src: Tensor, k_src: Tensor, conv_cache: Tensor | None,
+                      conv_kernel: Tensor, conv_bias: Tensor, rope_cos: Tensor, rope_sin: Tensor, positions: Tensor,
+                      XV: Tensor, gate: Tensor, token_eta: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+                      state: InnerState, out: Tensor | None) -> tuple[Tensor, InnerState] | None:
+    """What the two `c_ttt_*_from_projections` do, for the scan of `kind`."""
     B, T, D = q_src.shape
     H, d = ln_weight.shape
     w = conv_kernel.shape[0]
@@ -351,10 +390,10 @@ def c_ttt_linear_from_projections(q_src: Tensor, k_src: Tensor, conv_cache: Tens
     if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < m):
         raise ValueError(f"{name}: positions must be in [0, m = {m}) (positions modulo the mini-batch size): "
                          f"got {int(positions.min())}..{int(positions.max())}")
-    check_op_inputs(name, "linear", XV, XV, XV, gate, token_eta, ln_weight, ln_bias, state, 1)
+    check_op_inputs(name, kind, XV, XV, XV, gate, token_eta, ln_weight, ln_bias, state, 1)
     tensors = (q_src, k_src, conv_kernel, conv_bias, rope_cos, rope_sin, XV, gate, token_eta, ln_weight, ln_bias,
                *state.params, state.k, state.v, state.gate) + ((conv_cache,) if conv_cache is not None else ())
-    _check(name, tensors, d, m)
+    _check(name, tensors, d, m, kind)
     if out is not None and any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
                                for t in tensors if t is not XV):
         raise ValueError(f"{name}: out may share memory with XV only")
@@ -366,7 +405,7 @@ def c_ttt_linear_from_projections(q_src: Tensor, k_src: Tensor, conv_cache: Tens
     pos = positions.to(torch.int64).contiguous()
     return _scan(q_src, (q_src.stride(0), d, q_src.stride(1)), k_src, (k_src.stride(0), d, k_src.stride(1)), cache,
                  conv_kernel.contiguous(), conv_bias.contiguous(), pos, cosx, sinx, XV, gate, token_eta, ln_weight,
-                 ln_bias, state, B, H, T, d, out)
+                 ln_bias, state, B, H, T, d, out, kind)
 
 
 def post_norm_gate_supported(width: int) -> bool:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from official_port.configuration_ttt import TTTConfig
-from official_port.layers import TTTMLP, TTTBase, TTTLinear, TTTLinearBase
+from official_port.layers import TTTMLP, TTTBase, TTTLinear, TTTLinearBase, TTTMLPBase
 from official_port.ops import InnerState, c_scan, dual_ttt_linear, dual_ttt_mlp
 from official_port.ops.triton_dual import resolve_kernel
 from tests.helpers import assert_close
@@ -16,9 +16,9 @@ from tests.helpers import assert_close
 needs_cc = pytest.mark.skipif(c_scan.c_compiler() is None, reason="no C compiler")
 
 
-def _inputs(B, H, T, d, m, r, seed=0, layer_layout=True, dtype=torch.float32):
-    """Op inputs; queries/keys/values as `[B, H, T, d]` views of `[B, T, H, d]` tensors (as the layer
-    passes them) or contiguous."""
+def _inputs(B, H, T, d, m, r, seed=0, layer_layout=True, dtype=torch.float32, kind="linear"):
+    """Op inputs of `kind`; queries/keys/values as `[B, H, T, d]` views of `[B, T, H, d]` tensors (as the
+    layer passes them) or contiguous."""
     g = torch.Generator().manual_seed(seed)
 
     def rn(*s, scale=1.0):
@@ -27,10 +27,14 @@ def _inputs(B, H, T, d, m, r, seed=0, layer_layout=True, dtype=torch.float32):
     def qkv():
         return rn(B, T, H, d).transpose(1, 2) if layer_layout else rn(B, H, T, d)
 
-    state = InnerState((rn(B, H, d, d, scale=0.1), rn(B, H, 1, d, scale=0.1)), rn(B, H, r, d), rn(B, H, r, d),
-                       (torch.rand(B, H, r, generator=g) * 0.5).to(dtype))
+    widths = [(d, d)] if kind == "linear" else [(d, 4 * d), (4 * d, d)]
+    params = tuple(p for i, o in widths for p in (rn(B, H, i, o, scale=0.1), rn(B, H, 1, o, scale=0.1)))
+    state = InnerState(params, rn(B, H, r, d), rn(B, H, r, d), (torch.rand(B, H, r, generator=g) * 0.5).to(dtype))
     return [qkv(), qkv(), qkv(), (torch.rand(B, H, T, generator=g) * 0.5).to(dtype),
             (torch.rand(m, generator=g) * 0.5 + 0.1).to(dtype), 1 + rn(H, d, scale=0.1), rn(H, d, scale=0.1)], state
+
+
+_OPS = {"linear": (dual_ttt_linear, c_scan.c_ttt_linear), "mlp": (dual_ttt_mlp, c_scan.c_ttt_mlp)}
 
 
 def _state64(st):
@@ -42,18 +46,21 @@ def _state64(st):
                                          (1, 3, 64, 48, 16, 0), (2, 1, 1, 64, 16, 15), (1, 2, 23, 32, 5, 2)],
                          ids=["T100", "buffered5", "no-update", "d48", "one-token-completes", "m5"])
 @pytest.mark.parametrize("layer_layout", [True, False], ids=["BTHd", "BHTd"])
-def test_c_scan_matches_dual(B, H, T, d, m, r, layer_layout):
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_c_scan_matches_dual(B, H, T, d, m, r, layer_layout, kind):
     """Outputs and the whole new state against the torch twin (1e-5, as the Triton kernel), and as close to
     the float64 twin as the float32 twin is (an independent float64 reference)."""
-    args, state = _inputs(B, H, T, d, m, r, layer_layout=layer_layout)
+    args, state = _inputs(B, H, T, d, m, r, layer_layout=layer_layout, kind=kind)
+    twin, c_op = _OPS[kind]
     with torch.no_grad():
-        ref, ref_state, _ = dual_ttt_linear(*args, state)
-        got, got_state = c_scan.c_ttt_linear(*args, state)
-        exact, _, _ = dual_ttt_linear(*(a.double() for a in args), _state64(state))
+        ref, ref_state, _ = twin(*args, state)
+        got, got_state = c_op(*args, state)
+        exact, _, _ = twin(*(a.double() for a in args), _state64(state))
     assert got.shape == ref.shape == (B, H, T, d) and got.dtype == torch.float32
     assert_close("output", ref, got, 1e-5)
-    for name, a, b in (("W", *[s.params[0] for s in (ref_state, got_state)]),
-                       ("b", *[s.params[1] for s in (ref_state, got_state)]),
+    assert len(got_state.params) == len(ref_state.params) == (2 if kind == "linear" else 4)
+    for name, a, b in (*((f"param {i}", p_ref, p_got) for i, (p_ref, p_got) in
+                         enumerate(zip(ref_state.params, got_state.params))),
                        ("k", ref_state.k, got_state.k), ("v", ref_state.v, got_state.v),
                        ("gate", ref_state.gate, got_state.gate)):
         assert a.shape == b.shape, name
@@ -65,23 +72,26 @@ def test_c_scan_matches_dual(B, H, T, d, m, r, layer_layout):
 
 
 @needs_cc
-def test_c_scan_split_equals_whole_and_is_causal():
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_c_scan_split_equals_whole_and_is_causal(kind):
     """Split calls (through buffered tokens) equal one call; perturbing tokens after t leaves outputs up to
     t bit for bit and changes later ones."""
-    args, state = _inputs(2, 2, 50, 32, 16, 0, seed=3)
+    args, state = _inputs(2, 2, 50, 32, 16, 0, seed=3, kind=kind)
+    c_op = _OPS[kind][1]
     with torch.no_grad():
-        whole, s_whole = c_scan.c_ttt_linear(*args, state)
+        whole, s_whole = c_op(*args, state)
         outs, st = [], state
         for a, b in ((0, 13), (13, 14), (14, 50)):
-            o, st = c_scan.c_ttt_linear(*(x[:, :, a:b] for x in args[:4]), *args[4:], st)
+            o, st = c_op(*(x[:, :, a:b] for x in args[:4]), *args[4:], st)
             outs.append(o)
         assert_close("split output", whole, torch.cat(outs, 2), 1e-6)
-        assert_close("split W", s_whole.params[0], st.params[0], 1e-6)
+        for p_whole, p_split in zip(s_whole.params, st.params):
+            assert_close("split params", p_whole, p_split, 1e-6)
         for t in (7, 15, 20):
             pert = [x.clone() for x in args[:4]]
             for x in pert:
                 x[:, :, t + 1:] += 1.0
-            out, _ = c_scan.c_ttt_linear(*pert, *args[4:], state)
+            out, _ = c_op(*pert, *args[4:], state)
             assert torch.equal(out[:, :, :t + 1], whole[:, :, :t + 1])
             assert (out[:, :, t + 1:] - whole[:, :, t + 1:]).abs().max() > 1e-3
 
@@ -105,31 +115,34 @@ def _expect_split(lib, thread_split):
 
 
 @needs_cc
-def test_c_scan_threads_give_the_same_bits(thread_split):
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_c_scan_threads_give_the_same_bits(thread_split, kind):
     """(Batch, head) pairs split over threads compute exactly what one thread does."""
-    args, state = _inputs(2, 3, 40, 32, 16, 0, seed=4)
-    _expect_split(c_scan.load_library(32, 16), thread_split)
+    args, state = _inputs(2, 3, 40, 32, 16, 0, seed=4, kind=kind)
+    _expect_split(c_scan.load_library(32, 16, kind), thread_split)
+    c_op = _OPS[kind][1]
     n = torch.get_num_threads()
     try:
         with torch.no_grad():
             torch.set_num_threads(1)
-            one, s1 = c_scan.c_ttt_linear(*args, state)
+            one, s1 = c_op(*args, state)
             torch.set_num_threads(3)
-            three, s3 = c_scan.c_ttt_linear(*args, state)
+            three, s3 = c_op(*args, state)
     finally:
         torch.set_num_threads(n)
-    assert torch.equal(one, three) and torch.equal(s1.params[0], s3.params[0])
+    assert torch.equal(one, three) and all(torch.equal(a, b) for a, b in zip(s1.params, s3.params))
 
 
 @needs_cc
 @pytest.mark.parametrize("name", ["XK", "XV", "gate"])
-def test_non_finite_input_returns_none_and_layer_isolates_it(name):
-    """A NaN key/value/gate makes the C scan give up (None); the layer then runs the twin, whose outputs
-    before the NaN token are finite and those from it on NaN."""
-    args, state = _inputs(1, 2, 30, 32, 16, 0, seed=5)
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_non_finite_input_returns_none(name, kind):
+    """A NaN key/value/gate makes the C scan give up (None); the layer then runs the twin (below,
+    `test_layer_dispatch`)."""
+    args, state = _inputs(1, 2, 30, 32, 16, 0, seed=5, kind=kind)
     args[("XQ", "XK", "XV", "gate").index(name)][:, :, 12] = float("nan")
     with torch.no_grad():
-        assert c_scan.c_ttt_linear(*args, state) is None
+        assert _OPS[kind][1](*args, state) is None
 
 
 def _layer_pair(cls=TTTLinear, hidden=64, heads=2, seed=0):
@@ -146,21 +159,25 @@ def _layer_pair(cls=TTTLinear, hidden=64, heads=2, seed=0):
 
 
 def _count_calls(monkeypatch, name="c_ttt_linear_from_projections"):
-    """A list that grows by one at each call of `c_scan.<name>` (the layer's C scan by default)."""
+    """A list that grows by one at each call of `c_scan.<name>` (the layer's TTT-Linear C scan by default)."""
     calls = []
     real = getattr(c_scan, name)
     monkeypatch.setattr(c_scan, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     return calls
 
 
+def _scan_name(cls):
+    return f"c_ttt_{cls.inner_kind}_from_projections"
+
+
 @needs_cc
-@pytest.mark.parametrize("cls", [TTTLinear, TTTLinearBase])
+@pytest.mark.parametrize("cls", [TTTLinear, TTTLinearBase, TTTMLP, TTTMLPBase])
 def test_layer_c_path_matches_torch(monkeypatch, cls):
-    """kernel='auto' on CPU runs the convs, RoPE and scan in C for no-grad float32 TTT-Linear calls: the same
-    outputs and states as kernel='torch' (1e-5), whole, in pieces that start and end inside mini-batches
-    (buffered tokens, conv cache), and at shifted positions."""
+    """kernel='auto' on CPU runs the convs, RoPE and scan in C for no-grad float32 calls: the same outputs
+    and states as kernel='torch' (1e-5), whole, in pieces that start and end inside mini-batches (buffered
+    tokens, conv cache), and at shifted positions."""
     ref, c = _layer_pair(cls)
-    calls = _count_calls(monkeypatch)
+    calls = _count_calls(monkeypatch, _scan_name(cls))
     x = torch.randn(2, 37, 64)
     pos = (torch.arange(37) + 5).expand(2, 37)
     with torch.no_grad():
@@ -264,10 +281,11 @@ def test_layer_c_path_respects_projection_hooks(monkeypatch):
 
 @needs_cc
 @pytest.mark.parametrize("t", [7, 15, 20])
-def test_layer_c_path_is_causal(monkeypatch, t):
+@pytest.mark.parametrize("cls", [TTTLinear, TTTMLP])
+def test_layer_c_path_is_causal(monkeypatch, t, cls):
     """Perturbing inputs after token t leaves the C path's outputs up to t bit for bit (conv, RoPE, scan)."""
-    _, c = _layer_pair()
-    calls = _count_calls(monkeypatch)
+    _, c = _layer_pair(cls)
+    calls = _count_calls(monkeypatch, _scan_name(cls))
     x = torch.randn(1, 40, 64)
     pert = x.clone()
     pert[:, t + 1:] += 1.0
@@ -279,9 +297,9 @@ def test_layer_c_path_is_causal(monkeypatch, t):
 
 @needs_cc
 def test_layer_dispatch(monkeypatch):
-    """Calls that need stats or inner_steps > 1, and TTT-MLP, run the twin scan (then the C epilogue: 1e-5
-    of kernel='torch'); autograd and float64 run everything in torch (bit for bit kernel='torch'); a NaN
-    token makes the C scan give up and the twin isolates it as 'torch' does."""
+    """Calls that need stats or inner_steps > 1 run the twin scan (then the C epilogue: 1e-5 of kernel='torch');
+    autograd and float64 run everything in torch (bit for bit kernel='torch'); a NaN token makes the C scan
+    give up and the twin isolates it as 'torch' does; TTT-MLP sizes past the C stack's limit run the twin."""
     ref, c = _layer_pair()
     calls, epilogue = _count_calls(monkeypatch), _count_calls(monkeypatch, "c_post_norm_gate")
     x = torch.randn(2, 37, 64)
@@ -302,33 +320,41 @@ def test_layer_dispatch(monkeypatch):
         a, b = ref(xn)[0], c(xn)[0]
     assert len(calls) == 1 and torch.equal(a.isnan(), b.isnan())
     assert_close("finite outputs around a NaN token", a.nan_to_num(), b.nan_to_num(), 1e-5)
-    assert TTTMLP(c.config, kernel="c")._use_c(x, False, 1) is False
+    # TTT-MLP's rows of width 4d live on the C stack: 4 d m <= 16384 (the 125m layer: 4 * 64 * 16)
+    big = TTTConfig(hidden_size=512, num_attention_heads=2, mini_batch_size=32, intermediate_size=64,
+                    num_hidden_layers=1, vocab_size=64)
+    with torch.no_grad():
+        assert TTTMLP(c.config, kernel="c")._use_c(x, False, 1)
+        assert TTTMLP(big, kernel="c")._use_c(torch.randn(1, 2, 512), False, 1) is False
+        assert TTTLinear(big, kernel="c")._use_c(torch.randn(1, 2, 512), False, 1)
 
 
 @needs_cc
 def test_ttt_mlp_uses_the_c_epilogue_and_gelu(monkeypatch):
-    """TTT-MLP keeps its torch dual form, with its GELU and GELU' from C, and runs its output epilogue in C
-    under kernel='auto': 1e-5 of 'torch', whole and in pieces through buffered tokens; with autograd, the
-    torch path alone."""
+    """TTT-MLP under kernel='auto' runs its output epilogue in C; the calls its C scan does not cover (stats,
+    inner_steps > 1) run the torch dual form with the GELU and GELU' from C: 1e-5 of 'torch', whole and
+    in pieces through buffered tokens; with autograd, the torch path alone."""
     ref, c = _layer_pair(TTTMLP)
     calls = _count_calls(monkeypatch, "c_gelu_tanh")
     grad_calls = _count_calls(monkeypatch, "c_gelu_tanh_grad")
+    scans = _count_calls(monkeypatch, "c_ttt_mlp_from_projections")
     x = torch.randn(2, 37, 64)
     with torch.no_grad():
         assert c._use_c_epilogue(x) and not ref._use_c_epilogue(x)
         assert c._use_c_gelu(x) and not ref._use_c_gelu(x)
-        assert_close("TTT-MLP output", ref(x)[0], c(x)[0], 1e-5)
+        assert_close("TTT-MLP output", ref(x, inner_steps=2)[0], c(x, inner_steps=2)[0], 1e-5)
         assert len(calls) > 0 and len(grad_calls) > 0
         st_ref = st_c = None
         for a, b in ((0, 13), (13, 37)):
-            o_ref, _, st_ref = ref(x[:, a:b], state=st_ref)
-            o_c, _, st_c = c(x[:, a:b], state=st_c)
+            o_ref, _, st_ref = ref(x[:, a:b], state=st_ref, output_ttt_stats=True)
+            o_c, _, st_c = c(x[:, a:b], state=st_c, output_ttt_stats=True)
             assert_close(f"piece {a}:{b}", o_ref, o_c, 1e-5)
             for p_ref, p_c in zip(st_ref.inner.params, st_c.inner.params):
                 assert_close("state params", p_ref, p_c, 1e-5)
+    assert not scans
     n = len(calls)
     c(x)[0].sum().backward()  # autograd: the torch GELU
-    assert len(calls) == n
+    assert len(calls) == n and not scans
 
 
 @needs_cc
