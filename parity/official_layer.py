@@ -61,6 +61,9 @@ def run_case(case: Case) -> list[Check]:
     mult = float(a["input/ttt_lr_mult"]) if "input/ttt_lr_mult" in a else float(case.meta["call"].get("ttt_lr_mult", 1.0))
     out, stats, _ = layer(x, position_ids=pos, ttt_lr_mult=mult, output_ttt_stats=True)
     checks = [compare("output/ttt_output", out, a["output/ttt_output"], OUTPUT_TOL)]
+    with torch.no_grad():  # the inference path: on CPU under kernel="auto", the C scans and epilogue
+        inference = layer(x.detach(), position_ids=pos, ttt_lr_mult=mult)[0]
+    checks.append(compare("output/ttt_output (no autograd)", inference, a["output/ttt_output"], OUTPUT_TOL))
     for i, s in enumerate(stats):
         key = f"output/stat_{i}"
         if key in a:

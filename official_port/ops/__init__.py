@@ -3,8 +3,8 @@
 fla style: the fast mini-batch dual form (`dual_ttt*`) beside its readable per-token twin
 (`naive_ttt*`), one signature, explicit `InnerState` in and out. Two fused scans, each tested
 against the dual form, live in their own modules and are reached through the layers' `kernel`
-option: `c_scan` (TTT-Linear inference and the gated output epilogue on CPU, C compiled on first
-use) and `triton_dual` (GPU).
+option: `c_scan` (TTT-Linear and TTT-MLP inference and the gated output epilogue on CPU, C compiled on
+first use) and `triton_dual` (GPU).
 """
 
 from official_port.ops.dual import dual_ttt, dual_ttt_linear, dual_ttt_mlp, gelu_tanh_derivative

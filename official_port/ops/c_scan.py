@@ -1,15 +1,17 @@
-"""TTT-Linear forward scan in C for CPU inference, beside the torch twin `dual.py`.
+"""The TTT-Linear and TTT-MLP forward scans in C for CPU inference, beside the torch twin `dual.py`.
 
-Computes what `official_port.ops.dual.dual_ttt_linear` computes (test-time-training/ttt-lm-jax
-`TTTLinearBase.process_mini_batch` scanned by `TTTBase.ttt`), for float32 calls without autograd:
-one C loop walks the mini-batches of every (batch, head), keeping the inner `W [d, d]`, `b [d]` in
-cache (the algebra is in `csrc/ttt_linear_scan.c`). It reads the caller's layout and writes the
-output straight into `[B, T, H, d]`, so none of the twin's large temporaries (blocked copies,
-`E * tril(Q K^T + 1)` for all mini-batches, the output LayerNorm's passes) exist. Two entry points:
-`c_ttt_linear` (the op's contract: rotated queries and keys in) and
-`c_ttt_linear_from_projections` (the layer's: the causal convs and RoPE run inside the loop, row by
-row, so their outputs are never built). At the 125m width, one thread, L 2048, the op takes 12.5 ms
-at B 1 where the twin takes 48.8 (44.5 vs 170.5 ms at B 4).
+Computes what `official_port.ops.dual.dual_ttt_linear` / `dual_ttt_mlp` compute (test-time-training/
+ttt-lm-jax `process_mini_batch` of `TTTLinearBase` / `TTTMLPBase`, scanned by `TTTBase.ttt`), for float32
+calls without autograd: one C loop walks the mini-batches of every (batch, head), keeping the inner
+parameters in cache (the algebra is in `csrc/ttt_linear_scan.c` and `csrc/ttt_mlp_scan.c`; what they share
+in `csrc/scan_common.h`). It reads the caller's layout and writes the output straight into
+`[B, T, H, d]`, so none of the twin's large temporaries (blocked copies, `E * tril(Q K^T + 1)` for all
+mini-batches, the output LayerNorm's passes) exist. Two entry points per kind: `c_ttt_linear` /
+`c_ttt_mlp` (the op's contract: rotated queries and keys in) and `c_ttt_linear_from_projections` /
+`c_ttt_mlp_from_projections` (the layer's: the causal convs and RoPE run inside the loop, row by row,
+so their outputs are never built). At the 125m width, one thread, L 2048, B 1, the TTT-Linear op takes
+12.5 ms where its twin takes 48.8 (44.5 vs 170.5 ms at B 4); the TTT-MLP op 63.8 ms against 118.6 for
+its twin with the C GELU.
 
 `c_post_norm_gate` (`csrc/post_norm_gate.c`) is the layers' output epilogue in one pass,
 `gelu_tanh(g) * LayerNorm(Z)`, for TTT-Linear and TTT-MLP alike: 1.6 ms where torch's three passes
@@ -25,9 +27,10 @@ where the compiler has it. (Batch, head) pairs, or the epilogue's rows, are spli
 torch loaded libgomp (the usual Linux wheels; csrc/threads.h says why that matters), else Python
 threads (ctypes releases the GIL).
 
-Limits of the scan: float32, no autograd, `inner_steps == 1`, no stats, d a multiple of 16 (<= 256),
-m <= 64; a non-finite gate or inner gradient makes both return None so that the caller reruns the
-twin (which isolates such rows as the official values require). The layer's dispatch
+Limits of the scans: float32, no autograd, `inner_steps == 1`, no stats, d a multiple of 16 (<= 256),
+m <= 64, for TTT-MLP 4 d m <= 16384 (its rows live on the C stack); a non-finite gate or inner
+gradient makes the entry points return None so that the caller reruns the twin (which isolates such
+rows as the official values require). The layer's dispatch
 (`official_port.layers.TTTBase._use_c` and `_use_c_epilogue`, `kernel="auto"` or `"c"`) applies these
 rules.
 """
