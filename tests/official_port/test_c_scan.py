@@ -72,6 +72,28 @@ def test_c_scan_matches_dual(B, H, T, d, m, r, layer_layout, kind):
 
 
 @needs_cc
+@pytest.mark.parametrize("d,m", [(256, 16), (64, 64)])
+def test_c_mlp_scan_at_its_size_limit(d, m):
+    """The TTT-MLP scan's largest rows (4 d m = 16384 floats per per-mini-batch array, on the C stack) on
+    two threads (one of them an OpenMP worker where the compiler has OpenMP): the twin's values at 1e-5;
+    one size past the limit is refused."""
+    args, state = _inputs(1, 2, 2 * m + 3, d, m, 0, seed=7, kind="mlp")
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            ref, ref_state, _ = dual_ttt_mlp(*args, state)
+            got, got_state = c_scan.c_ttt_mlp(*args, state)
+    finally:
+        torch.set_num_threads(n)
+    assert_close("output", ref, got, 1e-5)
+    for p_ref, p_got in zip(ref_state.params, got_state.params):
+        assert_close("params", p_ref, p_got, 1e-5)
+    past = (d, 2 * m) if 2 * m <= 64 else (2 * d, m)
+    assert c_scan.supports(d, m, "mlp") and not c_scan.supports(*past, "mlp") and c_scan.supports(*past)
+
+
+@needs_cc
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_c_scan_split_equals_whole_and_is_causal(kind):
     """Split calls (through buffered tokens) equal one call; perturbing tokens after t leaves outputs up to
