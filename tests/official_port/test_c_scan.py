@@ -1,5 +1,5 @@
-"""The C TTT-Linear scan (`official_port.ops.c_scan`) vs its torch twin `dual_ttt_linear`, and the layer's
-dispatch to it. Skips when no C compiler is found (the layer then runs the twin)."""
+"""The C TTT-Linear and TTT-MLP scans (`official_port.ops.c_scan`) vs their torch twins (`dual_ttt_linear`,
+`dual_ttt_mlp`), and the layers' dispatch to them. Skips when no C compiler is found (the layers then run the twins)."""
 
 import warnings
 from pathlib import Path
