@@ -211,6 +211,27 @@ static void make_rows(const scan_args *a, int64_t b, int64_t h, int64_t u, float
   }
   for (int v = 0; v < NV; v++) st(qrow + 16 * v, q[v]), st(krow + 16 * v, k[v]);
 }
+/* Rows [j0, j0 + n) of (b, h) for one mini-batch: value rows vr, gates g, keys K (buffered ones copied
+ * from kbuf, new ones made with their queries, Q[0..nq) for rows n - nq..n-1, qr pointing at them).
+ * Returns nq, or -1 at a non-finite gate. */
+static inline int load_rows(const scan_args *a, int64_t b, int64_t h, int64_t j0, int n, const float **vr,
+                            float *g, float (*K)[HD], float (*Q)[HD], const float **qr) {
+  int nq = 0;
+  for (int i = 0; i < n; i++) {
+    int64_t t = j0 + i;
+    vr[i] = a->v + b * a->vsb + h * a->vsh + t * a->vst;
+    g[i] = a->gate[b * a->gsb + h * a->gsh + t * a->gst];
+    if (!isfinite(g[i])) return -1;
+    if (t < a->r) {
+      memcpy(K[i], a->kbuf + b * a->kbsb + h * a->kbsh + t * a->kbst, sizeof K[i]);
+    } else {
+      make_rows(a, b, h, t - a->r, Q[nq], K[i]);
+      qr[nq] = Q[nq], nq++;
+    }
+  }
+  return nq;
+}
+
 /* Output row of (b, h) at new token t: q + LN(zq) (zq is normalised in place). */
 static inline void emit_row(const scan_args *a, int64_t b, int64_t h, int64_t t, const float *q, float *zq,
                             const float *gam, const float *bet) {

@@ -28,20 +28,9 @@ static int mini_batch(const scan_args *a, int64_t b, int64_t h, int64_t j0, int 
   float g[MB], K[MB][HD] A64, Q[MB][HD] A64, Z[MB][HD] A64, G[MB][HD] A64, Zq[MB][HD] A64;
   float A[MB][MB];
   float *zr[MB], *zqr[MB];
-  int nq = 0;
-  for (int i = 0; i < n; i++) {
-    int64_t t = j0 + i;
-    vr[i] = a->v + b * a->vsb + h * a->vsh + t * a->vst;
-    g[i] = a->gate[b * a->gsb + h * a->gsh + t * a->gst];
-    if (!isfinite(g[i])) return 1;
-    if (t < a->r) {
-      memcpy(K[i], a->kbuf + b * a->kbsb + h * a->kbsh + t * a->kbst, sizeof K[i]);
-    } else {
-      make_rows(a, b, h, t - a->r, Q[nq], K[i]);
-      qr[nq] = Q[nq], nq++;
-    }
-    kr[i] = K[i], br[i] = bh_bias, zr[i] = Z[i], zqr[i] = Zq[i];
-  }
+  const int nq = load_rows(a, b, h, j0, n, vr, g, K, Q, qr);
+  if (nq < 0) return 1;
+  for (int i = 0; i < n; i++) kr[i] = K[i], br[i] = bh_bias, zr[i] = Z[i], zqr[i] = Zq[i];
   const int q0 = n - nq; /* rows q0..n-1 have queries */
   /* gradient of the reconstruction loss at the mini-batch's starting W */
   rows_times(kr, n, HD, Wh, HD, HD, 1.f, br, zr);

@@ -38,18 +38,9 @@ static int mini_batch(const scan_args *a, int64_t b, int64_t h, int64_t j0, int 
   float G2T[HD][MBP] A64, G1T[HID][MBP] A64;
   float A[MB][MB];
   float *z1r[MB], *x2r[MB], *z2r[MB], *zq1r[MB], *zq2r[MB], *g1tr[HID];
-  int nq = 0;
+  const int nq = load_rows(a, b, h, j0, n, vr, g, K, Q, qr);
+  if (nq < 0) return 1;
   for (int i = 0; i < n; i++) {
-    int64_t t = j0 + i;
-    vr[i] = a->v + b * a->vsb + h * a->vsh + t * a->vst;
-    g[i] = a->gate[b * a->gsb + h * a->gsh + t * a->gst];
-    if (!isfinite(g[i])) return 1;
-    if (t < a->r) {
-      memcpy(K[i], a->kbuf + b * a->kbsb + h * a->kbsh + t * a->kbst, sizeof K[i]);
-    } else {
-      make_rows(a, b, h, t - a->r, Q[nq], K[i]);
-      qr[nq] = Q[nq], nq++;
-    }
     kr[i] = K[i], b1r[i] = b1, b2r[i] = b2;
     z1r[i] = Z1[i], x2r[i] = X2[i], z2r[i] = Z2[i], zq1r[i] = Zq1[i], zq2r[i] = Zq2[i];
   }
