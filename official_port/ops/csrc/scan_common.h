@@ -85,6 +85,16 @@ static inline __attribute__((always_inline)) void rows_times(const float *const 
   }
 }
 
+/* One inner layer's dual-form rows: out[i] = x[i] W + b - sum_{s < n} A[i][s] G[s] for i < nq (W [kdim,
+ * width], G [n, width], both with rows width apart; binit: the bias row per output row). */
+static inline __attribute__((always_inline)) void dual_rows(const float *const *x, int nq, int kdim, const float *W,
+                                                             int width, const float *const *binit,
+                                                             const float *const *ar, int n, const float *G,
+                                                             float *const *out) {
+  rows_times(x, nq, kdim, W, width, width, 1.f, binit, out);
+  rows_times(ar, nq, n, G, width, width, -1.f, (const float *const *)out, out);
+}
+
 /* xhat = (z - mean) * rstd in place (biased variance, as LayerNorm); returns rstd. */
 static inline float normalise(float *z, float eps) {
   float mean, rstd = mean_rstd(z, HD, eps, &mean);

@@ -41,8 +41,7 @@ static int mini_batch(const scan_args *a, int64_t b, int64_t h, int64_t j0, int 
     causal_weights(A, q0, n, qr, &K[0][0], HD, NV, token_eta, g);
     const float *ar[MB];
     for (int i = 0; i < nq; i++) ar[i] = A[q0 + i];
-    rows_times(qr, nq, HD, Wh, HD, HD, 1.f, br, zqr + q0);
-    rows_times(ar, nq, n, &G[0][0], HD, HD, -1.f, (const float *const *)(zqr + q0), zqr + q0);
+    dual_rows(qr, nq, HD, Wh, HD, br, ar, n, &G[0][0], zqr + q0);
     for (int i = q0; i < n; i++) emit_row(a, b, h, j0 + i - a->r, qr[i - q0], Zq[i], gam, bet);
   }
   if (n < MB) { /* incomplete: no update; its keys go back to the state */

@@ -75,13 +75,11 @@ static int mini_batch(const scan_args *a, int64_t b, int64_t h, int64_t j0, int 
     const float *ar[MB];
     for (int i = 0; i < nq; i++) ar[i] = A[q0 + i];
     causal_weights(A, q0, n, qr, &K[0][0], HD, NV, token_eta, g);
-    rows_times(qr, nq, HD, W1, HID, HID, 1.f, b1r, zq1r + q0);
-    rows_times(ar, nq, n, &G1[0][0], HID, HID, -1.f, (const float *const *)(zq1r + q0), zq1r + q0);
+    dual_rows(qr, nq, HD, W1, HID, b1r, ar, n, &G1[0][0], zq1r + q0);
     for (int i = q0; i < n; i++)
       for (int u = 0; u < HID / 16; u++) st(Zq1[i] + 16 * u, gelu_tanh(ld(Zq1[i] + 16 * u)));
     causal_weights(A, q0, n, (const float *const *)(zq1r + q0), &X2[0][0], HID, HID / 16, token_eta, g);
-    rows_times((const float *const *)(zq1r + q0), nq, HID, W2, HD, HD, 1.f, b2r, zq2r + q0);
-    rows_times(ar, nq, n, &G2[0][0], HD, HD, -1.f, (const float *const *)(zq2r + q0), zq2r + q0);
+    dual_rows((const float *const *)(zq1r + q0), nq, HID, W2, HD, b2r, ar, n, &G2[0][0], zq2r + q0);
     for (int i = q0; i < n; i++) emit_row(a, b, h, j0 + i - a->r, qr[i - q0], Zq2[i], gam, bet);
   }
   if (n < MB) { /* incomplete: no update; its keys go back to the state */
